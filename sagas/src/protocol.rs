@@ -1,0 +1,382 @@
+//! The wire protocol between the orchestrator, participants and clients.
+//!
+//! Every body is JSON with a `protocol` version; every message also carries the
+//! headers in [`header`]. `docs/PROTOCOL.md` describes the same thing for
+//! participants written in other languages.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this crate speaks.
+pub const VERSION: u32 = 1;
+
+/// Header names.
+pub mod header {
+    /// The saga a message belongs to.
+    pub const SAGA_ID: &str = "Jetsaga-Saga-Id";
+    /// The saga type (definition name).
+    pub const SAGA_TYPE: &str = "Jetsaga-Saga-Type";
+    /// The step name.
+    pub const STEP: &str = "Jetsaga-Step";
+    /// The 1-based attempt number of the command.
+    pub const ATTEMPT: &str = "Jetsaga-Attempt";
+    /// The stable command id: the participant's idempotency key.
+    pub const COMMAND_ID: &str = "Jetsaga-Command-Id";
+    /// The client's idempotency key of a start request.
+    pub const START_KEY: &str = "Jetsaga-Start-Key";
+    /// Why a message was dead-lettered.
+    pub const DEAD_REASON: &str = "Jetsaga-Dead-Reason";
+    /// The subject a dead letter was first published on.
+    pub const DEAD_SUBJECT: &str = "Jetsaga-Dead-Subject";
+    /// JetStream's de-duplication id.
+    pub const MSG_ID: &str = "Nats-Msg-Id";
+    /// W3C trace context.
+    pub const TRACEPARENT: &str = "traceparent";
+}
+
+/// Subject names.
+pub mod subject {
+    /// Where commands for `participant`'s `action` are published.
+    pub fn command(participant: &str, action: &str) -> String {
+        format!("saga.cmd.{participant}.{action}")
+    }
+
+    /// Everything a participant consumes.
+    pub fn commands_of(participant: &str) -> String {
+        format!("saga.cmd.{participant}.>")
+    }
+
+    /// Where the reply to a command is published. One subject per command, so the
+    /// last message on it is the recorded reply.
+    pub fn reply(participant: &str, command_id: &str) -> String {
+        format!("saga.reply.{participant}.{command_id}")
+    }
+
+    /// Where clients publish start requests for a saga type.
+    pub fn start(saga_type: &str) -> String {
+        format!("saga.start.{saga_type}")
+    }
+
+    /// Where a domain event is published.
+    pub fn event(name: &str) -> String {
+        format!("saga.event.{name}")
+    }
+
+    /// The subject all commands live under.
+    pub const COMMANDS: &str = "saga.cmd.>";
+    /// The subject all replies live under.
+    pub const REPLIES: &str = "saga.reply.>";
+    /// The subject all start requests live under.
+    pub const STARTS: &str = "saga.start.>";
+    /// The subject all domain events live under.
+    pub const EVENTS: &str = "saga.event.>";
+}
+
+/// Which way a command goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// The step's forward action.
+    Forward,
+    /// The step's compensation.
+    Compensate,
+}
+
+impl Direction {
+    fn token(self) -> &'static str {
+        match self {
+            Self::Forward => "do",
+            Self::Compensate => "undo",
+        }
+    }
+}
+
+/// The parts of a command id: `<saga id>:<step>:<do|undo>:<attempt>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CommandId {
+    /// The saga.
+    pub saga_id: String,
+    /// The step name.
+    pub step: String,
+    /// Forward or compensation.
+    pub direction: Direction,
+    /// 1-based attempt.
+    pub attempt: u32,
+}
+
+impl CommandId {
+    /// Parses a command id string.
+    pub fn parse(text: &str) -> Result<Self, DecodeError> {
+        let bad = || DecodeError::new(DecodeErrorKind::InvalidField, format!("invalid command id \"{text}\""));
+        let mut parts = text.rsplitn(4, ':');
+        let attempt = parts.next().and_then(|a| a.parse().ok()).ok_or_else(bad)?;
+        let direction = match parts.next() {
+            Some("do") => Direction::Forward,
+            Some("undo") => Direction::Compensate,
+            _ => return Err(bad()),
+        };
+        let step = parts.next().filter(|s| !s.is_empty()).ok_or_else(bad)?;
+        let saga_id = parts.next().filter(|s| !s.is_empty()).ok_or_else(bad)?;
+        Ok(Self {
+            saga_id: saga_id.to_owned(),
+            step: step.to_owned(),
+            direction,
+            attempt,
+        })
+    }
+}
+
+impl std::fmt::Display for CommandId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}:{}", self.saga_id, self.step, self.direction.token(), self.attempt)
+    }
+}
+
+/// A command sent to a participant (body of a `saga.cmd.*` message).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// Protocol version.
+    pub protocol: u32,
+    /// Idempotency key, see [`CommandId`].
+    pub command_id: String,
+    /// The saga.
+    pub saga_id: String,
+    /// The saga type.
+    pub saga_type: String,
+    /// The step name.
+    pub step: String,
+    /// The action to run (the subject's last token).
+    pub action: String,
+    /// True for a compensation.
+    pub compensation: bool,
+    /// 1-based attempt.
+    pub attempt: u32,
+    /// Where the participant publishes its reply.
+    pub reply_to: String,
+    /// The saga's start input.
+    pub input: serde_json::Value,
+}
+
+/// A business or technical failure reported by a participant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// Stable, machine-readable code, e.g. `insufficient_stock`.
+    pub code: String,
+    /// For humans.
+    pub message: String,
+    /// Whether trying again may succeed.
+    pub retryable: bool,
+}
+
+impl Failure {
+    /// A failure with these parts.
+    pub fn new(code: impl Into<String>, message: impl Into<String>, retryable: bool) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            retryable,
+        }
+    }
+}
+
+/// What a participant answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "lowercase")]
+pub enum Outcome {
+    /// The action was applied.
+    Ok {
+        /// Anything the participant wants recorded with the step.
+        #[serde(default)]
+        result: serde_json::Value,
+    },
+    /// The action was not applied (or, if `retryable`, may be tried again).
+    Failed {
+        /// What went wrong.
+        error: Failure,
+    },
+}
+
+/// A participant's reply (body of a `saga.reply.*` message).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Protocol version.
+    pub protocol: u32,
+    /// The command this answers.
+    pub command_id: String,
+    /// The saga.
+    pub saga_id: String,
+    /// Ok or failed.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// A request to start a saga (body of a `saga.start.<type>` message).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Start {
+    /// Protocol version.
+    pub protocol: u32,
+    /// The client's idempotency key: the same key always yields the same saga.
+    pub key: String,
+    /// The saga's input, checked against the definition's validator.
+    pub input: serde_json::Value,
+}
+
+/// A domain event (body of a `saga.event.<name>` message).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Protocol version.
+    pub protocol: u32,
+    /// The event name, e.g. `order.confirmed`.
+    pub event: String,
+    /// The saga that produced it.
+    pub saga_id: String,
+    /// The saga type.
+    pub saga_type: String,
+    /// The start key of the saga.
+    pub key: String,
+    /// The saga's input.
+    pub input: serde_json::Value,
+    /// When the saga reached the state that published it.
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// What kind of decoding problem a message had; callers branch on this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeErrorKind {
+    /// Not JSON, or JSON of the wrong shape.
+    Json,
+    /// A protocol version this build does not speak.
+    UnsupportedVersion,
+    /// A required header is absent.
+    MissingHeader,
+    /// A field or header has an invalid value.
+    InvalidField,
+}
+
+/// A message that could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DecodeError {
+    kind: DecodeErrorKind,
+    message: String,
+}
+
+impl DecodeError {
+    /// An error of this kind.
+    pub fn new(kind: DecodeErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// What went wrong, for branching.
+    pub fn kind(&self) -> DecodeErrorKind {
+        self.kind
+    }
+}
+
+/// Types that travel as protocol bodies.
+pub trait Body: Serialize + serde::de::DeserializeOwned {
+    /// The version the body claims.
+    fn protocol(&self) -> u32;
+
+    /// Decodes a body and checks its version.
+    fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let body: Self = serde_json::from_slice(bytes).map_err(|e| {
+            DecodeError::new(DecodeErrorKind::Json, format!("invalid {}: {e}", short_name::<Self>()))
+        })?;
+        if body.protocol() != VERSION {
+            return Err(DecodeError::new(
+                DecodeErrorKind::UnsupportedVersion,
+                format!("unsupported protocol version {} (this build speaks {VERSION})", body.protocol()),
+            ));
+        }
+        Ok(body)
+    }
+
+    /// Encodes a body.
+    fn encode(&self) -> Vec<u8> {
+        // Serialising these plain structs cannot fail: all keys are strings.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+fn short_name<T>() -> &'static str {
+    let full = std::any::type_name::<T>();
+    full.rsplit("::").next().unwrap_or(full)
+}
+
+macro_rules! body {
+    ($($t:ty),*) => {$(
+        impl Body for $t {
+            fn protocol(&self) -> u32 {
+                self.protocol
+            }
+        }
+    )*};
+}
+body!(Command, Reply, Start, Event);
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn command_ids_round_trip_and_reject_garbage() {
+        let id = CommandId {
+            saga_id: "0194-ab".into(),
+            step: "reserve-stock".into(),
+            direction: Direction::Compensate,
+            attempt: 3,
+        };
+        let text = id.to_string();
+        assert_eq!(text, "0194-ab:reserve-stock:undo:3");
+        assert_eq!(CommandId::parse(&text), Ok(id));
+        for bad in ["", "a:b:c:d", "a:b:do:x", ":b:do:1", "a::do:1", "a:b:do"] {
+            let err = CommandId::parse(bad).unwrap_err();
+            assert_eq!(err.kind(), DecodeErrorKind::InvalidField, "{bad}");
+        }
+    }
+
+    #[test]
+    fn bodies_round_trip_and_decoding_errors_are_typed() {
+        let reply = Reply {
+            protocol: VERSION,
+            command_id: "s:a:do:1".into(),
+            saga_id: "s".into(),
+            outcome: Outcome::Failed {
+                error: Failure::new("card_declined", "declined", false),
+            },
+        };
+        let bytes = reply.encode();
+        let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(value["outcome"], "failed");
+        assert_eq!(value["error"]["code"], "card_declined");
+        assert_eq!(Reply::decode(&bytes).unwrap(), reply);
+
+        let ok = json!({"protocol": 1, "command_id": "s:a:do:1", "saga_id": "s", "outcome": "ok", "result": {"x": 1}});
+        let decoded = Reply::decode(ok.to_string().as_bytes()).unwrap();
+        assert_eq!(decoded.outcome, Outcome::Ok { result: json!({"x": 1}) });
+
+        assert_eq!(Reply::decode(b"not json").unwrap_err().kind(), DecodeErrorKind::Json);
+        let wrong = json!({"protocol": 9, "command_id": "c", "saga_id": "s", "outcome": "ok"});
+        assert_eq!(
+            Reply::decode(wrong.to_string().as_bytes()).unwrap_err().kind(),
+            DecodeErrorKind::UnsupportedVersion
+        );
+        let odd = json!({"protocol": 1, "command_id": "c", "saga_id": "s", "outcome": "maybe"});
+        assert_eq!(Reply::decode(odd.to_string().as_bytes()).unwrap_err().kind(), DecodeErrorKind::Json);
+        assert_eq!(Start::decode(b"{}").unwrap_err().kind(), DecodeErrorKind::Json);
+    }
+
+    #[test]
+    fn subjects() {
+        assert_eq!(subject::command("inventory", "reserve"), "saga.cmd.inventory.reserve");
+        assert_eq!(subject::reply("payment", "s:b:do:1"), "saga.reply.payment.s:b:do:1");
+        assert_eq!(subject::start("order-creation"), "saga.start.order-creation");
+        assert_eq!(subject::event("order.confirmed"), "saga.event.order.confirmed");
+    }
+}
