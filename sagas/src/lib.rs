@@ -6,6 +6,7 @@
 //!   the side effects as [`Action`]s; time is passed in.
 //! - [`protocol`]: subjects, headers and JSON bodies of commands, replies, starts and events.
 //! - [`order`]: the order-creation input and its validation.
+//! - [`streams`]: the JetStream streams jetsaga uses, as plain data.
 //!
 //! ```
 //! use jetsaga_sagas::{Definition, Input, Saga, protocol::Outcome};
@@ -29,6 +30,7 @@ pub mod definition;
 pub mod order;
 pub mod protocol;
 pub mod saga;
+pub mod streams;
 
 pub use definition::{Definition, RetryPolicy, Step, StepKind};
 pub use saga::{Action, Actor, Cause, Entry, Input, Phase, Rejected, Saga, State, StepRecord, StepStatus, Transition, Wait};

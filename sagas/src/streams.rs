@@ -1,0 +1,99 @@
+//! The JetStream streams jetsaga uses, as plain data.
+//!
+//! The orchestrator creates them all at start (and checks existing ones); a
+//! participant creates the ones it needs if they are missing, from the same
+//! specs, so either may start first.
+
+use std::time::Duration;
+
+/// How a stream keeps its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// Kept until `max_age` (or the per-subject limit) removes them.
+    Limits,
+}
+
+/// One stream: its name, subjects and the settings jetsaga relies on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spec {
+    /// Stream name.
+    pub name: &'static str,
+    /// Subjects it captures.
+    pub subjects: &'static [&'static str],
+    /// Retention policy.
+    pub retention: Retention,
+    /// How long messages are kept by default (configurable by the orchestrator).
+    pub max_age: Duration,
+    /// Messages kept per subject (`None`: unlimited).
+    pub max_msgs_per_subject: Option<i64>,
+    /// Whether direct get is enabled (state, recorded replies).
+    pub allow_direct: bool,
+    /// Whether message schedules are enabled (durable timers).
+    pub allow_msg_schedules: bool,
+    /// Whether per-message TTLs are enabled.
+    pub allow_msg_ttl: bool,
+    /// The `Nats-Msg-Id` de-duplication window.
+    pub duplicate_window: Duration,
+}
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+const DEDUP: Duration = Duration::from_secs(120);
+
+const fn spec(name: &'static str, subjects: &'static [&'static str], max_age: Duration) -> Spec {
+    Spec {
+        name,
+        subjects,
+        retention: Retention::Limits,
+        max_age,
+        max_msgs_per_subject: None,
+        allow_direct: false,
+        allow_msg_schedules: false,
+        allow_msg_ttl: false,
+        duplicate_window: DEDUP,
+    }
+}
+
+/// Commands to participants: `saga.cmd.<participant>.<action>`.
+pub const COMMANDS: Spec = spec("JETSAGA_COMMANDS", &["saga.cmd.>"], WEEK);
+
+/// Replies from participants: `saga.reply.<participant>.<command id>`. The last
+/// message per subject is the participant's recorded reply (its idempotency record).
+pub const REPLIES: Spec = Spec {
+    allow_direct: true,
+    ..spec("JETSAGA_REPLIES", &["saga.reply.>"], WEEK)
+};
+
+/// Start requests: `saga.start.<saga type>`.
+pub const STARTS: Spec = spec("JETSAGA_STARTS", &["saga.start.>"], DAY);
+
+/// Domain events: `saga.event.<name>`.
+pub const EVENTS: Spec = spec("JETSAGA_EVENTS", &["saga.event.>"], WEEK);
+
+/// Saga journals: `saga.journal.<saga id>`; each message is one transition and
+/// carries the saga's state after it, so the last message is the current state.
+pub const JOURNAL: Spec = Spec {
+    allow_direct: true,
+    ..spec("JETSAGA_JOURNAL", &["saga.journal.>"], WEEK)
+};
+
+/// Durable timers: a schedule on `saga.timer.set.<saga id>` fires into
+/// `saga.timer.fire.<saga id>`.
+pub const TIMERS: Spec = Spec {
+    allow_msg_schedules: true,
+    allow_msg_ttl: true,
+    max_msgs_per_subject: Some(1),
+    ..spec("JETSAGA_TIMERS", &["saga.timer.>"], WEEK)
+};
+
+/// Dead letters: `saga.dead.<source>`, with the reason and original headers.
+pub const DEAD_LETTERS: Spec = spec("JETSAGA_DEAD_LETTERS", &["saga.dead.>"], Duration::from_secs(30 * 24 * 3600));
+
+/// Every stream, in creation order.
+pub const ALL: [&Spec; 7] = [&COMMANDS, &REPLIES, &STARTS, &EVENTS, &JOURNAL, &TIMERS, &DEAD_LETTERS];
+
+/// The dead-letter subject for messages that failed in `source`
+/// (e.g. `orchestrator.replies`, `participant.inventory`).
+pub fn dead_letter_subject(source: &str) -> String {
+    format!("saga.dead.{source}")
+}
