@@ -1,0 +1,457 @@
+//! The SDK against a real nats-server: outcomes, acks, idempotency, dead letters, shutdown.
+
+#![allow(clippy::unwrap_used)] // test helpers panic on purpose
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use futures::StreamExt;
+use jetsaga_participant::{Context, Handled, Participant, metrics, streams};
+use jetsaga_sagas::protocol::{self, Body, Command, Outcome, Reply, header, subject};
+use jetsaga_sagas::streams::{DEAD_LETTERS, REPLIES};
+use jetsaga_testkit::{NatsServer, wait_until};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(20);
+const NAME: &str = "test";
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+fn command(action: &str, saga: &str, attempt: u32) -> Command {
+    let command_id = format!("{saga}:step:do:{attempt}");
+    Command {
+        protocol: protocol::VERSION,
+        reply_to: subject::reply(NAME, &command_id),
+        command_id,
+        saga_id: saga.to_owned(),
+        saga_type: "demo".to_owned(),
+        step: "step".to_owned(),
+        action: action.to_owned(),
+        compensation: false,
+        attempt,
+        input: json!({"n": 1}),
+    }
+}
+
+/// Publishes `cmd` as the orchestrator does; `msg_id` lets a test bypass the dedup window.
+async fn send(js: &jetstream::Context, cmd: &Command, msg_id: &str) {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::MSG_ID, msg_id);
+    headers.insert(header::SAGA_ID, cmd.saga_id.as_str());
+    headers.insert(header::COMMAND_ID, cmd.command_id.as_str());
+    headers.insert(header::TRACEPARENT, TRACEPARENT);
+    js.publish_with_headers(
+        subject::command(NAME, &cmd.action),
+        headers,
+        cmd.encode().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+async fn recorded(js: &jetstream::Context, cmd: &Command) -> Option<(Reply, HeaderMap)> {
+    let stream = js.get_stream(REPLIES.name).await.ok()?;
+    let msg = stream
+        .direct_get_last_for_subject(cmd.reply_to.clone())
+        .await
+        .ok()?;
+    Some((Reply::decode(&msg.payload).unwrap(), msg.headers))
+}
+
+async fn wait_reply(js: &jetstream::Context, cmd: &Command) -> (Reply, HeaderMap) {
+    wait_until(&format!("a reply to {}", cmd.command_id), WAIT, || async {
+        recorded(js, cmd).await.is_some()
+    })
+    .await;
+    recorded(js, cmd).await.unwrap()
+}
+
+async fn settled(stream: &jetstream::stream::Stream) -> bool {
+    let info = stream.consumer_info("participant-test").await.unwrap();
+    info.num_ack_pending == 0 && info.num_pending == 0
+}
+
+struct Running {
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), jetsaga_participant::Error>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.token.cancel();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn start(url: &str, participant: Participant) -> Running {
+    let client = async_nats::connect(url).await.unwrap();
+    let token = CancellationToken::new();
+    let js = jetstream::new(client.clone());
+    let task = tokio::spawn(participant.run(client, token.clone().cancelled_owned()));
+    wait_until("the consumer exists", WAIT, || async {
+        let Ok(stream) = js.get_stream("JETSAGA_COMMANDS").await else {
+            return false;
+        };
+        stream.consumer_info("participant-test").await.is_ok()
+    })
+    .await;
+    Running { token, task }
+}
+
+#[tokio::test]
+async fn outcomes_acks_dead_letters_and_metrics() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client);
+
+    let retries = Arc::new(AtomicU32::new(0));
+    let panics = Arc::new(AtomicU32::new(0));
+    let registry = prometheus::Registry::new();
+    let participant = {
+        let retries = retries.clone();
+        let panics = panics.clone();
+        Participant::builder(NAME)
+            .handler("ok", |ctx: Context| async move {
+                Handled::ok(json!({"saga": ctx.saga_id(), "delivered": ctx.delivered()}))
+            })
+            .handler("fail", |_ctx: Context| async {
+                Handled::failed("out_of_luck", "no")
+            })
+            .handler("retry", move |_ctx: Context| {
+                let retries = retries.clone();
+                async move {
+                    retries.fetch_add(1, Ordering::SeqCst);
+                    Handled::retry("busy", Some(Duration::from_millis(20)))
+                }
+            })
+            .handler("panic", move |_ctx: Context| {
+                let panics = panics.clone();
+                async move {
+                    if panics.fetch_add(1, Ordering::SeqCst) == 0 {
+                        panic!("boom");
+                    }
+                    Handled::ok(json!("recovered"))
+                }
+            })
+            .handler("typed", |ctx: Context| async move {
+                #[derive(serde::Deserialize)]
+                struct Wants {
+                    #[allow(dead_code)]
+                    missing: String,
+                }
+                match ctx.input::<Wants>() {
+                    Ok(_) => Handled::ok(json!(null)),
+                    Err(failed) => failed,
+                }
+            })
+            .max_deliver(3)
+            .retry_backoff(Duration::from_millis(10), Duration::from_millis(50))
+            .registry(registry.clone())
+            .build()
+            .unwrap()
+    };
+    let running = start(&server.url(), participant).await;
+
+    let ok = command("ok", "s-ok", 1);
+    let fail = command("fail", "s-fail", 1);
+    let retry = command("retry", "s-retry", 1);
+    let panic = command("panic", "s-panic", 1);
+    let unknown = command("nope", "s-nope", 1);
+    let typed = command("typed", "s-typed", 1);
+    for cmd in [&ok, &fail, &retry, &panic, &unknown, &typed] {
+        send(&js, cmd, &cmd.command_id).await;
+    }
+
+    let (reply, headers) = wait_reply(&js, &ok).await;
+    assert_eq!(reply.command_id, ok.command_id);
+    assert_eq!(reply.saga_id, "s-ok");
+    assert_eq!(
+        reply.outcome,
+        Outcome::Ok {
+            result: json!({"saga": "s-ok", "delivered": 1})
+        }
+    );
+    assert_eq!(
+        headers.get(header::MSG_ID).unwrap().as_str(),
+        format!("reply:{}", ok.command_id)
+    );
+    assert_eq!(headers.get(header::SAGA_ID).unwrap().as_str(), "s-ok");
+    assert_eq!(
+        headers.get(header::COMMAND_ID).unwrap().as_str(),
+        ok.command_id
+    );
+    assert_eq!(
+        headers.get(header::TRACEPARENT).unwrap().as_str(),
+        TRACEPARENT
+    );
+
+    let failure = |reply: Reply| match reply.outcome {
+        Outcome::Failed { error } => error,
+        Outcome::Ok { .. } => panic!("expected a failure, got {reply:?}"),
+    };
+    let error = failure(wait_reply(&js, &fail).await.0);
+    assert_eq!(
+        (error.code.as_str(), error.retryable),
+        ("out_of_luck", false)
+    );
+
+    let error = failure(wait_reply(&js, &retry).await.0);
+    assert_eq!(
+        (error.code.as_str(), error.retryable),
+        ("retries_exhausted", true)
+    );
+    assert_eq!(error.message, "busy");
+    assert_eq!(
+        retries.load(Ordering::SeqCst),
+        3,
+        "one run per allowed delivery"
+    );
+
+    let (reply, _) = wait_reply(&js, &panic).await;
+    assert_eq!(
+        reply.outcome,
+        Outcome::Ok {
+            result: json!("recovered")
+        }
+    );
+    assert_eq!(panics.load(Ordering::SeqCst), 2, "the panic was retried");
+
+    let error = failure(wait_reply(&js, &unknown).await.0);
+    assert_eq!(
+        (error.code.as_str(), error.retryable),
+        ("unknown_action", false)
+    );
+    let error = failure(wait_reply(&js, &typed).await.0);
+    assert_eq!(
+        (error.code.as_str(), error.retryable),
+        ("invalid_input", false)
+    );
+
+    // Undecodable: not JSON, a wrong protocol version, a reply_to elsewhere.
+    let mut wrong_reply = command("ok", "s-evil", 1);
+    wrong_reply.reply_to = "saga.reply.other.x".to_owned();
+    let mut wrong_version = serde_json::to_value(command("ok", "s-v9", 1)).unwrap();
+    wrong_version["protocol"] = json!(9);
+    let poison: [(&str, Vec<u8>); 3] = [
+        ("json", b"{not json".to_vec()),
+        (
+            "unsupported_version",
+            wrong_version.to_string().into_bytes(),
+        ),
+        ("invalid_field", wrong_reply.encode()),
+    ];
+    for (i, (_, body)) in poison.iter().enumerate() {
+        let mut headers = HeaderMap::new();
+        headers.insert("X-Original", format!("poison-{i}"));
+        js.publish_with_headers(subject::command(NAME, "ok"), headers, body.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let dead = js.get_stream(DEAD_LETTERS.name).await.unwrap();
+    let dead_consumer = dead
+        .create_consumer(jetstream::consumer::pull::Config {
+            filter_subject: "saga.dead.participant.test".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut letters = dead_consumer.messages().await.unwrap().take(3);
+    let mut reasons = Vec::new();
+    while let Some(letter) = tokio::time::timeout(WAIT, letters.next()).await.unwrap() {
+        let letter = letter.unwrap();
+        let headers = letter.headers.clone().unwrap();
+        assert_eq!(
+            headers.get(header::DEAD_SUBJECT).unwrap().as_str(),
+            "saga.cmd.test.ok"
+        );
+        assert!(
+            headers.get("X-Original").is_some(),
+            "original headers are kept"
+        );
+        reasons.push(
+            headers
+                .get(header::DEAD_REASON)
+                .unwrap()
+                .as_str()
+                .to_owned(),
+        );
+        letter.ack().await.unwrap();
+    }
+    assert!(
+        reasons.iter().any(|r| r.contains("invalid Command")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("unsupported protocol version 9")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("reply_to")),
+        "{reasons:?}"
+    );
+
+    // It keeps running after poison, and everything was acked or terminated.
+    let after = command("ok", "s-after", 1);
+    send(&js, &after, &after.command_id).await;
+    wait_reply(&js, &after).await;
+    let commands = js.get_stream("JETSAGA_COMMANDS").await.unwrap();
+    wait_until("every command is acked or terminated", WAIT, || {
+        settled(&commands)
+    })
+    .await;
+
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    for expected in [
+        format!(
+            r#"{}{{action="ok",participant="test",result="ok"}} 2"#,
+            metrics::COMMANDS_TOTAL
+        ),
+        format!(
+            r#"{}{{action="retry",participant="test",result="exhausted"}} 1"#,
+            metrics::COMMANDS_TOTAL
+        ),
+        format!(
+            r#"{}{{action="retry",participant="test",result="retry"}} 2"#,
+            metrics::COMMANDS_TOTAL
+        ),
+        format!(
+            r#"{}{{action="panic",participant="test",result="panicked"}} 1"#,
+            metrics::COMMANDS_TOTAL
+        ),
+        format!(
+            r#"{}{{action="unknown",participant="test",result="failed"}} 1"#,
+            metrics::COMMANDS_TOTAL
+        ),
+        format!(
+            r#"{}{{kind="json",participant="test"}} 1"#,
+            metrics::DEAD_LETTERS_TOTAL
+        ),
+    ] {
+        assert!(text.contains(&expected), "missing {expected} in\n{text}");
+    }
+    assert!(text.contains(metrics::HANDLER_DURATION_SECONDS));
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_command_five_times_runs_once_and_gets_five_identical_replies() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let runs = Arc::new(AtomicU32::new(0));
+    let participant = {
+        let runs = runs.clone();
+        Participant::builder(NAME)
+            .handler("charge", move |ctx: Context| {
+                let runs = runs.clone();
+                async move {
+                    let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                    Handled::ok(json!({"run": n, "saga": ctx.saga_id()}))
+                }
+            })
+            .build()
+            .unwrap()
+    };
+    // Streams first, so the subscription below sees every reply.
+    streams::ensure(&js, &streams::NEEDED, 1).await.unwrap();
+    let cmd = command("charge", "s-dup", 1);
+    let mut replies = client.subscribe(cmd.reply_to.clone()).await.unwrap();
+    let running = start(&server.url(), participant).await;
+    // Five deliveries of one command id, as after redeliveries past the dedup window.
+    for i in 0..5 {
+        send(&js, &cmd, &format!("{}#{i}", cmd.command_id)).await;
+    }
+    let mut bodies = Vec::new();
+    for _ in 0..5 {
+        let msg = tokio::time::timeout(WAIT, replies.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let headers = msg.headers.clone().unwrap();
+        assert_eq!(
+            headers.get(header::MSG_ID).unwrap().as_str(),
+            format!("reply:{}", cmd.command_id)
+        );
+        bodies.push(msg.payload);
+    }
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]), "identical replies");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "one effect");
+    let reply = Reply::decode(&bodies[0]).unwrap();
+    assert_eq!(
+        reply.outcome,
+        Outcome::Ok {
+            result: json!({"run": 1, "saga": "s-dup"})
+        }
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_finishes_commands_in_flight() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client);
+    let started = Arc::new(AtomicU32::new(0));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let participant = {
+        let started = started.clone();
+        let release = release.clone();
+        Participant::builder(NAME)
+            .handler("slow", move |_ctx: Context| {
+                let started = started.clone();
+                let release = release.clone();
+                async move {
+                    let notified = release.notified();
+                    started.fetch_add(1, Ordering::SeqCst);
+                    notified.await;
+                    Handled::ok(json!("done"))
+                }
+            })
+            .concurrency(8)
+            .build()
+            .unwrap()
+    };
+    let running = start(&server.url(), participant).await;
+    let cmds: Vec<Command> = (0..8)
+        .map(|i| command("slow", &format!("s-slow-{i}"), 1))
+        .collect();
+    for cmd in &cmds {
+        send(&js, cmd, &cmd.command_id).await;
+    }
+    wait_until("all eight handlers run at once", WAIT, || async {
+        started.load(Ordering::SeqCst) == 8
+    })
+    .await;
+    running.token.cancel();
+    // Shutdown waits for them: let them finish now.
+    release.notify_waiters();
+    tokio::time::timeout(WAIT, running.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    for cmd in &cmds {
+        let (reply, _) = recorded(&js, cmd).await.expect("replied before stopping");
+        assert_eq!(
+            reply.outcome,
+            Outcome::Ok {
+                result: json!("done")
+            }
+        );
+    }
+}
