@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The one test command of jetsaga (CI runs it through .ci/run).
+#
+# Installs the pinned nats-server, points NATS_SERVER_BIN at it, builds the workspace's binaries
+# (crash tests spawn them), runs every test with cargo-nextest (or `cargo test` without it), then
+# the doc tests, which nextest does not run. Extra arguments go to the test runner, e.g.
+#   deploy/test.sh -p jetsaga-testkit
+# Exits non-zero if anything failed; a failing step does not skip the ones after it.
+set -euo pipefail
+
+script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo_root="$(cd "${script_dir}/.." && pwd)"
+cd "$repo_root"
+
+NATS_SERVER_BIN="$(bash "${script_dir}/install-nats-server.sh" | tail -n 1)"
+export NATS_SERVER_BIN
+echo "using ${NATS_SERVER_BIN} ($("$NATS_SERVER_BIN" --version))"
+
+# Package selection (-p/--package) is honoured by every step; other arguments go to the runner only.
+packages=()
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[i]}" in
+        -p | --package) packages+=("${args[i]}" "${args[i + 1]:-}"); i=$((i + 1)) ;;
+        -p* | --package=*) packages+=("${args[i]}") ;;
+    esac
+done
+if ((${#packages[@]} == 0)); then
+    selection=(--workspace)
+else
+    selection=("${packages[@]}")
+fi
+runner_args=("$@")
+if ((${#packages[@]} == 0)); then
+    runner_args=(--workspace "$@")
+fi
+
+status=0
+echo "== cargo build --bins ${selection[*]}"
+cargo build --bins "${selection[@]}" || status=$?
+
+if cargo nextest --version >/dev/null 2>&1; then
+    echo "== cargo nextest run --no-fail-fast ${runner_args[*]}"
+    cargo nextest run --no-fail-fast "${runner_args[@]}" || status=$?
+    echo "== cargo test --doc ${selection[*]}"
+    cargo test --doc "${selection[@]}" || status=$?
+else
+    # `cargo test` runs the doc tests itself.
+    echo "== cargo test --no-fail-fast ${runner_args[*]} (cargo-nextest not installed)"
+    cargo test --no-fail-fast "${runner_args[@]}" || status=$?
+fi
+
+if ((status != 0)); then
+    echo "FAILED (exit ${status})" >&2
+fi
+exit "$status"
