@@ -1,0 +1,539 @@
+//! The jetsaga orchestrator: runs sagas as persisted state machines on NATS
+//! JetStream.
+//!
+//! - [`config`]: the typed configuration (file + environment).
+//! - [`definitions`]: the saga definitions it knows, by name and version.
+//! - [`provision`]: creates and checks streams and consumers.
+//! - [`store`]: the journal stream: saga state and history, with optimistic concurrency.
+//! - [`driver`]: the loop that applies inputs to sagas and carries out the effects.
+//! - [`http`]: health, readiness and metrics over HTTP.
+//! - [`metrics`]: Prometheus metrics.
+//!
+//! [`Service::start`] connects, provisions, and starts the driver; the returned
+//! [`Running`] gives a [`Handle`] for starting, retrying and aborting sagas.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), jetsaga_orchestrator::Error> {
+//! use jetsaga_orchestrator::{Service, config::Config};
+//!
+//! let running = Service::start(Config::default()).await?;
+//! let input = serde_json::json!({"customer_id": "c-42", "email": "ana@example.com",
+//!     "items": [{"sku": "sku-1", "quantity": 2}], "amount_cents": 4999,
+//!     "currency": "EUR", "card_token": "tok_ok"});
+//! let started = running.handle().start("order-creation", "order-1", input).await?;
+//! println!("{started:?}");
+//! running.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod config;
+mod dead;
+pub mod definitions;
+pub mod driver;
+pub mod http;
+pub mod metrics;
+pub mod provision;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use jetsaga_sagas::{Entry, Input, Phase, Saga};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use driver::{Answer, ApiError};
+
+use crate::config::Config;
+use crate::definitions::Registry;
+use crate::driver::{Driver, Io, Origin, Request, Source, Work};
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Why the orchestrator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    /// A definition file is invalid.
+    #[error("invalid saga definitions:\n{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Definitions(Vec<jetsaga_sagas::definition::Error>),
+    /// NATS could not be reached.
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect {
+        /// The URL tried.
+        url: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// Streams or consumers could not be set up.
+    #[error(transparent)]
+    Provision(#[from] provision::Error),
+    /// The journal could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// The HTTP listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Metrics registration failed.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// A start, retry or abort was refused.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+/// Connects to NATS with the configured credentials.
+pub async fn connect(nats: &config::Nats, name: &str) -> Result<async_nats::Client, Error> {
+    let fail = |reason: String| Error::Connect {
+        url: nats.url.clone(),
+        reason,
+    };
+    let mut options = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(nats.connect_timeout)
+        .max_reconnects(None);
+    if let Some(path) = &nats.credentials_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| fail(format!("credentials file {}: {e}", path.display())))?;
+    }
+    if let (Some(user), Some(password)) = (&nats.user, &nats.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &nats.token {
+        options = options.token(token.clone());
+    }
+    if let Some(ca) = &nats.tls_ca_file {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&nats.tls_cert_file, &nats.tls_key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    let addrs = nats
+        .url
+        .split(',')
+        .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(e.to_string()))?;
+    options
+        .connect(addrs)
+        .await
+        .map_err(|e| fail(e.to_string()))
+}
+
+/// The orchestrator service; see [`Service::start`].
+#[derive(Debug)]
+pub struct Service;
+
+/// A cheap-to-clone handle to a running orchestrator.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    requests: mpsc::Sender<Request>,
+    store: Store,
+    registry: Arc<Registry>,
+    metrics: Metrics,
+    client: async_nats::Client,
+    ready: Arc<AtomicBool>,
+}
+
+/// A running orchestrator.
+#[derive(Debug)]
+pub struct Running {
+    handle: Handle,
+    http_addr: SocketAddr,
+    token: CancellationToken,
+    tracker: TaskTracker,
+    client: async_nats::Client,
+    grace: std::time::Duration,
+    driver_done: oneshot::Receiver<()>,
+}
+
+impl Service {
+    /// Connects, provisions streams and consumers, binds HTTP and starts the driver.
+    pub async fn start(config: Config) -> Result<Running, Error> {
+        config.validate()?;
+        let listener = tokio::net::TcpListener::bind(config.http.listen)
+            .await
+            .map_err(|source| Error::Listen {
+                addr: config.http.listen,
+                source,
+            })?;
+        Self::start_with_listener(config, listener).await
+    }
+
+    /// As [`Service::start`], on an already bound listener (tests use port 0).
+    pub async fn start_with_listener(
+        config: Config,
+        listener: tokio::net::TcpListener,
+    ) -> Result<Running, Error> {
+        config.validate()?;
+        let registry = match &config.engine.definitions {
+            Some(dir) => Registry::with_dir(dir).map_err(Error::Definitions)?,
+            None => Registry::builtin(),
+        };
+        let registry = Arc::new(registry);
+        let metrics = Metrics::new()?;
+        let client = connect(&config.nats, &config.engine.instance).await?;
+        let js = jetstream::ContextBuilder::new()
+            .max_ack_inflight(config.engine.max_in_flight.max(1024) * 4)
+            .build(client.clone());
+        provision::streams(&js, &config.streams).await?;
+        let settings = provision::ConsumerSettings {
+            ack_wait: config.engine.ack_wait,
+            max_deliver: config.engine.max_deliver,
+            max_ack_pending: config.engine.max_in_flight as i64,
+        };
+        let journal = jetsaga_sagas::streams::JOURNAL.name;
+        let _ = journal;
+        let consumers = [
+            (
+                Source::Replies,
+                provision::consumer(
+                    &js,
+                    jetsaga_sagas::streams::REPLIES.name,
+                    provision::REPLIES_CONSUMER,
+                    "saga.reply.>",
+                    settings,
+                )
+                .await?,
+            ),
+            (
+                Source::Starts,
+                provision::consumer(
+                    &js,
+                    jetsaga_sagas::streams::STARTS.name,
+                    provision::STARTS_CONSUMER,
+                    "saga.start.>",
+                    settings,
+                )
+                .await?,
+            ),
+            (
+                Source::Timers,
+                provision::consumer(
+                    &js,
+                    jetsaga_sagas::streams::TIMERS.name,
+                    provision::TIMERS_CONSUMER,
+                    provision::TIMER_FIRED,
+                    settings,
+                )
+                .await?,
+            ),
+        ];
+        let store = Store::new(js.clone()).await?;
+        let ready = Arc::new(AtomicBool::new(true));
+        let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+
+        let (message_tx, message_rx) = mpsc::channel(config.engine.max_in_flight);
+        let batch = config.engine.max_in_flight.clamp(1, 1000);
+        for (source, consumer) in consumers {
+            tracker.spawn(pump(
+                consumer,
+                source,
+                message_tx.clone(),
+                token.clone(),
+                batch,
+            ));
+        }
+        drop(message_tx);
+        tracker.spawn(dead::watch_max_deliveries(
+            client.clone(),
+            js.clone(),
+            metrics.clone(),
+            token.clone(),
+        ));
+        tracker.spawn(watch_connection(
+            client.clone(),
+            metrics.clone(),
+            ready.clone(),
+            token.clone(),
+        ));
+
+        let (request_tx, request_rx) = mpsc::channel(1024);
+        let io = Io {
+            js: js.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+        };
+        let driver = Driver::new(io, registry.clone());
+        let (driver_done_tx, driver_done) = oneshot::channel();
+        let driver_token = token.clone();
+        tracker.spawn(async move {
+            driver.run(message_rx, request_rx, driver_token).await;
+            let _ = driver_done_tx.send(());
+        });
+
+        let handle = Handle {
+            requests: request_tx,
+            store,
+            registry,
+            metrics,
+            client: client.clone(),
+            ready,
+        };
+        let http_addr = listener.local_addr().map_err(|source| Error::Listen {
+            addr: config.http.listen,
+            source,
+        })?;
+        let router = http::router(handle.clone());
+        let http_token = token.clone();
+        tracker.spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { http_token.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        tracker.close();
+        tracing::info!(%http_addr, instance = config.engine.instance, "orchestrator started");
+        Ok(Running {
+            handle,
+            http_addr,
+            token,
+            tracker,
+            client,
+            grace: config.engine.shutdown_grace,
+            driver_done,
+        })
+    }
+}
+
+impl Running {
+    /// A handle for starting and steering sagas.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Where the HTTP API listens.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Stops pulling, finishes in-flight work (within the grace period), drains
+    /// the NATS connection and stops the HTTP server.
+    pub async fn shutdown(self) {
+        self.handle.ready.store(false, Ordering::SeqCst);
+        self.token.cancel();
+        let graceful = async {
+            let _ = self.driver_done.await;
+            if let Err(e) = self.client.drain().await {
+                tracing::warn!(error = %e, "draining the NATS connection failed");
+            }
+            self.tracker.wait().await;
+        };
+        if tokio::time::timeout(self.grace, graceful).await.is_err() {
+            tracing::warn!(grace = ?self.grace, "shutdown grace period over; stopping with work in flight");
+        }
+        tracing::info!("orchestrator stopped");
+    }
+}
+
+/// Runs the orchestrator until `shutdown` resolves: what `jetsaga serve` does.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let running = Service::start(config).await?;
+    shutdown.await;
+    running.shutdown().await;
+    Ok(())
+}
+
+impl Handle {
+    async fn request(
+        &self,
+        saga_id: String,
+        work_of: impl FnOnce(Origin) -> Work,
+    ) -> Result<Answer, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        let work = work_of(Origin::Api(tx));
+        self.requests
+            .send(Request { saga_id, work })
+            .await
+            .map_err(|_| ApiError::ShuttingDown)?;
+        rx.await.map_err(|_| ApiError::ShuttingDown)?
+    }
+
+    /// Starts a saga of the newest version of `saga_type`. The same key always
+    /// yields the same saga: repeating the call returns it with `created: false`.
+    pub async fn start(
+        &self,
+        saga_type: &str,
+        key: &str,
+        input: serde_json::Value,
+    ) -> Result<Answer, ApiError> {
+        self.start_traced(saga_type, key, input, None).await
+    }
+
+    /// As [`Handle::start`], joining the caller's trace.
+    pub async fn start_traced(
+        &self,
+        saga_type: &str,
+        key: &str,
+        input: serde_json::Value,
+        traceparent: Option<String>,
+    ) -> Result<Answer, ApiError> {
+        let def = self
+            .registry
+            .latest(saga_type)
+            .ok_or_else(|| ApiError::UnknownType(saga_type.to_owned()))?
+            .clone();
+        if key.is_empty() {
+            return Err(ApiError::InvalidInput("the start key is empty".to_owned()));
+        }
+        jetsaga_sagas::order::validate_input(def.input, &input)
+            .map_err(|e| ApiError::InvalidInput(e.0))?;
+        let saga_id = driver::saga_id(&def.name, key);
+        let key = key.to_owned();
+        self.request(saga_id, |origin| Work::Start {
+            def,
+            key,
+            input,
+            traceparent,
+            origin,
+        })
+        .await
+    }
+
+    /// Resumes a failed saga's compensation (an operator action).
+    pub async fn retry(&self, saga_id: &str) -> Result<Phase, ApiError> {
+        self.operator(saga_id, Input::Retry).await
+    }
+
+    /// Aborts a running saga before its pivot, which compensates it.
+    pub async fn abort(&self, saga_id: &str, reason: &str) -> Result<Phase, ApiError> {
+        let input = Input::Abort {
+            reason: reason.to_owned(),
+        };
+        self.operator(saga_id, input).await
+    }
+
+    async fn operator(&self, saga_id: &str, input: Input) -> Result<Phase, ApiError> {
+        match self
+            .request(saga_id.to_owned(), |origin| Work::Input { input, origin })
+            .await?
+        {
+            Answer::Applied { phase } => Ok(phase),
+            Answer::Started { .. } => Err(ApiError::NotAllowed("unexpected answer".to_owned())),
+        }
+    }
+
+    /// The saga's current state, read from the journal.
+    pub async fn saga(&self, saga_id: &str) -> Result<Option<Saga>, ApiError> {
+        let stored = self
+            .store
+            .load(saga_id, false)
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        Ok(stored.map(|s| s.record.saga))
+    }
+
+    /// The saga's journal, oldest first.
+    pub async fn journal(&self, saga_id: &str) -> Result<Vec<Entry>, ApiError> {
+        let records = self
+            .store
+            .history(saga_id)
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        Ok(records.into_iter().map(|r| r.entry).collect())
+    }
+
+    /// The definitions this instance knows.
+    pub fn definitions(&self) -> Vec<Arc<jetsaga_sagas::Definition>> {
+        self.registry.all().cloned().collect()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Whether NATS is connected and the streams are in place.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.ready.load(Ordering::SeqCst) {
+            return Err("shutting down or not provisioned".to_owned());
+        }
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            other => Err(format!("NATS connection is {other:?}")),
+        }
+    }
+}
+
+/// Pulls one consumer's messages into the driver's channel until cancelled.
+async fn pump(
+    consumer: jetstream::consumer::PullConsumer,
+    source: Source,
+    tx: mpsc::Sender<(Source, jetstream::Message)>,
+    token: CancellationToken,
+    batch: usize,
+) {
+    while !token.is_cancelled() {
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .messages()
+            .await;
+        let mut messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(?source, error = %e, "cannot pull; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                    () = token.cancelled() => return,
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                next = messages.next() => match next {
+                    Some(Ok(message)) => {
+                        if let Err(mpsc::error::SendError((_, message))) = tx.send((source, message)).await {
+                            // The driver stopped: hand the message back at once.
+                            let _ = message.ack_with(AckKind::Nak(None)).await;
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => tracing::debug!(?source, error = %e, "pull stream hiccup"),
+                    None => break,
+                },
+                () = token.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// Keeps the connection gauge and readiness current.
+async fn watch_connection(
+    client: async_nats::Client,
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+    token: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let connected = client.connection_state() == async_nats::connection::State::Connected;
+                metrics.nats_connected.set(i64::from(connected));
+            }
+            () = token.cancelled() => {
+                ready.store(false, Ordering::SeqCst);
+                return;
+            }
+        }
+    }
+}
