@@ -187,9 +187,8 @@ impl Config {
             None => toml::Table::new(),
         };
         overlay_env(&mut table, vars)?;
-        let config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::Parse(e.message().to_owned()))?;
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| Error::Parse(format!("{}: {}", e.path(), e.inner().message())))?;
         config.validate()?;
         Ok(config)
     }

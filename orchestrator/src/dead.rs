@@ -83,7 +83,7 @@ struct MaxDeliveries {
 }
 
 /// The advisory subject for consumers that exhausted their deliveries.
-pub const MAX_DELIVERIES_ADVISORY: &str = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>";
+pub(crate) const MAX_DELIVERIES_ADVISORY: &str = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>";
 
 /// Copies messages that exhausted their deliveries on a jetsaga consumer
 /// (`orchestrator-*`, `participant-*`) to the dead-letter stream. Every instance

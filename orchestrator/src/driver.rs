@@ -120,7 +120,9 @@ const SAGA_ID_NAMESPACE: uuid::Uuid =
 
 /// The saga id a start key maps to: the same key always yields the same saga.
 pub fn saga_id(saga_type: &str, key: &str) -> String {
-    uuid::Uuid::new_v5(&SAGA_ID_NAMESPACE, format!("{saga_type}\n{key}").as_bytes()).to_string()
+    // Length-prefixed so that no (type, key) pair can collide with another.
+    let name = format!("{}:{saga_type}{key}", saga_type.len());
+    uuid::Uuid::new_v5(&SAGA_ID_NAMESPACE, name.as_bytes()).to_string()
 }
 
 /// Which consumer a message came from.

@@ -57,7 +57,7 @@ fn api(what: impl Into<String>) -> impl FnOnce(async_nats::Error) -> Error {
 
 /// The JetStream config for a stream spec with the operator's storage settings.
 pub fn stream_config(spec: &Spec, settings: &Streams) -> stream::Config {
-    let max_age = if spec.max_age > Duration::from_secs(24 * 3600) {
+    let max_age = if spec.max_age == streams::DEFAULT_RETENTION {
         settings.retention
     } else {
         spec.max_age

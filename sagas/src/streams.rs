@@ -38,6 +38,10 @@ pub struct Spec {
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The default retention of journals, commands, replies, events and timers; the
+/// orchestrator's `streams.retention` setting replaces it for those streams.
+pub const DEFAULT_RETENTION: Duration = WEEK;
 const DEDUP: Duration = Duration::from_secs(120);
 
 const fn spec(name: &'static str, subjects: &'static [&'static str], max_age: Duration) -> Spec {
@@ -87,7 +91,10 @@ pub const TIMERS: Spec = Spec {
 };
 
 /// Dead letters: `saga.dead.<source>`, with the reason and original headers.
-pub const DEAD_LETTERS: Spec = spec("JETSAGA_DEAD_LETTERS", &["saga.dead.>"], Duration::from_secs(30 * 24 * 3600));
+pub const DEAD_LETTERS: Spec = Spec {
+    allow_direct: true,
+    ..spec("JETSAGA_DEAD_LETTERS", &["saga.dead.>"], Duration::from_secs(30 * 24 * 3600))
+};
 
 /// Every stream, in creation order.
 pub const ALL: [&Spec; 7] = [&COMMANDS, &REPLIES, &STARTS, &EVENTS, &JOURNAL, &TIMERS, &DEAD_LETTERS];

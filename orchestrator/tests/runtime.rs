@@ -1,0 +1,634 @@
+//! The orchestrator against a real nats-server, with in-test participants.
+
+mod common;
+
+use std::sync::Arc;
+
+use async_nats::HeaderMap;
+use common::*;
+use jetsaga_orchestrator::{Answer, ApiError};
+use jetsaga_sagas::protocol::{self, Body, Outcome};
+use jetsaga_sagas::{Cause, Phase, State, StepStatus};
+use jetsaga_testkit::{NatsServer, wait_until};
+use serde_json::json;
+
+/// order-creation with tight timeouts and small retry budgets, for failure tests.
+const FAST_ORDER: &str = r#"
+name = "fast-order"
+version = 1
+input = "order"
+deadline = "1m"
+[events]
+completed = ["order.confirmed"]
+compensated = ["order.cancelled"]
+[compensation-retry]
+max-attempts = 3
+initial-backoff = "50ms"
+max-backoff = "100ms"
+[[steps]]
+name = "reserve-stock"
+participant = "inventory"
+action = "reserve"
+compensation = "release"
+kind = "compensatable"
+timeout = "5s"
+retry = { max-attempts = 1 }
+[[steps]]
+name = "take-payment"
+participant = "payment"
+action = "charge"
+compensation = "refund"
+kind = "pivot"
+timeout = "1s"
+retry = { max-attempts = 1 }
+[[steps]]
+name = "confirm-order"
+participant = "inventory"
+action = "commit"
+kind = "retriable"
+timeout = "5s"
+retry = { initial-backoff = "50ms", max-backoff = "200ms" }
+"#;
+
+async fn start_fast(handle: &jetsaga_orchestrator::Handle, key: &str, card: &str) -> String {
+    match handle.start("fast-order", key, order(card)).await.unwrap() {
+        Answer::Started { saga_id, .. } => saga_id,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn by_card() -> Behaviour {
+    Arc::new(|c: &protocol::Command| {
+        if c.action == "charge" && c.input["card_token"] == "tok_decline" {
+            failed("card_declined", false)
+        } else {
+            ok()
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn happy_path_and_declines() {
+    let server = NatsServer::start();
+    let running = orchestrator(&server.url(), None).await;
+    let handle = running.handle().clone();
+    let js = js(&server).await;
+    let inventory = Responder::start(&js, "inventory", by_card()).await;
+    let payment = Responder::start(&js, "payment", by_card()).await;
+    let events = events(&server).await;
+
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        let card = if i % 10 == 0 { "tok_decline" } else { "tok_ok" };
+        ids.push(start(&handle, &format!("order-{i}"), order(card)).await);
+    }
+    wait_all_terminal(&handle, &ids).await;
+
+    let inv = inventory.distinct_by_saga();
+    let pay = payment.distinct_by_saga();
+    for (i, id) in ids.iter().enumerate() {
+        let saga = saga(&handle, id).await;
+        if i % 10 == 0 {
+            assert_eq!(saga.phase(), Phase::Compensated, "saga {i}");
+            let reserve = format!("{id}:reserve-stock:do:1");
+            let release = format!("{id}:reserve-stock:undo:1");
+            assert_eq!(
+                inv[id],
+                vec![reserve, release],
+                "reserve then exactly one release"
+            );
+            assert_eq!(
+                pay[id],
+                vec![format!("{id}:take-payment:do:1")],
+                "a declined charge is not refunded"
+            );
+            assert_eq!(saga.steps[1].status, StepStatus::Failed);
+        } else {
+            assert_eq!(saga.phase(), Phase::Completed, "saga {i}");
+            assert_eq!(
+                inv[id],
+                vec![
+                    format!("{id}:reserve-stock:do:1"),
+                    format!("{id}:confirm-order:do:1")
+                ],
+                "reserve, then commit"
+            );
+            assert_eq!(pay[id], vec![format!("{id}:take-payment:do:1")]);
+            assert!(saga.steps.iter().all(|s| s.status == StepStatus::Succeeded));
+        }
+        let journal = handle.journal(id).await.unwrap();
+        assert_eq!(journal.first().unwrap().cause, Cause::Start);
+        assert!(
+            journal.windows(2).all(|w| w[1].seq == w[0].seq + 1),
+            "journal is gapless"
+        );
+    }
+    wait_until("every event is published", WAIT, || async {
+        events.lock().unwrap().len() >= 200
+    })
+    .await;
+    let events = events.lock().unwrap().clone();
+    for (i, id) in ids.iter().enumerate() {
+        let mine: Vec<_> = events
+            .iter()
+            .filter(|e| &e.saga_id == id)
+            .map(|e| e.event.as_str())
+            .collect();
+        let expected = if i % 10 == 0 {
+            "order.cancelled"
+        } else {
+            "order.confirmed"
+        };
+        assert_eq!(mine, vec![expected], "saga {i}");
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_key_starts_one_saga_over_api_and_subject() {
+    let server = NatsServer::start();
+    let running = orchestrator(&server.url(), None).await;
+    let handle = running.handle().clone();
+    let js = js(&server).await;
+    let _inventory = Responder::start(&js, "inventory", by_card()).await;
+    let _payment = Responder::start(&js, "payment", by_card()).await;
+
+    let mut created = 0;
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        match handle
+            .start("order-creation", "the-key", order("tok_ok"))
+            .await
+            .unwrap()
+        {
+            Answer::Started {
+                saga_id,
+                created: c,
+            } => {
+                created += usize::from(c);
+                ids.push(saga_id);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(created, 1);
+    ids.dedup();
+    assert_eq!(ids.len(), 1);
+
+    // The start subject, ten times, with no dedup header help: the saga id derives from the key.
+    for _ in 0..10 {
+        let start = protocol::Start {
+            protocol: protocol::VERSION,
+            key: "subject-key".into(),
+            input: order("tok_ok"),
+        };
+        js.publish("saga.start.order-creation", start.encode().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let id = jetsaga_orchestrator::driver::saga_id("order-creation", "subject-key");
+    wait_phase(&handle, &id, Phase::Completed).await;
+    let journal = handle.journal(&id).await.unwrap();
+    assert_eq!(
+        journal.iter().filter(|e| e.cause == Cause::Start).count(),
+        1,
+        "{journal:?}"
+    );
+
+    // Bad starts are refused before any step runs.
+    let err = handle
+        .start("order-creation", "k", json!({"customer_id": "c"}))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ApiError::InvalidInput(ref m) if m.contains("email")),
+        "{err}"
+    );
+    let err = handle
+        .start("no-such-saga", "k", order("tok_ok"))
+        .await
+        .unwrap_err();
+    assert_eq!(err, ApiError::UnknownType("no-such-saga".into()));
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_timeout_compensates_the_silent_step_and_ignores_late_replies() {
+    let server = NatsServer::start();
+    let defs = definitions_dir(&[("fast.toml", FAST_ORDER)]);
+    let running = orchestrator(&server.url(), Some(defs.path())).await;
+    let handle = running.handle().clone();
+    let js = js(&server).await;
+    let _inventory = Responder::start(&js, "inventory", by_card()).await;
+    // Payment never answers a charge, but refunds.
+    let payment = Responder::start(
+        &js,
+        "payment",
+        Arc::new(|c: &protocol::Command| if c.action == "charge" { vec![] } else { ok() }),
+    )
+    .await;
+
+    let id = start_fast(&handle, "silent-1", "tok_ok").await;
+    let saga = wait_phase(&handle, &id, Phase::Compensated).await;
+    assert_eq!(
+        saga.steps[1].status,
+        StepStatus::Compensated,
+        "the timed-out charge is refunded"
+    );
+    assert_eq!(saga.steps[0].status, StepStatus::Compensated);
+    let journal = handle.journal(&id).await.unwrap();
+    assert!(
+        journal
+            .iter()
+            .any(|e| e.cause == Cause::StepTimeout && e.step.as_deref() == Some("take-payment"))
+    );
+    let actions: Vec<_> = payment
+        .commands()
+        .iter()
+        .map(|c| c.action.clone())
+        .collect();
+    assert_eq!(actions, vec!["charge", "refund"]);
+
+    // The charge's success arrives late: journaled as ignored, nothing changes.
+    let charge = payment.commands()[0].clone();
+    publish_reply(&js, &charge, Outcome::Ok { result: json!({}) }).await;
+    wait_until("the late reply is journaled", WAIT, || async {
+        handle
+            .journal(&id)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.cause == Cause::Ignored)
+    })
+    .await;
+    let after = saga_now(&handle, &id).await;
+    assert_eq!(after.phase(), Phase::Compensated);
+    assert_eq!(after.transitions, saga.transitions);
+    running.shutdown().await;
+}
+
+async fn saga_now(handle: &jetsaga_orchestrator::Handle, id: &str) -> jetsaga_sagas::Saga {
+    handle.saga(id).await.unwrap().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_and_old_replies_change_nothing() {
+    let server = NatsServer::start();
+    let running = orchestrator(&server.url(), None).await;
+    let handle = running.handle().clone();
+    let js = js(&server).await;
+    // Every reply is sent three times.
+    let thrice: Behaviour = Arc::new(|_c: &protocol::Command| {
+        let mut v = ok();
+        v.extend(ok());
+        v.extend(ok());
+        v
+    });
+    let inventory = Responder::start(&js, "inventory", thrice.clone()).await;
+    let payment = Responder::start(&js, "payment", thrice).await;
+
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(start(&handle, &format!("dup-{i}"), order("tok_ok")).await);
+    }
+    wait_all_terminal(&handle, &ids).await;
+    for id in &ids {
+        let journal = handle.journal(id).await.unwrap();
+        let applied: Vec<_> = journal
+            .iter()
+            .filter(|e| e.cause != Cause::Ignored)
+            .collect();
+        assert_eq!(applied.len(), 4, "start + three replies: {journal:?}");
+        assert_eq!(inventory.distinct_by_saga()[id].len(), 2);
+        assert_eq!(payment.distinct_by_saga()[id].len(), 1);
+    }
+    // A reply for an attempt that never existed, for a finished saga: ignored.
+    let old = payment.commands()[0].clone();
+    let mut forged = old.clone();
+    forged.command_id = old.command_id.replace(":do:1", ":do:7");
+    publish_reply(&js, &forged, Outcome::Ok { result: json!({}) }).await;
+    wait_until("the stale reply is journaled", WAIT, || async {
+        handle
+            .journal(&old.saga_id)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.command_id.as_deref() == Some(forged.command_id.as_str()))
+    })
+    .await;
+    let saga = saga_now(&handle, &old.saga_id).await;
+    assert_eq!(saga.phase(), Phase::Completed);
+    assert_eq!(saga.transitions, 4);
+    let commands = inventory.commands().len() + payment.commands().len();
+    assert_eq!(commands, 60, "no extra commands were sent");
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_compensation_parks_the_saga_until_an_operator_retries() {
+    let server = NatsServer::start();
+    let defs = definitions_dir(&[("fast.toml", FAST_ORDER)]);
+    let running = orchestrator(&server.url(), Some(defs.path())).await;
+    let handle = running.handle().clone();
+    let js = js(&server).await;
+    // Releases fail until the inventory "recovers".
+    let inventory = Responder::start(
+        &js,
+        "inventory",
+        Arc::new(|c: &protocol::Command| {
+            if c.action == "release" {
+                failed("db_down", true)
+            } else {
+                ok()
+            }
+        }),
+    )
+    .await;
+    let _payment = Responder::start(&js, "payment", by_card()).await;
+
+    let id = start_fast(&handle, "stuck-1", "tok_decline").await;
+    let saga = wait_phase(&handle, &id, Phase::Failed).await;
+    let State::Failed { error, step, .. } = &saga.state else {
+        unreachable!()
+    };
+    assert_eq!(*step, 0);
+    assert_eq!(error.code, "db_down");
+    let releases = inventory
+        .commands()
+        .iter()
+        .filter(|c| c.action == "release")
+        .count();
+    assert_eq!(releases, 3, "compensation-retry.max-attempts");
+
+    // Nothing else is allowed on a failed saga, and nothing happens by itself.
+    assert!(matches!(
+        handle.abort(&id, "no").await,
+        Err(ApiError::NotAllowed(_))
+    ));
+
+    inventory.set(by_card());
+    let phase = handle.retry(&id).await.unwrap();
+    assert_eq!(phase, Phase::Compensating);
+    let saga = wait_phase(&handle, &id, Phase::Compensated).await;
+    assert_eq!(saga.steps[0].status, StepStatus::Compensated);
+    let journal = handle.journal(&id).await.unwrap();
+    let retry = journal
+        .iter()
+        .find(|e| e.cause == Cause::OperatorRetry)
+        .unwrap();
+    assert_eq!(retry.actor, jetsaga_sagas::Actor::Operator);
+    assert!(matches!(
+        handle.retry(&id).await,
+        Err(ApiError::NotAllowed(_))
+    ));
+    assert!(matches!(
+        handle.retry("no-such-saga").await,
+        Err(ApiError::NotFound(_))
+    ));
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_abort_compensates_a_running_saga() {
+    let server = NatsServer::start();
+    let running = orchestrator(&server.url(), None).await;
+    let handle = running.handle().clone();
+    let js = js(&server).await;
+    let _inventory = Responder::start(&js, "inventory", by_card()).await;
+    let _payment = Responder::start(
+        &js,
+        "payment",
+        Arc::new(|c: &protocol::Command| if c.action == "charge" { vec![] } else { ok() }),
+    )
+    .await;
+    let id = start(&handle, "abort-1", order("tok_ok")).await;
+    wait_until("the charge is out", WAIT, || async {
+        matches!(
+            saga_now(&handle, &id).await.state,
+            State::Running { step: 1, .. }
+        )
+    })
+    .await;
+    handle.abort(&id, "customer cancelled").await.unwrap();
+    let saga = wait_phase(&handle, &id, Phase::Compensated).await;
+    let State::Compensated { cause } = &saga.state else {
+        unreachable!()
+    };
+    assert_eq!(cause.code, "aborted");
+    assert_eq!(
+        saga.steps[1].status,
+        StepStatus::Compensated,
+        "the in-flight charge is refunded"
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_dead_lettered_with_their_reason() {
+    let server = NatsServer::start();
+    let running = orchestrator(&server.url(), None).await;
+    let handle = running.handle().clone();
+    let js = js(&server).await;
+
+    let publish = |subject: &'static str, body: Vec<u8>| {
+        let js = js.clone();
+        async move {
+            let mut headers = HeaderMap::new();
+            headers.insert("X-Origin", "test");
+            js.publish_with_headers(subject, headers, body.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    publish("saga.reply.inventory.garbage", b"not json".to_vec()).await;
+    let unknown = protocol::Reply {
+        protocol: protocol::VERSION,
+        command_id: "nope:reserve-stock:do:1".into(),
+        saga_id: "nope".into(),
+        outcome: Outcome::Ok { result: json!({}) },
+    };
+    publish("saga.reply.inventory.nope", unknown.encode()).await;
+    publish("saga.start.order-creation", b"{\"protocol\":1}".to_vec()).await;
+    publish(
+        "saga.start.no-such-saga",
+        protocol::Start {
+            protocol: 1,
+            key: "k".into(),
+            input: order("tok_ok"),
+        }
+        .encode(),
+    )
+    .await;
+    let bad_input = protocol::Start {
+        protocol: 1,
+        key: "k2".into(),
+        input: json!({"customer_id": "x"}),
+    };
+    publish("saga.start.order-creation", bad_input.encode()).await;
+    publish(
+        "saga.start.order-creation",
+        b"{\"protocol\":9,\"key\":\"k\",\"input\":{}}".to_vec(),
+    )
+    .await;
+
+    wait_until("six dead letters", WAIT, || async {
+        dead_letters(&js).await.len() >= 6
+    })
+    .await;
+    let dead = dead_letters(&js).await;
+    let reasons: Vec<&str> = dead.iter().map(|(_, r)| r.as_str()).collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("invalid Reply")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("unknown saga nope")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("invalid Start")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("unknown saga type \"no-such-saga\"")),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| r.contains("email")), "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("unsupported protocol version 9")),
+        "{reasons:?}"
+    );
+    assert_eq!(dead.len(), 6, "{dead:?}");
+    assert!(
+        dead.iter()
+            .all(|(s, _)| s.starts_with("saga.dead.orchestrator."))
+    );
+    // The orchestrator is still running.
+    let _payment = Responder::start(&js, "payment", by_card()).await;
+    let _inventory = Responder::start(&js, "inventory", by_card()).await;
+    let id = start(&handle, "after-poison", order("tok_ok")).await;
+    wait_phase(&handle, &id, Phase::Completed).await;
+    assert!(
+        handle
+            .metrics()
+            .render()
+            .contains("jetsaga_dead_letters_total")
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_load_without_applying_a_transition_twice() {
+    let server = NatsServer::start();
+    let a = orchestrator(&server.url(), None).await;
+    let b = orchestrator(&server.url(), None).await;
+    let js = js(&server).await;
+    let _inventory = Responder::start(&js, "inventory", by_card()).await;
+    let _payment = Responder::start(&js, "payment", by_card()).await;
+
+    let mut ids = Vec::new();
+    for i in 0..500 {
+        let start = protocol::Start {
+            protocol: protocol::VERSION,
+            key: format!("aa-{i}"),
+            input: order(if i % 10 == 0 { "tok_decline" } else { "tok_ok" }),
+        };
+        let ack = js
+            .publish("saga.start.order-creation", start.encode().into())
+            .await
+            .unwrap();
+        ack.await.unwrap();
+        ids.push(jetsaga_orchestrator::driver::saga_id(
+            "order-creation",
+            &format!("aa-{i}"),
+        ));
+    }
+    wait_all_terminal(a.handle(), &ids).await;
+    for id in &ids {
+        let journal = a.handle().journal(id).await.unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for entry in journal.iter().filter(|e| e.cause != Cause::Ignored) {
+            assert!(
+                seen.insert((
+                    entry.step.clone(),
+                    entry.cause,
+                    entry.command_id.clone(),
+                    entry.to
+                )),
+                "transition applied twice in {journal:?}"
+            );
+        }
+    }
+    let started = |r: &jetsaga_orchestrator::Running| {
+        r.handle()
+            .metrics()
+            .started
+            .with_label_values(&["order-creation"])
+            .get()
+    };
+    assert_eq!(started(&a) + started(&b), 500);
+    assert!(
+        started(&a) > 0 && started(&b) > 0,
+        "both instances took work: {} / {}",
+        started(&a),
+        started(&b)
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_reflects_nats() {
+    let mut server = NatsServer::start();
+    let running = orchestrator(&server.url(), None).await;
+    let base = format!("http://{}", running.http_addr());
+    let get = |path: &str| {
+        let url = format!("{base}{path}");
+        async move { http_get(&url).await }
+    };
+    assert_eq!(get("/healthz").await.0, 200);
+    assert_eq!(get("/readyz").await.0, 200);
+    server.kill();
+    wait_until("readyz reports NATS down", WAIT, || async {
+        get("/readyz").await.0 == 503
+    })
+    .await;
+    assert!(get("/readyz").await.1.contains("NATS"));
+    assert_eq!(get("/healthz").await.0, 200);
+    server.start_again().unwrap();
+    wait_until("readyz recovers", WAIT, || async {
+        get("/readyz").await.0 == 200
+    })
+    .await;
+    running.shutdown().await;
+}
+
+/// A minimal HTTP/1.1 GET over a real socket.
+async fn http_get(url: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
