@@ -1,1 +1,64 @@
-//! Work in progress.
+//! The reference participants of jetsaga, with their state in JetStream KV only.
+//!
+//! Each binary (`jetsaga-inventory`, `jetsaga-payment`, `jetsaga-notification`) is a thin
+//! `main` over `run(config, shutdown)` here, so tests run the same code in-process.
+//!
+//! - [`inventory`]: stock per product, reservations per saga; `reserve`, `release`, `commit`.
+//! - [`payment`]: one payment record per saga; `charge`, `refund`; the ledger.
+//! - [`notification`]: consumes `order.confirmed` / `order.cancelled`, records one email per order.
+//! - [`config`]: the configuration loader and the shared sections; [`faults`]: injected
+//!   failures and latency; [`service`]: KV buckets and the metrics endpoint;
+//!   [`telemetry`]: logs and OTLP traces for the binaries.
+
+pub mod config;
+pub mod faults;
+pub mod inventory;
+pub mod notification;
+pub mod payment;
+pub mod service;
+pub mod telemetry;
+
+/// Why a participant could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    /// NATS connection or JetStream set-up.
+    #[error("nats: {0}")]
+    Nats(String),
+    /// A KV bucket or record could not be used.
+    #[error("kv: {0}")]
+    Kv(String),
+    /// The SDK failed.
+    #[error(transparent)]
+    Participant(#[from] jetsaga_participant::Error),
+    /// Binding a socket failed.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// Metrics could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Resolves on SIGINT or SIGTERM: the binaries' shutdown signal.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let Ok(mut terminate) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            let _ = interrupt.await;
+            return;
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

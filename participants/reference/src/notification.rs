@@ -1,0 +1,363 @@
+//! The notification participant: "sends" one email per order on `order.confirmed` and
+//! `order.cancelled`.
+//!
+//! It consumes domain events (not commands) with the durable consumer `notification` on
+//! `saga.event.order.>` and records each email as `email.<saga_id>` in KV with a create-only
+//! write: a second delivery of the event finds the record and sends nothing. Undecodable events
+//! are terminated and dead-lettered to `saga.dead.participant.notification`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, Message, consumer, kv};
+use futures::StreamExt;
+use jetsaga_participant::{dead_letter, streams};
+use jetsaga_sagas::protocol::{Body, Event};
+use jetsaga_sagas::streams::EVENTS;
+use prometheus::{IntCounterVec, Opts};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{self, Load, Metrics, Nats, Telemetry};
+use crate::faults::Faults;
+use crate::{Error, service};
+
+/// The participant's name (dead-letter source, consumer name).
+pub const NAME: &str = "notification";
+/// Emails recorded, by `event` and `result` (`sent`, `duplicate`).
+pub const EMAILS_TOTAL: &str = "jetsaga_notification_emails_total";
+/// Undecodable events dead-lettered.
+pub const DEAD_LETTERS_TOTAL: &str = "jetsaga_notification_dead_letters_total";
+
+/// The notification's own settings (section `[notification]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct Settings {
+    /// The KV bucket.
+    pub bucket: String,
+    /// The durable consumer's name.
+    pub consumer: String,
+    /// Events handled at the same time.
+    pub concurrency: usize,
+    /// Deliveries of an event that keeps failing transiently.
+    pub max_deliver: i64,
+    /// Redelivery after this long without an ack.
+    #[serde(with = "config::duration")]
+    pub ack_wait: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            bucket: "jetsaga_notification".to_owned(),
+            consumer: NAME.to_owned(),
+            concurrency: 32,
+            max_deliver: 20,
+            ack_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The configuration of `jetsaga-notification`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct Config {
+    /// NATS connection.
+    pub nats: Nats,
+    /// The metrics endpoint (default `127.0.0.1:9103`).
+    pub metrics: Metrics,
+    /// Logs and traces.
+    pub telemetry: Telemetry,
+    /// Injected failures (the action is the event name, e.g. `order.confirmed`).
+    pub faults: Faults,
+    /// Consumer and bucket.
+    pub notification: Settings,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nats: Nats::default(),
+            metrics: Metrics::on_port(9103),
+            telemetry: Telemetry::default(),
+            faults: Faults::default(),
+            notification: Settings::default(),
+        }
+    }
+}
+
+impl Load for Config {
+    fn validate(&self) -> Result<(), config::Error> {
+        self.nats.validate()?;
+        self.metrics.validate()?;
+        self.telemetry.validate()?;
+        self.faults.validate()?;
+        let s = &self.notification;
+        if !service::is_key_safe(&s.bucket) || s.bucket.contains('.') {
+            return Err(config::Error::field(
+                "notification.bucket",
+                "must be letters, digits, - or _",
+            ));
+        }
+        if !jetsaga_sagas::definition::is_subject_token(&s.consumer) {
+            return Err(config::Error::field(
+                "notification.consumer",
+                "must be one subject token",
+            ));
+        }
+        if !(1..=4096).contains(&s.concurrency) {
+            return Err(config::Error::field(
+                "notification.concurrency",
+                "must be between 1 and 4096",
+            ));
+        }
+        if s.max_deliver < 1 {
+            return Err(config::Error::field(
+                "notification.max-deliver",
+                "must be at least 1",
+            ));
+        }
+        if s.ack_wait < Duration::from_secs(1) {
+            return Err(config::Error::field(
+                "notification.ack-wait",
+                "must be at least 1s",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The record of a sent email.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Email {
+    /// Recipient.
+    pub to: String,
+    /// Subject line.
+    pub subject: String,
+    /// The event that caused it.
+    pub event: String,
+    /// The order's saga.
+    pub saga_id: String,
+    /// When it was "sent".
+    pub sent_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The recorded email of `saga_id`, if any.
+///
+/// # Errors
+///
+/// [`Error::Kv`] if the bucket cannot be read.
+pub async fn email(store: &kv::Store, saga_id: &str) -> Result<Option<Email>, Error> {
+    match store.get(format!("email.{saga_id}")).await {
+        Ok(Some(value)) => serde_json::from_slice(&value)
+            .map(Some)
+            .map_err(|e| Error::Kv(e.to_string())),
+        Ok(None) => Ok(None),
+        Err(e) => Err(Error::Kv(e.to_string())),
+    }
+}
+
+struct Notifier {
+    store: kv::Store,
+    js: jetstream::Context,
+    faults: Faults,
+    emails: IntCounterVec,
+    dead_letters: prometheus::IntCounter,
+}
+
+/// Runs the notification participant until `shutdown` resolves.
+///
+/// # Errors
+///
+/// When NATS, the bucket, the metrics endpoint or the consumer cannot be set up.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+    let client = config.nats.connect("jetsaga-notification").await?;
+    let js = jetstream::new(client.clone());
+    streams::ensure(&js, &streams::NEEDED, config.nats.replicas).await?;
+    let store = service::bucket(&js, &config.notification.bucket, config.nats.replicas).await?;
+
+    let registry = prometheus::Registry::new();
+    let emails = IntCounterVec::new(
+        Opts::new(EMAILS_TOTAL, "Emails recorded, by event and result."),
+        &["event", "result"],
+    )?;
+    let dead_letters =
+        prometheus::IntCounter::new(DEAD_LETTERS_TOTAL, "Undecodable events dead-lettered.")?;
+    registry.register(Box::new(emails.clone()))?;
+    registry.register(Box::new(dead_letters.clone()))?;
+    let tracker = TaskTracker::new();
+    let token = CancellationToken::new();
+    if let Some(address) = config.metrics.address() {
+        service::serve_metrics(address, registry, &tracker, token.clone()).await?;
+    }
+
+    let s = &config.notification;
+    let stream = js
+        .get_stream(EVENTS.name)
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))?;
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(s.consumer.clone()),
+            filter_subject: "saga.event.order.>".to_owned(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: s.ack_wait,
+            max_deliver: s.max_deliver,
+            max_ack_pending: (s.concurrency * 4) as i64,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| Error::Nats(format!("consumer {}: {e}", s.consumer)))?;
+    let notifier = Arc::new(Notifier {
+        store,
+        js,
+        faults: config.faults,
+        emails,
+        dead_letters,
+    });
+    info!(consumer = %s.consumer, "notification started");
+
+    let semaphore = Arc::new(Semaphore::new(s.concurrency));
+    let handlers = TaskTracker::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    'outer: loop {
+        let mut messages = match consumer
+            .stream()
+            .max_messages_per_batch(s.concurrency)
+            .messages()
+            .await
+        {
+            Ok(messages) => messages,
+            Err(e) => {
+                warn!(error = %e, "cannot pull events; trying again");
+                tokio::select! {
+                    () = &mut shutdown => break 'outer,
+                    () = tokio::time::sleep(Duration::from_millis(500)) => continue 'outer,
+                }
+            }
+        };
+        loop {
+            let permit = tokio::select! {
+                () = &mut shutdown => break 'outer,
+                permit = semaphore.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break 'outer,
+                },
+            };
+            let next = tokio::select! {
+                () = &mut shutdown => break 'outer,
+                next = messages.next() => next,
+            };
+            match next {
+                Some(Ok(msg)) => {
+                    let notifier = notifier.clone();
+                    handlers.spawn(async move {
+                        notifier.handle(msg).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => debug!(error = %e, "pull stream hiccup"),
+                None => continue 'outer,
+            }
+        }
+    }
+    handlers.close();
+    handlers.wait().await;
+    token.cancel();
+    tracker.close();
+    tracker.wait().await;
+    if let Err(e) = client.drain().await {
+        warn!(error = %e, "draining the nats connection failed");
+    }
+    info!("notification stopped");
+    Ok(())
+}
+
+impl Notifier {
+    async fn handle(&self, msg: Message) {
+        let event = match Event::decode(&msg.payload) {
+            Ok(event) => event,
+            Err(e) => {
+                error!(subject = %msg.subject, reason = %e, "undecodable event: dead-lettering it");
+                let source = format!("participant.{NAME}");
+                let kind = match dead_letter::publish(&self.js, &source, &msg, &e.to_string()).await
+                {
+                    Ok(()) => {
+                        self.dead_letters.inc();
+                        AckKind::Term
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot store the dead letter; will retry");
+                        AckKind::Nak(Some(Duration::from_millis(500)))
+                    }
+                };
+                return ack(&msg, kind).await;
+            }
+        };
+        let label = match event.event.as_str() {
+            "order.confirmed" | "order.cancelled" => event.event.as_str(),
+            _ => "other",
+        };
+        if let Some(jetsaga_participant::Handled::Retry { reason, .. }) =
+            self.faults.inject(label).await
+        {
+            warn!(%reason, saga_id = %event.saga_id, "injected failure; will be redelivered");
+            return ack(&msg, AckKind::Nak(Some(Duration::from_millis(200)))).await;
+        }
+        let subject_line = match label {
+            "order.confirmed" => "Your order is confirmed",
+            "order.cancelled" => "Your order was cancelled",
+            _ => {
+                debug!(event = %event.event, "not an order email; skipping");
+                return ack(&msg, AckKind::Ack).await;
+            }
+        };
+        if !service::is_key_safe(&event.saga_id) {
+            warn!(saga_id = %event.saga_id, "saga id cannot be a key; skipping");
+            return ack(&msg, AckKind::Ack).await;
+        }
+        let email = Email {
+            to: event
+                .input
+                .get("email")
+                .and_then(|e| e.as_str())
+                .unwrap_or_default()
+                .to_owned(),
+            subject: subject_line.to_owned(),
+            event: event.event.clone(),
+            saga_id: event.saga_id.clone(),
+            sent_at: chrono::Utc::now(),
+        };
+        let value = serde_json::to_vec(&email).unwrap_or_default().into();
+        match self
+            .store
+            .create(format!("email.{}", event.saga_id), value)
+            .await
+        {
+            Ok(_) => {
+                info!(to = %email.to, subject = %email.subject, saga_id = %email.saga_id, "email sent");
+                self.emails.with_label_values(&[label, "sent"]).inc();
+                ack(&msg, AckKind::Ack).await;
+            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                debug!(saga_id = %event.saga_id, "email already sent");
+                self.emails.with_label_values(&[label, "duplicate"]).inc();
+                ack(&msg, AckKind::Ack).await;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot record the email; will retry");
+                ack(&msg, AckKind::Nak(Some(Duration::from_millis(500)))).await;
+            }
+        }
+    }
+}
+
+async fn ack(msg: &Message, kind: AckKind) {
+    if let Err(e) = msg.ack_with(kind).await {
+        warn!(error = %e, "cannot acknowledge the event");
+    }
+}
