@@ -1,22 +1,106 @@
-//! The HTTP side: health, readiness and metrics.
+//! The HTTP side: starting sagas, health, readiness and metrics.
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
+use serde::Deserialize;
 use serde_json::json;
 
-use crate::Handle;
+use crate::{Answer, ApiError, Handle};
 
 /// The router for a running orchestrator.
 pub fn router(handle: Handle) -> Router {
     Router::new()
+        .route("/v1/sagas/{saga_type}", post(start))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(handle)
+}
+
+/// Every error the API returns: a stable code, a message and the status.
+#[derive(Debug)]
+pub struct HttpError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl HttpError {
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad_request",
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ApiError> for HttpError {
+    fn from(error: ApiError) -> Self {
+        let (status, code) = match &error {
+            ApiError::UnknownType(_) => (StatusCode::NOT_FOUND, "unknown_saga_type"),
+            ApiError::InvalidInput(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "saga_not_found"),
+            ApiError::NotAllowed(_) => (StatusCode::CONFLICT, "not_allowed"),
+            ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        };
+        if status.is_server_error() {
+            tracing::warn!(%error, "request failed");
+        }
+        Self {
+            status,
+            code,
+            message: error.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            axum::Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartBody {
+    key: String,
+    input: serde_json::Value,
+}
+
+async fn start(
+    State(handle): State<Handle>,
+    Path(saga_type): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, HttpError> {
+    let body: StartBody = serde_json::from_slice(&body)
+        .map_err(|e| HttpError::bad_request(format!("invalid start request: {e}")))?;
+    match handle.start(&saga_type, &body.key, body.input).await? {
+        Answer::Started { saga_id, created } => {
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok((
+                status,
+                axum::Json(json!({"saga_id": saga_id, "created": created})),
+            )
+                .into_response())
+        }
+        Answer::Applied { .. } => Err(HttpError::from(ApiError::Unavailable(
+            "unexpected answer".to_owned(),
+        ))),
+    }
 }
 
 async fn healthz() -> Response {

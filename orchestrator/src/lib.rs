@@ -8,6 +8,7 @@
 //! - [`driver`]: the loop that applies inputs to sagas and carries out the effects.
 //! - [`http`]: health, readiness and metrics over HTTP.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`bench`]: the load generator behind `jetsaga bench`.
 //!
 //! [`Service::start`] connects, provisions, and starts the driver; the returned
 //! [`Running`] gives a [`Handle`] for starting, retrying and aborting sagas.
@@ -27,6 +28,7 @@
 //! # }
 //! ```
 
+pub mod bench;
 pub mod config;
 mod dead;
 pub mod definitions;

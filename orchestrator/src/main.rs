@@ -9,6 +9,16 @@ use jetsaga_orchestrator::definitions;
 const USAGE: &str = "usage:
   jetsaga serve [--config FILE]     run the orchestrator (config also from JETSAGA_CONFIG and JETSAGA_<SECTION>__<KEY>)
   jetsaga validate FILE...          check saga definition files
+  jetsaga bench [OPTIONS]           run order sagas against a running system and report throughput and latency
+      --nats URL                    NATS server (default nats://127.0.0.1:4222)
+      --via subject|http            start through the start subject (default) or the HTTP API
+      --http ADDR                   orchestrator HTTP address for --via http (default 127.0.0.1:8080)
+      --sagas N --concurrency C     closed loop (default 10000 sagas, 256 in flight)
+      --rate R --duration D         open loop: R starts per second for D (e.g. 30s), on a fixed schedule
+      --decline-share F             share of orders the payment declines (default 0.1)
+      --items K                     items per order (default 1)
+      --timeout D                   wait this long for unfinished sagas (default 60s)
+      --json                        print one JSON object on the last line
   jetsaga help                      this text";
 
 /// Exit code for bad configuration or usage (sysexits EX_USAGE).
@@ -19,6 +29,7 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("validate") => validate(&args[1..]),
+        Some("bench") => bench(&args[1..]),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
             ExitCode::SUCCESS
@@ -60,6 +71,45 @@ fn validate(files: &[String]) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+fn bench(args: &[String]) -> ExitCode {
+    let options = match jetsaga_orchestrator::bench::parse_args(args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("jetsaga bench: {e}\n{USAGE}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("jetsaga bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let json = options.json;
+    match runtime.block_on(jetsaga_orchestrator::bench::run(options)) {
+        Ok(report) => {
+            println!("{}", report.table());
+            let problems = report.problems();
+            for problem in &problems {
+                println!("PROBLEM: {problem}");
+            }
+            if json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            }
+            if problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("jetsaga bench: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -1,0 +1,764 @@
+//! `jetsaga bench`: the load generator.
+//!
+//! Starts order sagas against a running system, through the start subject (the
+//! default) or the HTTP API, closed loop (`--sagas N --concurrency C`) or open
+//! loop (`--rate R --duration D`, schedule-based: a slow system shows up as
+//! latency, not as a lower offered rate). Latency is start to terminal state,
+//! observed through the domain events; at the end sagas without an event are
+//! looked up in the journal to tell failed from unfinished.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use futures::StreamExt;
+use jetsaga_sagas::Phase;
+use jetsaga_sagas::protocol::{self, Body, header};
+use serde::Serialize;
+use tokio::sync::{Mutex, Semaphore};
+
+use crate::driver::saga_id;
+use crate::store::Store;
+
+/// How sagas are started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Publish to `saga.start.<type>` (JetStream).
+    Subject,
+    /// `POST /v1/sagas/<type>` on the orchestrator.
+    Http,
+}
+
+/// How load is offered.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Load {
+    /// `sagas` in all, at most `concurrency` unfinished at once.
+    Closed {
+        /// Sagas in all.
+        sagas: u64,
+        /// Unfinished at once.
+        concurrency: u64,
+    },
+    /// `rate` per second for `duration`, on a fixed schedule.
+    Open {
+        /// Starts per second.
+        rate: f64,
+        /// How long.
+        duration: Duration,
+    },
+}
+
+/// Everything `jetsaga bench` takes.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// NATS URL.
+    pub nats_url: String,
+    /// The orchestrator's HTTP address, for `--via http` (and nothing else).
+    pub http: String,
+    /// Start path.
+    pub via: Via,
+    /// Load shape.
+    pub load: Load,
+    /// Share of orders the payment service declines.
+    pub decline_share: f64,
+    /// Items per order.
+    pub items: u32,
+    /// How long to wait for the last saga after the last start.
+    pub timeout: Duration,
+    /// Print one JSON object on the last line.
+    pub json: bool,
+    /// The saga type (an order-shaped input).
+    pub saga_type: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            nats_url: "nats://127.0.0.1:4222".to_owned(),
+            http: "127.0.0.1:8080".to_owned(),
+            via: Via::Subject,
+            load: Load::Closed {
+                sagas: 10_000,
+                concurrency: 256,
+            },
+            decline_share: 0.1,
+            items: 1,
+            timeout: Duration::from_secs(60),
+            json: false,
+            saga_type: "order-creation".to_owned(),
+        }
+    }
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+/// The result of a run, as printed with `--json`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    /// Sagas started.
+    pub sagas: u64,
+    /// Reached completed.
+    pub completed: u64,
+    /// Reached compensated.
+    pub compensated: u64,
+    /// Parked as failed.
+    pub failed: u64,
+    /// Neither, within the timeout.
+    pub unfinished: u64,
+    /// Sagas the decline rule chose (compensated must equal this).
+    pub declined: u64,
+    /// First start to last terminal state.
+    pub elapsed_s: f64,
+    /// Terminal sagas per second over `elapsed_s`.
+    pub throughput_per_s: f64,
+    /// Start (scheduled start, in open loop) to terminal state.
+    pub latency_ms: Latency,
+    /// Starts per second actually offered.
+    pub offered_per_s: f64,
+}
+
+impl Report {
+    /// Problems that make the run a failure: unfinished or failed sagas, or
+    /// outcomes that do not match the decline rule.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.unfinished > 0 {
+            problems.push(format!("{} sagas did not finish", self.unfinished));
+        }
+        if self.failed > 0 {
+            problems.push(format!("{} sagas failed", self.failed));
+        }
+        if self.unfinished == 0 && self.failed == 0 {
+            if self.compensated != self.declined {
+                problems.push(format!(
+                    "{} sagas compensated but {} were declined",
+                    self.compensated, self.declined
+                ));
+            }
+            if self.completed != self.sagas - self.declined {
+                problems.push(format!(
+                    "{} sagas completed but {} should have",
+                    self.completed,
+                    self.sagas - self.declined
+                ));
+            }
+        }
+        problems
+    }
+
+    /// The human-readable table.
+    pub fn table(&self) -> String {
+        let l = &self.latency_ms;
+        format!(
+            "sagas        {}\ncompleted    {}\ncompensated  {} (declined {})\nfailed       {}\nunfinished   {}\n\
+             elapsed      {:.2} s\noffered      {:.1} /s\nthroughput   {:.1} sagas/s\n\
+             latency ms   p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}",
+            self.sagas,
+            self.completed,
+            self.compensated,
+            self.declined,
+            self.failed,
+            self.unfinished,
+            self.elapsed_s,
+            self.offered_per_s,
+            self.throughput_per_s,
+            l.p50,
+            l.p90,
+            l.p99,
+            l.max
+        )
+    }
+}
+
+/// Nearest-rank percentiles of `samples` (milliseconds); all zero when empty.
+pub fn percentiles(samples: &mut [f64]) -> Latency {
+    if samples.is_empty() {
+        return Latency::default();
+    }
+    samples.sort_by(f64::total_cmp);
+    let rank = |p: f64| {
+        let index = ((p / 100.0) * samples.len() as f64).ceil() as usize;
+        samples[index.clamp(1, samples.len()) - 1]
+    };
+    Latency {
+        p50: rank(50.0),
+        p90: rank(90.0),
+        p99: rank(99.0),
+        max: samples[samples.len() - 1],
+    }
+}
+
+/// Whether saga number `i` is one the decline rule picks: exactly
+/// `round(n × share)` of the first `n`, spread evenly.
+pub fn declined(i: u64, share: f64) -> bool {
+    let share = share.clamp(0.0, 1.0);
+    ((i + 1) as f64 * share).floor() > (i as f64 * share).floor()
+}
+
+/// When saga number `i` is due in an open-loop run at `rate` per second.
+pub fn scheduled(i: u64, rate: f64) -> Duration {
+    Duration::from_secs_f64(i as f64 / rate)
+}
+
+/// The order input for saga `i`.
+pub fn order(i: u64, items: u32, decline: bool) -> serde_json::Value {
+    let items: Vec<_> = (0..items.max(1))
+        .map(|k| serde_json::json!({"sku": format!("sku-{}", (i + u64::from(k)) % 5 + 1), "quantity": 1}))
+        .collect();
+    serde_json::json!({
+        "customer_id": format!("c-{}", i % 1000),
+        "email": format!("customer{}@example.com", i % 1000),
+        "items": items,
+        "amount_cents": 1000 + (i % 5000),
+        "currency": "EUR",
+        "card_token": if decline { "tok_decline" } else { "tok_ok" },
+    })
+}
+
+/// Why a run could not be carried out at all.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad options.
+    #[error("{0}")]
+    Usage(String),
+    /// NATS or HTTP failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+#[derive(Debug)]
+struct Tracker {
+    /// saga id -> (index, start instant)
+    pending: HashMap<String, (u64, Instant)>,
+    latencies: Vec<f64>,
+    completed: u64,
+    compensated: u64,
+    last_end: Option<Instant>,
+}
+
+/// Runs the load and reports.
+pub async fn run(options: Options) -> Result<Report, Error> {
+    let client = async_nats::connect(options.nats_url.as_str())
+        .await
+        .map_err(|e| {
+            Error::Io(format!(
+                "cannot connect to NATS at {}: {e}",
+                options.nats_url
+            ))
+        })?;
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .max_ack_inflight(20_000)
+        .build(client.clone());
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let key = |i: u64| format!("bench-{}-{i}", &run_id[..12]);
+
+    let tracker = Arc::new(Mutex::new(Tracker {
+        pending: HashMap::new(),
+        latencies: Vec::new(),
+        completed: 0,
+        compensated: 0,
+        last_end: None,
+    }));
+    let (concurrency, total) = match options.load {
+        Load::Closed { sagas, concurrency } => (concurrency.max(1) as usize, sagas),
+        Load::Open { rate, duration } => (
+            Semaphore::MAX_PERMITS,
+            (rate * duration.as_secs_f64()).round() as u64,
+        ),
+    };
+    let permits = Arc::new(Semaphore::new(concurrency));
+
+    let mut events = client
+        .subscribe("saga.event.>")
+        .await
+        .map_err(|e| Error::Io(format!("subscribe to events: {e}")))?;
+    client.flush().await.map_err(|e| Error::Io(e.to_string()))?;
+    let finished = Arc::new(AtomicU64::new(0));
+    let listener = {
+        let tracker = tracker.clone();
+        let permits = permits.clone();
+        let finished = finished.clone();
+        tokio::spawn(async move {
+            while let Some(message) = events.next().await {
+                let Ok(event) = protocol::Event::decode(&message.payload) else {
+                    continue;
+                };
+                let mut t = tracker.lock().await;
+                let Some((_, started)) = t.pending.remove(&event.saga_id) else {
+                    continue;
+                };
+                let now = Instant::now();
+                t.latencies
+                    .push(now.duration_since(started).as_secs_f64() * 1000.0);
+                t.last_end = Some(now);
+                if event.event.ends_with("confirmed") {
+                    t.completed += 1;
+                } else {
+                    t.compensated += 1;
+                }
+                drop(t);
+                finished.fetch_add(1, Ordering::Relaxed);
+                permits.add_permits(1);
+            }
+        })
+    };
+
+    let http = match options.via {
+        Via::Http => Some(HttpStarter::new(&options.http)),
+        Via::Subject => None,
+    };
+    let progress = {
+        let finished = finished.clone();
+        tokio::spawn(async move {
+            let begin = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let done = finished.load(Ordering::Relaxed);
+                eprintln!(
+                    "bench: {:>5.1} s  {done}/{total} finished  {:.0} sagas/s",
+                    begin.elapsed().as_secs_f64(),
+                    done as f64 / begin.elapsed().as_secs_f64()
+                );
+            }
+        })
+    };
+
+    let begin = Instant::now();
+    let mut declined_count = 0;
+    let mut in_flight_starts = futures::stream::FuturesUnordered::new();
+    let mut start_error = None;
+    let mut started = 0;
+    for i in 0..total {
+        let decline = declined(i, options.decline_share);
+        let started_at = match options.load {
+            Load::Open { rate, .. } => {
+                let due = begin + scheduled(i, rate);
+                tokio::time::sleep_until(due.into()).await;
+                due
+            }
+            Load::Closed { .. } => {
+                // Each finished saga returns its permit (in the event listener); if
+                // none comes back within the timeout the system is stuck: stop starting.
+                match tokio::time::timeout(options.timeout, permits.acquire()).await {
+                    Ok(Ok(permit)) => permit.forget(),
+                    Ok(Err(e)) => return Err(Error::Io(e.to_string())),
+                    Err(_) => break,
+                }
+                Instant::now()
+            }
+        };
+        started += 1;
+        declined_count += u64::from(decline);
+        let key = key(i);
+        let id = saga_id(&options.saga_type, &key);
+        tracker.lock().await.pending.insert(id, (i, started_at));
+        let input = order(i, options.items, decline);
+        let start = {
+            let (js, http, saga_type) = (js.clone(), http.clone(), options.saga_type.clone());
+            async move {
+                match http {
+                    Some(http) => http.start(&saga_type, &key, input).await,
+                    None => publish_start(&js, &saga_type, key, input).await,
+                }
+            }
+        };
+        in_flight_starts.push(start);
+        // Keep the publisher ahead without unbounded futures: settle finished acks.
+        while in_flight_starts.len() > 4096 {
+            if let Some(Err(e)) = in_flight_starts.next().await {
+                start_error.get_or_insert(e);
+            }
+        }
+        while let Some(Some(result)) = futures::FutureExt::now_or_never(in_flight_starts.next()) {
+            if let Err(e) = result {
+                start_error.get_or_insert(e);
+            }
+        }
+        if let Some(e) = start_error.take() {
+            progress.abort();
+            listener.abort();
+            return Err(Error::Io(format!("starting saga {i}: {e}")));
+        }
+    }
+    let starts_took = begin.elapsed();
+    while let Some(result) = in_flight_starts.next().await {
+        if let Err(e) = result {
+            progress.abort();
+            listener.abort();
+            return Err(Error::Io(format!("starting a saga: {e}")));
+        }
+    }
+
+    // Wait for the rest, bounded by --timeout from the last start.
+    let deadline = Instant::now() + options.timeout;
+    while finished.load(Ordering::Relaxed) < started && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    progress.abort();
+    listener.abort();
+
+    let mut t = tracker.lock().await;
+    let end = t.last_end.unwrap_or_else(Instant::now);
+    let elapsed = end.duration_since(begin).as_secs_f64().max(1e-9);
+    // Sagas without an event: failed (parked) or still unfinished.
+    let store = Store::new(js.clone())
+        .await
+        .map_err(|e| Error::Io(e.to_string()))?;
+    let mut failed = 0;
+    let mut unfinished = 0;
+    let leftover: Vec<String> = t.pending.keys().cloned().collect();
+    for id in leftover {
+        match store.load(&id, false).await {
+            Ok(Some(stored)) => match stored.record.saga.phase() {
+                Phase::Failed => failed += 1,
+                Phase::Completed => t.completed += 1,
+                Phase::Compensated => t.compensated += 1,
+                Phase::Running | Phase::Compensating => unfinished += 1,
+            },
+            Ok(None) | Err(_) => unfinished += 1,
+        }
+    }
+    let terminal = t.completed + t.compensated;
+    let latency = percentiles(&mut t.latencies);
+    Ok(Report {
+        sagas: started,
+        completed: t.completed,
+        compensated: t.compensated,
+        failed,
+        unfinished,
+        declined: declined_count,
+        elapsed_s: elapsed,
+        throughput_per_s: terminal as f64 / elapsed,
+        latency_ms: latency,
+        offered_per_s: started as f64 / starts_took.as_secs_f64().max(1e-9),
+    })
+}
+
+async fn publish_start(
+    js: &async_nats::jetstream::Context,
+    saga_type: &str,
+    key: String,
+    input: serde_json::Value,
+) -> Result<(), String> {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::MSG_ID, key.as_str());
+    let body = protocol::Start {
+        protocol: protocol::VERSION,
+        key,
+        input,
+    };
+    js.publish_with_headers(
+        protocol::subject::start(saga_type),
+        headers,
+        body.encode().into(),
+    )
+    .await
+    .map_err(|e| e.to_string())?
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Starts sagas through the HTTP API.
+#[derive(Debug, Clone)]
+struct HttpStarter {
+    base: String,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+}
+
+impl HttpStarter {
+    fn new(addr: &str) -> Self {
+        let base = if addr.starts_with("http://") {
+            addr.trim_end_matches('/').to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_max_idle_per_host(1024)
+                .build_http();
+        Self { base, client }
+    }
+
+    async fn start(
+        &self,
+        saga_type: &str,
+        key: &str,
+        input: serde_json::Value,
+    ) -> Result<(), String> {
+        let body = serde_json::json!({"key": key, "input": input}).to_string();
+        let request = hyper::Request::post(format!("{}/v1/sagas/{saga_type}", self.base))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status();
+        if status.is_success() {
+            Ok(())
+        } else {
+            let body = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                .unwrap_or_default();
+            Err(format!("HTTP {status}: {body}"))
+        }
+    }
+}
+
+/// Parses `jetsaga bench` arguments.
+pub fn parse_args(args: &[String]) -> Result<Options, Error> {
+    let mut options = Options::default();
+    let mut sagas = None;
+    let mut concurrency = None;
+    let mut rate = None;
+    let mut duration = None;
+    let mut args = args.iter();
+    let usage = |m: String| Error::Usage(m);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| {
+            args.next()
+                .cloned()
+                .ok_or_else(|| usage(format!("{name} needs a value")))
+        };
+        let number = |name: &str, text: String| {
+            text.parse::<f64>()
+                .ok()
+                .filter(|n| n.is_finite() && *n >= 0.0)
+                .ok_or_else(|| usage(format!("{name}: \"{text}\" is not a non-negative number")))
+        };
+        let whole = |name: &str, text: String| {
+            text.parse::<u64>()
+                .map_err(|_| usage(format!("{name}: \"{text}\" is not a whole number")))
+        };
+        let time = |name: &str, text: String| {
+            jetsaga_sagas::definition::parse_duration(&text)
+                .map_err(|e| usage(format!("{name}: {e}")))
+        };
+        match arg.as_str() {
+            "--nats" => options.nats_url = value("--nats")?,
+            "--http" => options.http = value("--http")?,
+            "--via" => {
+                options.via = match value("--via")?.as_str() {
+                    "subject" => Via::Subject,
+                    "http" => Via::Http,
+                    other => {
+                        return Err(usage(format!(
+                            "--via: \"{other}\" is neither subject nor http"
+                        )));
+                    }
+                }
+            }
+            "--sagas" => sagas = Some(whole("--sagas", value("--sagas")?)?),
+            "--concurrency" => concurrency = Some(whole("--concurrency", value("--concurrency")?)?),
+            "--rate" => rate = Some(number("--rate", value("--rate")?)?),
+            "--duration" => duration = Some(time("--duration", value("--duration")?)?),
+            "--decline-share" => {
+                let share = number("--decline-share", value("--decline-share")?)?;
+                if share > 1.0 {
+                    return Err(usage("--decline-share must be between 0 and 1".to_owned()));
+                }
+                options.decline_share = share;
+            }
+            "--items" => {
+                let items = whole("--items", value("--items")?)?;
+                if !(1..=100).contains(&items) {
+                    return Err(usage("--items must be between 1 and 100".to_owned()));
+                }
+                options.items = items as u32;
+            }
+            "--timeout" => options.timeout = time("--timeout", value("--timeout")?)?,
+            "--saga-type" => options.saga_type = value("--saga-type")?,
+            "--json" => options.json = true,
+            other => return Err(usage(format!("unknown argument \"{other}\""))),
+        }
+    }
+    options.load = match (sagas, concurrency, rate, duration) {
+        (_, _, Some(rate), Some(duration)) if sagas.is_none() && concurrency.is_none() => {
+            if rate <= 0.0 || duration.is_zero() {
+                return Err(usage(
+                    "--rate and --duration must be greater than zero".to_owned(),
+                ));
+            }
+            Load::Open { rate, duration }
+        }
+        (_, _, None, None) => {
+            let sagas = sagas.unwrap_or(10_000);
+            let concurrency = concurrency.unwrap_or(256);
+            if sagas == 0 || concurrency == 0 {
+                return Err(usage(
+                    "--sagas and --concurrency must be at least 1".to_owned(),
+                ));
+            }
+            Load::Closed { sagas, concurrency }
+        }
+        (_, _, Some(_), None) | (_, _, None, Some(_)) => {
+            return Err(usage(
+                "open loop needs both --rate and --duration".to_owned(),
+            ));
+        }
+        _ => {
+            return Err(usage(
+                "choose closed loop (--sagas/--concurrency) or open loop (--rate/--duration), not both".to_owned(),
+            ));
+        }
+    };
+    Ok(options)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let mut samples: Vec<f64> = (1..=100).map(f64::from).collect();
+        samples.reverse();
+        let l = percentiles(&mut samples);
+        assert_eq!((l.p50, l.p90, l.p99, l.max), (50.0, 90.0, 99.0, 100.0));
+        let mut one = vec![7.0];
+        assert_eq!(percentiles(&mut one).p99, 7.0);
+        assert_eq!(percentiles(&mut []), Latency::default());
+        let mut ten: Vec<f64> = (1..=10).map(f64::from).collect();
+        let l = percentiles(&mut ten);
+        assert_eq!((l.p50, l.p90, l.p99), (5.0, 9.0, 10.0));
+    }
+
+    #[test]
+    fn decline_rule_picks_the_exact_share_evenly() {
+        let count = |n: u64, share: f64| (0..n).filter(|&i| declined(i, share)).count();
+        assert_eq!(count(1000, 0.1), 100);
+        assert_eq!(count(20_000, 0.1), 2000);
+        assert_eq!(count(7, 0.0), 0);
+        assert_eq!(count(7, 1.0), 7);
+        assert_eq!(count(3, 0.5), 1);
+        // Evenly: never two declines in a row at 10 %.
+        assert!((0..1000).all(|i| !(declined(i, 0.1) && declined(i + 1, 0.1))));
+        assert_eq!(scheduled(500, 500.0), Duration::from_secs(1));
+        assert_eq!(scheduled(0, 500.0), Duration::ZERO);
+        let o = order(3, 2, true);
+        assert_eq!(o["card_token"], "tok_decline");
+        assert_eq!(o["items"].as_array().unwrap().len(), 2);
+        assert!(
+            jetsaga_sagas::order::validate_input(jetsaga_sagas::definition::InputKind::Order, &o)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_report_names_what_went_wrong() {
+        let good = Report {
+            sagas: 100,
+            completed: 90,
+            compensated: 10,
+            failed: 0,
+            unfinished: 0,
+            declined: 10,
+            elapsed_s: 1.0,
+            throughput_per_s: 100.0,
+            latency_ms: Latency::default(),
+            offered_per_s: 100.0,
+        };
+        assert!(good.problems().is_empty());
+        let wrong_mix = Report {
+            completed: 91,
+            compensated: 9,
+            ..good.clone()
+        };
+        assert_eq!(wrong_mix.problems().len(), 2, "{:?}", wrong_mix.problems());
+        let unfinished = Report {
+            completed: 85,
+            unfinished: 4,
+            failed: 1,
+            ..good.clone()
+        };
+        let problems = unfinished.problems();
+        assert_eq!(problems, vec!["4 sagas did not finish", "1 sagas failed"]);
+        let json = serde_json::to_value(&good).unwrap();
+        for field in [
+            "sagas",
+            "completed",
+            "compensated",
+            "failed",
+            "unfinished",
+            "elapsed_s",
+            "throughput_per_s",
+            "offered_per_s",
+        ] {
+            assert!(json.get(field).is_some(), "{field}");
+        }
+        assert!(json["latency_ms"].get("p99").is_some());
+        assert!(good.table().contains("throughput"));
+    }
+
+    #[test]
+    fn arguments() {
+        let o = parse_args(&args(&["--sagas", "500", "--concurrency", "64", "--json"])).unwrap();
+        assert_eq!(
+            o.load,
+            Load::Closed {
+                sagas: 500,
+                concurrency: 64
+            }
+        );
+        assert!(o.json);
+        let o = parse_args(&args(&[
+            "--rate",
+            "500",
+            "--duration",
+            "30s",
+            "--via",
+            "http",
+        ]))
+        .unwrap();
+        assert_eq!(
+            o.load,
+            Load::Open {
+                rate: 500.0,
+                duration: Duration::from_secs(30)
+            }
+        );
+        assert_eq!(o.via, Via::Http);
+        for (bad, expected) in [
+            (vec!["--rate", "5"], "needs both"),
+            (
+                vec!["--sagas", "5", "--rate", "5", "--duration", "1s"],
+                "not both",
+            ),
+            (vec!["--sagas", "x"], "--sagas"),
+            (vec!["--decline-share", "2"], "between 0 and 1"),
+            (vec!["--via", "pigeon"], "pigeon"),
+            (vec!["--frobnicate"], "unknown argument"),
+            (vec!["--timeout", "soon"], "--timeout"),
+            (vec!["--sagas"], "needs a value"),
+        ] {
+            let err = parse_args(&args(&bad)).unwrap_err().to_string();
+            assert!(err.contains(expected), "{bad:?}: {err}");
+        }
+    }
+}
