@@ -1,0 +1,179 @@
+//! The inventory and payment binaries killed with SIGKILL mid-load, then restarted: stock is
+//! conserved, no reservation is lost, no order is charged twice.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use async_nats::jetstream;
+use common::{Replies, WAIT, code, command, order, send_all};
+use jetsaga_participants::{inventory, payment};
+use jetsaga_testkit::{ChildGuard, NatsServer, cargo_bin, wait_until};
+
+const SAGAS: u32 = 300;
+
+fn spawn(binary: &str, url: &str) -> ChildGuard {
+    let mut cmd = Command::new(cargo_bin(binary));
+    cmd.env("JETSAGA_NATS__URL", url)
+        .env("JETSAGA_METRICS__LISTEN", "")
+        .env("JETSAGA_TELEMETRY__LOG_FILTER", "warn")
+        // Slow enough that the kill lands while commands are in flight.
+        .env("JETSAGA_FAULTS__LATENCY", "5ms")
+        .env("JETSAGA_CONSUMER__ACK_WAIT", "2s")
+        .env("JETSAGA_INVENTORY__CATALOGUE", "{ c-1 = 200, c-2 = 150 }");
+    ChildGuard::spawn(cmd).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_load_and_restarted_keeps_every_invariant() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let client = async_nats::connect(url.clone()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let mut inventory_proc = spawn("jetsaga-inventory", &url);
+    let mut payment_proc = spawn("jetsaga-payment", &url);
+    wait_until("both consumers exist", WAIT, || async {
+        let Ok(stream) = js.get_stream("JETSAGA_COMMANDS").await else {
+            return false;
+        };
+        stream.consumer_info("participant-inventory").await.is_ok()
+            && stream.consumer_info("participant-payment").await.is_ok()
+    })
+    .await;
+    let replies = Replies::collect(&client).await;
+
+    let inputs: Vec<(String, serde_json::Value)> = (0..SAGAS)
+        .map(|i| {
+            let lines = [("c-1", i % 2 + 1), ("c-2", 1)];
+            (
+                format!("k-{i}"),
+                order(
+                    &lines[..(i % 2 + 1) as usize],
+                    1000 + u64::from(i),
+                    "tok_ok",
+                ),
+            )
+        })
+        .collect();
+    let reserves: Vec<_> = inputs
+        .iter()
+        .map(|(s, i)| command("inventory", "reserve", s, 1, i))
+        .collect();
+    let charges: Vec<_> = inputs
+        .iter()
+        .map(|(s, i)| command("payment", "charge", s, 1, i))
+        .collect();
+    send_all(&js, "inventory", &reserves).await;
+    send_all(&js, "payment", &charges).await;
+
+    wait_until("some commands are answered", WAIT, || async {
+        replies.count() >= 60
+    })
+    .await;
+    inventory_proc.kill().unwrap();
+    payment_proc.kill().unwrap();
+    let answered_before_kill = replies.count();
+    // The orchestrator's retries: a second attempt of every charge, sent while both are down.
+    let retries: Vec<_> = inputs
+        .iter()
+        .map(|(s, i)| command("payment", "charge", s, 2, i))
+        .collect();
+    send_all(&js, "payment", &retries).await;
+    let mut inventory_proc = spawn("jetsaga-inventory", &url);
+    let mut payment_proc = spawn("jetsaga-payment", &url);
+
+    let all: Vec<_> = reserves
+        .iter()
+        .chain(&charges)
+        .chain(&retries)
+        .cloned()
+        .collect();
+    wait_until(
+        "every command is answered after the restart",
+        WAIT,
+        || async { replies.all(&all) },
+    )
+    .await;
+    assert!(answered_before_kill < all.len(), "the kill landed mid-load");
+
+    // Payment: every saga charged exactly once, for its amount.
+    let store = js.get_key_value("jetsaga_payment").await.unwrap();
+    let records = payment::records(&store).await.unwrap();
+    for ((saga, input), (first, second)) in inputs.iter().zip(charges.iter().zip(&retries)) {
+        assert_eq!(code(&replies.of(first)), None, "{saga}");
+        assert_eq!(
+            replies.of(first),
+            replies.of(second),
+            "{saga}: the retry gets the same answer"
+        );
+        let record = &records[saga];
+        assert_eq!(record.status, payment::Status::Charged);
+        assert_eq!(record.amount_cents, input["amount_cents"].as_u64().unwrap());
+        for outcome in replies.all_of(first) {
+            assert_eq!(
+                outcome,
+                replies.of(first),
+                "{saga}: every reply to one command is identical"
+            );
+        }
+    }
+    let ledger = payment::ledger(&store).await.unwrap();
+    assert_eq!(ledger.charges, u64::from(SAGAS));
+
+    // Inventory: conserved, and every ok reply is backed by a reservation with its holds.
+    let store = js.get_key_value("jetsaga_inventory").await.unwrap();
+    let (products, reservations) = inventory::snapshot(&store).await.unwrap();
+    assert_eq!(products["c-1"].total(), 200);
+    assert_eq!(products["c-2"].total(), 150);
+    let mut reserved = BTreeSet::new();
+    for (cmd, (saga, _)) in reserves.iter().zip(&inputs) {
+        match code(&replies.of(cmd)).as_deref() {
+            None => {
+                assert_eq!(
+                    reservations[saga].status,
+                    inventory::Status::Reserved,
+                    "{saga}"
+                );
+                for line in &reservations[saga].items {
+                    assert_eq!(
+                        products[&line.sku].holds.get(saga),
+                        Some(&line.quantity),
+                        "{saga}"
+                    );
+                }
+                reserved.insert(saga.clone());
+            }
+            Some("insufficient_stock") => {
+                assert_eq!(
+                    reservations[saga].status,
+                    inventory::Status::Rejected,
+                    "{saga}"
+                );
+            }
+            other => panic!("{saga}: unexpected {other:?}"),
+        }
+    }
+    let holders: BTreeSet<String> = products
+        .values()
+        .flat_map(|p| p.holds.keys().cloned())
+        .collect();
+    assert_eq!(
+        holders, reserved,
+        "holds belong exactly to the reserved sagas"
+    );
+    assert!(!reserved.is_empty());
+
+    // Graceful stop on SIGTERM.
+    for proc in [&mut inventory_proc, &mut payment_proc] {
+        proc.terminate().unwrap();
+        let status = proc
+            .wait_exit(WAIT)
+            .await
+            .unwrap()
+            .expect("exits on SIGTERM");
+        assert!(status.success(), "{status}");
+    }
+}
