@@ -596,7 +596,9 @@ impl Saga {
                 match direction {
                     Direction::Forward => {
                         step.status = StepStatus::Succeeded;
-                        step.result = Some(result);
+                        // A null result is no result: `Some(null)` would come back as `None`
+                        // from the JSON the driver persists, and the saga must reload as itself.
+                        step.result = (!result.is_null()).then_some(result);
                         if index + 1 < def.steps.len() {
                             self.send_forward(def, index + 1, now, actions);
                         } else {
