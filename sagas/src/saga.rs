@@ -599,7 +599,18 @@ impl Saga {
                         // A null result is no result: `Some(null)` would come back as `None`
                         // from the JSON the driver persists, and the saga must reload as itself.
                         step.result = (!result.is_null()).then_some(result);
-                        if index + 1 < def.steps.len() {
+                        let next_before_pivot =
+                            def.steps.get(index + 1).is_some_and(|s| s.kind != StepKind::Retriable);
+                        if next_before_pivot && self.deadline_at <= now {
+                            // Past the deadline nothing new starts before the pivot: the
+                            // reply came too late to go on, so undo instead.
+                            let failure = Failure::new(
+                                "deadline_exceeded",
+                                "the saga deadline passed before the pivot",
+                                false,
+                            );
+                            self.compensate_from(def, index + 1, failure, now, actions);
+                        } else if index + 1 < def.steps.len() {
                             self.send_forward(def, index + 1, now, actions);
                         } else {
                             self.state = State::Completed;
