@@ -454,3 +454,55 @@ impl Telemetry {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::inventory::Config;
+
+    #[test]
+    fn defaults_then_file_then_env_then_validate() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "[nats]\nurl = \"nats://file:4222\"\n[faults]\nlatency = \"50ms\"\n[inventory]\ncatalogue = {{ a = 1 }}").unwrap();
+        let env = [
+            ("JETSAGA_FAULTS__FAIL_RATE", "0.25"),
+            ("JETSAGA_FAULTS__FAIL_ACTIONS", "[\"commit\"]"),
+            ("JETSAGA_CONSUMER__ACK_WAIT", "1m"),
+            (
+                "JETSAGA_HTTP__LISTEN",
+                "ignored: not a section of this binary",
+            ),
+            ("OTHER", "x"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let config: Config = load(Some(file.path()), env).unwrap();
+        assert_eq!(config.nats.url, "nats://file:4222");
+        assert_eq!(config.faults.latency, Duration::from_millis(50));
+        assert_eq!(config.faults.fail_rate, 0.25);
+        assert_eq!(config.faults.fail_actions, ["commit"]);
+        assert_eq!(config.consumer.ack_wait, Duration::from_secs(60));
+        assert_eq!(
+            config.inventory.catalogue.len(),
+            1,
+            "a catalogue replaces the default"
+        );
+        assert_eq!(config.metrics.listen, "127.0.0.1:9101");
+
+        let bad = |k: &str, v: &str| {
+            let err = load::<Config>(None, [(k.to_owned(), v.to_owned())]).unwrap_err();
+            match err {
+                Error::Field { field, .. } => field,
+                other => panic!("{other}"),
+            }
+        };
+        assert_eq!(bad("JETSAGA_FAULTS__FAIL_RATE", "2"), "faults.fail-rate");
+        assert_eq!(bad("JETSAGA_FAULTS__LATENCY", "soon"), "faults.latency");
+        assert_eq!(
+            bad("JETSAGA_CONSUMER__CONCURRENCY", "0"),
+            "consumer.concurrency"
+        );
+        assert_eq!(bad("JETSAGA_NATS__TYPO", "1"), "nats.typo");
+    }
+}
