@@ -688,14 +688,14 @@ mod tests {
         let wrong_mix = Report {
             completed: 91,
             compensated: 9,
-            ..good.clone()
+            ..good
         };
         assert_eq!(wrong_mix.problems().len(), 2, "{:?}", wrong_mix.problems());
         let unfinished = Report {
             completed: 85,
             unfinished: 4,
             failed: 1,
-            ..good.clone()
+            ..good
         };
         let problems = unfinished.problems();
         assert_eq!(problems, vec!["4 sagas did not finish", "1 sagas failed"]);

@@ -37,7 +37,7 @@ use crate::store::{self, Outbound, Record, Store, Stored};
 #[derive(Debug)]
 pub(crate) enum Origin {
     /// A JetStream message: acked when done, nak'd on failure, terminated if poison.
-    Message(jetstream::Message),
+    Message(Box<jetstream::Message>),
     /// A library or HTTP call waiting for the answer.
     Api(oneshot::Sender<Result<Answer, ApiError>>),
     /// Nothing to settle.
@@ -173,7 +173,7 @@ struct Slot {
 enum Done {
     Loaded {
         saga_id: String,
-        result: Result<Option<Stored>, store::Error>,
+        result: Result<Option<Box<Stored>>, store::Error>,
         work: Work,
     },
     Persisted {
@@ -258,8 +258,10 @@ impl Driver {
 
     fn on_message(&mut self, source: Source, message: jetstream::Message) {
         match self.decode(source, &message) {
-            Ok((saga_id, work_of)) => self.dispatch(saga_id, work_of(Origin::Message(message))),
-            Err(reason) => self.dead_letter(source, message, reason),
+            Ok((saga_id, work_of)) => {
+                self.dispatch(saga_id, work_of(Origin::Message(Box::new(message))))
+            }
+            Err(reason) => self.dead_letter(source, Box::new(message), reason),
         }
     }
 
@@ -338,7 +340,7 @@ impl Driver {
         }
     }
 
-    fn dead_letter(&mut self, source: Source, message: jetstream::Message, reason: String) {
+    fn dead_letter(&mut self, source: Source, message: Box<jetstream::Message>, reason: String) {
         tracing::warn!(source = source.dead_letter_source(), subject = %message.subject, %reason, "dead-lettering a poison message");
         self.io
             .metrics
@@ -348,7 +350,7 @@ impl Driver {
         let js = self.io.js.clone();
         self.inflight.push(
             async move {
-                dead::publish_and_term(&js, source.dead_letter_source(), message, &reason).await;
+                dead::publish_and_term(&js, source.dead_letter_source(), *message, &reason).await;
                 Done::Released {
                     saga_id: String::new(),
                     known: None,
@@ -390,11 +392,12 @@ impl Driver {
                     let result = match result {
                         Ok(Some(stored)) => {
                             match publish_effects(&io.js, &stored.record.effects).await {
-                                Ok(()) => Ok(Some(stored)),
+                                Ok(()) => Ok(Some(Box::new(stored))),
                                 Err(e) => Err(store::Error::Nats(e)),
                             }
                         }
-                        other => other,
+                        Ok(None) => Ok(None),
+                        Err(e) => Err(e),
                     };
                     Done::Loaded {
                         saga_id,
@@ -419,7 +422,7 @@ impl Driver {
             } => match result {
                 Ok(found) => {
                     let known = match found {
-                        Some(stored) => Known::Present(Box::new(stored)),
+                        Some(stored) => Known::Present(stored),
                         None => Known::Absent,
                     };
                     self.apply(saga_id, known, work);
@@ -998,7 +1001,7 @@ async fn clear_timer(js: &jetstream::Context, saga_id: &str) -> Result<(), Strin
 /// Schedules fire to the millisecond; rounding up to a whole millisecond (plus a
 /// little) keeps a timer from firing just before what it waits for is due.
 fn round_up(at: DateTime<Utc>) -> DateTime<Utc> {
-    let millis = at.timestamp_millis() + 1 + i64::from(at.nanosecond() % 1_000_000 != 0);
+    let millis = at.timestamp_millis() + 1 + i64::from(!at.nanosecond().is_multiple_of(1_000_000));
     DateTime::from_timestamp_millis(millis).unwrap_or(at)
 }
 

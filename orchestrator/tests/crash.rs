@@ -1,5 +1,7 @@
 //! Crash safety: the real `jetsaga serve` binary killed with SIGKILL and restarted.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::HashSet;

@@ -1,5 +1,7 @@
 //! The orchestrator against a real nats-server, with in-test participants.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::Arc;

@@ -191,7 +191,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = text;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return Err(format!("invalid duration \"{text}\": expected a number"));
         }
@@ -199,7 +201,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             .parse()
             .map_err(|_| format!("invalid duration \"{text}\": number too large"))?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let part = match unit {
@@ -207,8 +211,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "s" => Duration::from_secs(value),
             "m" => Duration::from_secs(value.saturating_mul(60)),
             "h" => Duration::from_secs(value.saturating_mul(3600)),
-            "" => return Err(format!("invalid duration \"{text}\": missing unit (ms, s, m, h)")),
-            other => return Err(format!("invalid duration \"{text}\": unknown unit \"{other}\"")),
+            "" => {
+                return Err(format!(
+                    "invalid duration \"{text}\": missing unit (ms, s, m, h)"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "invalid duration \"{text}\": unknown unit \"{other}\""
+                ));
+            }
         };
         total = total.saturating_add(part);
     }
@@ -218,11 +230,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Formats a duration the way [`parse_duration`] reads it.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 3_600_000 == 0 && ms > 0 {
+    if ms.is_multiple_of(3_600_000) && ms > 0 {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 && ms > 0 {
+    } else if ms.is_multiple_of(60_000) && ms > 0 {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -360,17 +372,26 @@ mod raw {
                 policy.max_backoff = self.duration(step, "retry.max-backoff", text);
             }
             if policy.max_backoff < policy.initial_backoff {
-                self.add(step, "retry.max-backoff is smaller than retry.initial-backoff");
+                self.add(
+                    step,
+                    "retry.max-backoff is smaller than retry.initial-backoff",
+                );
             }
             if let Some(m) = raw.multiplier {
                 if !(m.is_finite() && m >= 1.0) {
-                    self.add(step, format!("retry.multiplier must be at least 1, got {m}"));
+                    self.add(
+                        step,
+                        format!("retry.multiplier must be at least 1, got {m}"),
+                    );
                 }
                 policy.multiplier = m;
             }
             if let Some(j) = raw.jitter {
                 if !(0.0..=1.0).contains(&j) {
-                    self.add(step, format!("retry.jitter must be between 0 and 1, got {j}"));
+                    self.add(
+                        step,
+                        format!("retry.jitter must be between 0 and 1, got {j}"),
+                    );
                 }
                 policy.jitter = j;
             }
@@ -529,22 +550,37 @@ mod tests {
     #[test]
     fn every_invalid_case_is_named() {
         let cases: Vec<(String, &str)> = vec![
-            (format!("{}oops = 1\n", with_steps(STEP_A)), "unknown field `oops`"),
-            (with_steps(&format!("{STEP_A}{STEP_A}")), "step \"a\": duplicate step name"),
+            (
+                format!("{}oops = 1\n", with_steps(STEP_A)),
+                "unknown field `oops`",
+            ),
+            (
+                with_steps(&format!("{STEP_A}{STEP_A}")),
+                "step \"a\": duplicate step name",
+            ),
             (
                 with_steps(&STEP_A.replace("compensation = \"undo\"\n", "")),
                 "step \"a\": a compensatable step needs a compensation",
             ),
             (
-                with_steps(&format!("{PIVOT}{}", AFTER.replace("kind", "compensation = \"x\"\nkind"))),
+                with_steps(&format!(
+                    "{PIVOT}{}",
+                    AFTER.replace("kind", "compensation = \"x\"\nkind")
+                )),
                 "step \"c\": a step after the pivot cannot have a compensation",
             ),
             (
                 with_steps(&format!("{PIVOT}{}", PIVOT.replace("\"b\"", "\"b2\""))),
                 "step \"b2\": more than one pivot",
             ),
-            (with_steps(&format!("{AFTER}{PIVOT}")), "step \"c\": a retriable step must come after the pivot"),
-            (with_steps(AFTER), "step \"c\": a retriable step must come after the pivot"),
+            (
+                with_steps(&format!("{AFTER}{PIVOT}")),
+                "step \"c\": a retriable step must come after the pivot",
+            ),
+            (
+                with_steps(AFTER),
+                "step \"c\": a retriable step must come after the pivot",
+            ),
             (
                 with_steps(&STEP_A.replace("\"1s\"", "\"0s\"")),
                 "step \"a\": timeout must be greater than zero",
@@ -557,11 +593,20 @@ mod tests {
                 with_steps(&STEP_A.replace("\"p\"", "\"my participant\"")),
                 "participant \"my participant\" is not a valid NATS subject token",
             ),
-            (with_steps(&STEP_A.replace("\"a\"", "\"a*\"")), "name \"a*\" is not a valid"),
-            (with_steps(&STEP_A.replace("\"undo\"", "\"un>\"")), "compensation \"un>\" is not a valid"),
+            (
+                with_steps(&STEP_A.replace("\"a\"", "\"a*\"")),
+                "name \"a*\" is not a valid",
+            ),
+            (
+                with_steps(&STEP_A.replace("\"undo\"", "\"un>\"")),
+                "compensation \"un>\" is not a valid",
+            ),
             (with_steps(""), "bad.toml: the saga has no steps"),
             (
-                with_steps(&format!("{PIVOT}{}", AFTER.replace("timeout", "retry = { max-attempts = 3 }\ntimeout"))),
+                with_steps(&format!(
+                    "{PIVOT}{}",
+                    AFTER.replace("timeout", "retry = { max-attempts = 3 }\ntimeout")
+                )),
                 "retry.max-attempts is not allowed on a retriable step",
             ),
             (
@@ -569,7 +614,10 @@ mod tests {
                 "timeout: invalid duration",
             ),
             (
-                format!("{}[events]\ncompleted = [\"order confirmed\"]\n", with_steps(STEP_A)),
+                format!(
+                    "{}[events]\ncompleted = [\"order confirmed\"]\n",
+                    with_steps(STEP_A)
+                ),
                 "event \"order confirmed\" is not a valid subject",
             ),
             (
@@ -580,7 +628,9 @@ mod tests {
         for (text, expected) in cases {
             let found = problems(&text);
             assert!(
-                found.iter().any(|p| p.contains(expected) && p.starts_with("bad.toml")),
+                found
+                    .iter()
+                    .any(|p| p.contains(expected) && p.starts_with("bad.toml")),
                 "expected a problem containing {expected:?}, got {found:?}\nfor:\n{text}"
             );
         }

@@ -33,4 +33,7 @@ pub mod saga;
 pub mod streams;
 
 pub use definition::{Definition, RetryPolicy, Step, StepKind};
-pub use saga::{Action, Actor, Cause, Entry, Input, Phase, Rejected, Saga, State, StepRecord, StepStatus, Transition, Wait};
+pub use saga::{
+    Action, Actor, Cause, Entry, Input, Phase, Rejected, Saga, State, StepRecord, StepStatus,
+    Transition, Wait,
+};

@@ -62,7 +62,9 @@ impl Order {
                 return Err(InvalidInput(format!("items[{i}].sku is empty")));
             }
             if item.quantity == 0 {
-                return Err(InvalidInput(format!("items[{i}].quantity must be at least 1")));
+                return Err(InvalidInput(format!(
+                    "items[{i}].quantity must be at least 1"
+                )));
             }
         }
         if self.amount_cents == 0 {
@@ -89,11 +91,12 @@ pub fn validate_input(kind: InputKind, input: &serde_json::Value) -> Result<(), 
             }
         }
         InputKind::Order => {
-            let order: Order = serde_path_to_error::deserialize(input)
-                .map_err(|e| match e.path().to_string().as_str() {
+            let order: Order = serde_path_to_error::deserialize(input).map_err(|e| {
+                match e.path().to_string().as_str() {
                     "." => InvalidInput(e.inner().to_string()),
                     path => InvalidInput(format!("{path}: {}", e.inner())),
-                })?;
+                }
+            })?;
             order.validate()
         }
     }
@@ -115,7 +118,11 @@ mod tests {
         let cases = [
             ("email", json!("nope"), "email"),
             ("items", json!([]), "items is empty"),
-            ("items", json!([{"sku": "x", "quantity": 0}]), "items[0].quantity"),
+            (
+                "items",
+                json!([{"sku": "x", "quantity": 0}]),
+                "items[0].quantity",
+            ),
             ("amount_cents", json!(0), "amount_cents"),
             ("amount_cents", json!(-5), "amount_cents"),
             ("currency", json!("euro"), "currency"),
@@ -128,9 +135,14 @@ mod tests {
             let err = validate_input(InputKind::Order, &bad).unwrap_err();
             assert!(err.0.contains(expected), "{field}: {err}");
         }
-        let mut missing = good.clone();
+        let mut missing = good;
         missing.as_object_mut().unwrap().remove("email");
-        assert!(validate_input(InputKind::Order, &missing).unwrap_err().0.contains("email"));
+        assert!(
+            validate_input(InputKind::Order, &missing)
+                .unwrap_err()
+                .0
+                .contains("email")
+        );
         assert!(validate_input(InputKind::Object, &json!([1])).is_err());
         assert!(validate_input(InputKind::Object, &json!({})).is_ok());
     }

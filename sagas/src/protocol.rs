@@ -107,7 +107,12 @@ pub struct CommandId {
 impl CommandId {
     /// Parses a command id string.
     pub fn parse(text: &str) -> Result<Self, DecodeError> {
-        let bad = || DecodeError::new(DecodeErrorKind::InvalidField, format!("invalid command id \"{text}\""));
+        let bad = || {
+            DecodeError::new(
+                DecodeErrorKind::InvalidField,
+                format!("invalid command id \"{text}\""),
+            )
+        };
         let mut parts = text.rsplitn(4, ':');
         let attempt = parts.next().and_then(|a| a.parse().ok()).ok_or_else(bad)?;
         let direction = match parts.next() {
@@ -128,7 +133,14 @@ impl CommandId {
 
 impl std::fmt::Display for CommandId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}:{}:{}", self.saga_id, self.step, self.direction.token(), self.attempt)
+        write!(
+            f,
+            "{}:{}:{}:{}",
+            self.saga_id,
+            self.step,
+            self.direction.token(),
+            self.attempt
+        )
     }
 }
 
@@ -284,12 +296,18 @@ pub trait Body: Serialize + serde::de::DeserializeOwned {
     /// Decodes a body and checks its version.
     fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let body: Self = serde_json::from_slice(bytes).map_err(|e| {
-            DecodeError::new(DecodeErrorKind::Json, format!("invalid {}: {e}", short_name::<Self>()))
+            DecodeError::new(
+                DecodeErrorKind::Json,
+                format!("invalid {}: {e}", short_name::<Self>()),
+            )
         })?;
         if body.protocol() != VERSION {
             return Err(DecodeError::new(
                 DecodeErrorKind::UnsupportedVersion,
-                format!("unsupported protocol version {} (this build speaks {VERSION})", body.protocol()),
+                format!(
+                    "unsupported protocol version {} (this build speaks {VERSION})",
+                    body.protocol()
+                ),
             ));
         }
         Ok(body)
@@ -359,24 +377,54 @@ mod tests {
 
         let ok = json!({"protocol": 1, "command_id": "s:a:do:1", "saga_id": "s", "outcome": "ok", "result": {"x": 1}});
         let decoded = Reply::decode(ok.to_string().as_bytes()).unwrap();
-        assert_eq!(decoded.outcome, Outcome::Ok { result: json!({"x": 1}) });
+        assert_eq!(
+            decoded.outcome,
+            Outcome::Ok {
+                result: json!({"x": 1})
+            }
+        );
 
-        assert_eq!(Reply::decode(b"not json").unwrap_err().kind(), DecodeErrorKind::Json);
+        assert_eq!(
+            Reply::decode(b"not json").unwrap_err().kind(),
+            DecodeErrorKind::Json
+        );
         let wrong = json!({"protocol": 9, "command_id": "c", "saga_id": "s", "outcome": "ok"});
         assert_eq!(
-            Reply::decode(wrong.to_string().as_bytes()).unwrap_err().kind(),
+            Reply::decode(wrong.to_string().as_bytes())
+                .unwrap_err()
+                .kind(),
             DecodeErrorKind::UnsupportedVersion
         );
         let odd = json!({"protocol": 1, "command_id": "c", "saga_id": "s", "outcome": "maybe"});
-        assert_eq!(Reply::decode(odd.to_string().as_bytes()).unwrap_err().kind(), DecodeErrorKind::Json);
-        assert_eq!(Start::decode(b"{}").unwrap_err().kind(), DecodeErrorKind::Json);
+        assert_eq!(
+            Reply::decode(odd.to_string().as_bytes())
+                .unwrap_err()
+                .kind(),
+            DecodeErrorKind::Json
+        );
+        assert_eq!(
+            Start::decode(b"{}").unwrap_err().kind(),
+            DecodeErrorKind::Json
+        );
     }
 
     #[test]
     fn subjects() {
-        assert_eq!(subject::command("inventory", "reserve"), "saga.cmd.inventory.reserve");
-        assert_eq!(subject::reply("payment", "s:b:do:1"), "saga.reply.payment.s:b:do:1");
-        assert_eq!(subject::start("order-creation"), "saga.start.order-creation");
-        assert_eq!(subject::event("order.confirmed"), "saga.event.order.confirmed");
+        assert_eq!(
+            subject::command("inventory", "reserve"),
+            "saga.cmd.inventory.reserve"
+        );
+        assert_eq!(
+            subject::reply("payment", "s:b:do:1"),
+            "saga.reply.payment.s:b:do:1"
+        );
+        assert_eq!(
+            subject::start("order-creation"),
+            "saga.start.order-creation"
+        );
+        assert_eq!(
+            subject::event("order.confirmed"),
+            "saga.event.order.confirmed"
+        );
     }
 }

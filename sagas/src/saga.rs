@@ -403,7 +403,9 @@ impl Saga {
             traceparent,
             created_at: now,
             updated_at: now,
-            deadline_at: now.checked_add_signed(deadline).unwrap_or(DateTime::<Utc>::MAX_UTC),
+            deadline_at: now
+                .checked_add_signed(deadline)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
             transitions: 1,
             steps: def.steps.iter().map(|s| StepRecord::new(&s.name)).collect(),
             // Replaced right below by sending the first command.
@@ -462,8 +464,14 @@ impl Saga {
         input: Input,
         now: DateTime<Utc>,
     ) -> Result<Transition, Rejected> {
-        if def.name != self.saga_type || def.version != self.version || def.steps.len() != self.steps.len() {
-            return Err(Rejected::WrongDefinition(format!("{} v{}", self.saga_type, self.version)));
+        if def.name != self.saga_type
+            || def.version != self.version
+            || def.steps.len() != self.steps.len()
+        {
+            return Err(Rejected::WrongDefinition(format!(
+                "{} v{}",
+                self.saga_type, self.version
+            )));
         }
         if self.phase().is_terminal() {
             return Err(Rejected::Finished);
@@ -472,7 +480,10 @@ impl Saga {
         let timer_before = self.next_timer(def);
         let mut actions = Vec::new();
         let outcome = match input {
-            Input::Reply { command_id, outcome } => self.on_reply(def, &command_id, outcome, now, &mut actions),
+            Input::Reply {
+                command_id,
+                outcome,
+            } => self.on_reply(def, &command_id, outcome, now, &mut actions),
             Input::Wake => self.on_wake(def, now, &mut actions),
             Input::Retry => self.on_retry(def, now, &mut actions),
             Input::Abort { reason } => self.on_abort(def, reason, now, &mut actions),
@@ -492,7 +503,9 @@ impl Saga {
             });
         }
         let phase = self.phase();
-        if phase != before.phase() && matches!(phase, Phase::Completed | Phase::Compensated | Phase::Failed) {
+        if phase != before.phase()
+            && matches!(phase, Phase::Completed | Phase::Compensated | Phase::Failed)
+        {
             let events = match phase {
                 Phase::Completed => &def.events.completed,
                 Phase::Compensated => &def.events.compensated,
@@ -549,7 +562,13 @@ impl Saga {
         }
     }
 
-    fn entry(cause: Cause, actor: Actor, step: &str, command_id: Option<String>, error: Option<&Failure>) -> Entry {
+    fn entry(
+        cause: Cause,
+        actor: Actor,
+        step: &str,
+        command_id: Option<String>,
+        error: Option<&Failure>,
+    ) -> Entry {
         Entry {
             seq: 0,
             at: DateTime::<Utc>::MIN_UTC,
@@ -571,17 +590,26 @@ impl Saga {
         now: DateTime<Utc>,
         actions: &mut Vec<Action>,
     ) -> Result<Entry, Rejected> {
-        let id = CommandId::parse(command_id).map_err(|e| Rejected::UnknownCommand(e.to_string()))?;
+        let id =
+            CommandId::parse(command_id).map_err(|e| Rejected::UnknownCommand(e.to_string()))?;
         if id.saga_id != self.id {
-            return Err(Rejected::UnknownCommand(format!("command {command_id} is not of saga {}", self.id)));
+            return Err(Rejected::UnknownCommand(format!(
+                "command {command_id} is not of saga {}",
+                self.id
+            )));
         }
         let Some(index) = def.step_index(&id.step) else {
-            return Err(Rejected::UnknownCommand(format!("no step \"{}\" in {}", id.step, def.name)));
+            return Err(Rejected::UnknownCommand(format!(
+                "no step \"{}\" in {}",
+                id.step, def.name
+            )));
         };
         let (current, direction, wait) = match &self.state {
             State::Running { step, wait } => (*step, Direction::Forward, wait),
             State::Compensating { step, wait, .. } => (*step, Direction::Compensate, wait),
-            State::Failed { .. } | State::Completed | State::Compensated { .. } => return Err(Rejected::Stale),
+            State::Failed { .. } | State::Completed | State::Compensated { .. } => {
+                return Err(Rejected::Stale);
+            }
         };
         if current != index || direction != id.direction || wait.attempt() != id.attempt {
             return Err(Rejected::Stale);
@@ -599,8 +627,10 @@ impl Saga {
                         // A null result is no result: `Some(null)` would come back as `None`
                         // from the JSON the driver persists, and the saga must reload as itself.
                         step.result = (!result.is_null()).then_some(result);
-                        let next_before_pivot =
-                            def.steps.get(index + 1).is_some_and(|s| s.kind != StepKind::Retriable);
+                        let next_before_pivot = def
+                            .steps
+                            .get(index + 1)
+                            .is_some_and(|s| s.kind != StepKind::Retriable);
                         if next_before_pivot && self.deadline_at <= now {
                             // Past the deadline nothing new starts before the pivot: the
                             // reply came too late to go on, so undo instead.
@@ -628,28 +658,60 @@ impl Saga {
                 (Cause::ReplyOk, None)
             }
             Outcome::Failed { error } => {
-                self.failed(def, index, direction, id.attempt, error.clone(), false, now, actions);
+                self.failed(
+                    def,
+                    index,
+                    direction,
+                    id.attempt,
+                    error.clone(),
+                    false,
+                    now,
+                    actions,
+                );
                 (Cause::ReplyFailed, Some(error))
             }
         };
-        Ok(Self::entry(cause, Actor::Orchestrator, &id.step, Some(command_id.to_owned()), failure.as_ref()))
+        Ok(Self::entry(
+            cause,
+            Actor::Orchestrator,
+            &id.step,
+            Some(command_id.to_owned()),
+            failure.as_ref(),
+        ))
     }
 
-    fn on_wake(&mut self, def: &Definition, now: DateTime<Utc>, actions: &mut Vec<Action>) -> Result<Entry, Rejected> {
+    fn on_wake(
+        &mut self,
+        def: &Definition,
+        now: DateTime<Utc>,
+        actions: &mut Vec<Action>,
+    ) -> Result<Entry, Rejected> {
         let (index, direction, wait) = match &self.state {
             State::Running { step, wait } => (*step, Direction::Forward, wait.clone()),
             State::Compensating { step, wait, .. } => (*step, Direction::Compensate, wait.clone()),
-            State::Failed { .. } | State::Completed | State::Compensated { .. } => return Err(Rejected::NotDue),
+            State::Failed { .. } | State::Completed | State::Compensated { .. } => {
+                return Err(Rejected::NotDue);
+            }
         };
         let name = def.steps[index].name.clone();
         let before_pivot = def.steps[index].kind != StepKind::Retriable;
         if direction == Direction::Forward && before_pivot && self.deadline_at <= now {
-            let failure = Failure::new("deadline_exceeded", "the saga deadline passed before the pivot", false);
+            let failure = Failure::new(
+                "deadline_exceeded",
+                "the saga deadline passed before the pivot",
+                false,
+            );
             self.steps[index].status = StepStatus::Uncertain;
             self.steps[index].last_error = Some(failure.clone());
             self.steps[index].finished_at = Some(now);
             self.compensate_from(def, index + 1, failure.clone(), now, actions);
-            return Ok(Self::entry(Cause::Deadline, Actor::Orchestrator, &name, None, Some(&failure)));
+            return Ok(Self::entry(
+                Cause::Deadline,
+                Actor::Orchestrator,
+                &name,
+                None,
+                Some(&failure),
+            ));
         }
         if wait.due() > now {
             return Err(Rejected::NotDue);
@@ -659,24 +721,53 @@ impl Saga {
                 let timeout = def.steps[index].timeout;
                 let failure = Failure::new(
                     "timeout",
-                    format!("no reply within {}", crate::definition::format_duration(timeout)),
+                    format!(
+                        "no reply within {}",
+                        crate::definition::format_duration(timeout)
+                    ),
                     true,
                 );
                 let command = self.command_id(&name, direction, attempt).to_string();
-                self.failed(def, index, direction, attempt, failure.clone(), true, now, actions);
-                Ok(Self::entry(Cause::StepTimeout, Actor::Orchestrator, &name, Some(command), Some(&failure)))
+                self.failed(
+                    def,
+                    index,
+                    direction,
+                    attempt,
+                    failure.clone(),
+                    true,
+                    now,
+                    actions,
+                );
+                Ok(Self::entry(
+                    Cause::StepTimeout,
+                    Actor::Orchestrator,
+                    &name,
+                    Some(command),
+                    Some(&failure),
+                ))
             }
             Wait::Backoff { .. } => {
                 match direction {
                     Direction::Forward => self.send_forward(def, index, now, actions),
                     Direction::Compensate => self.send_compensation(def, index, now, actions),
                 }
-                Ok(Self::entry(Cause::RetryDue, Actor::Orchestrator, &name, None, None))
+                Ok(Self::entry(
+                    Cause::RetryDue,
+                    Actor::Orchestrator,
+                    &name,
+                    None,
+                    None,
+                ))
             }
         }
     }
 
-    fn on_retry(&mut self, def: &Definition, now: DateTime<Utc>, actions: &mut Vec<Action>) -> Result<Entry, Rejected> {
+    fn on_retry(
+        &mut self,
+        def: &Definition,
+        now: DateTime<Utc>,
+        actions: &mut Vec<Action>,
+    ) -> Result<Entry, Rejected> {
         let State::Failed { step, cause, .. } = &self.state else {
             return Err(Rejected::NotAllowed(format!(
                 "only a failed saga can be retried; this one is {}",
@@ -687,12 +778,21 @@ impl Saga {
         let first_attempt = self.steps[index].compensation_attempts + 1;
         self.state = State::Compensating {
             step: index,
-            wait: Wait::Backoff { attempt: 0, until: now },
+            wait: Wait::Backoff {
+                attempt: 0,
+                until: now,
+            },
             first_attempt,
             cause,
         };
         self.send_compensation(def, index, now, actions);
-        Ok(Self::entry(Cause::OperatorRetry, Actor::Operator, &def.steps[index].name, None, None))
+        Ok(Self::entry(
+            Cause::OperatorRetry,
+            Actor::Operator,
+            &def.steps[index].name,
+            None,
+            None,
+        ))
     }
 
     fn on_abort(
@@ -704,7 +804,11 @@ impl Saga {
     ) -> Result<Entry, Rejected> {
         let index = match &self.state {
             State::Running { step, .. } => *step,
-            State::Compensating { .. } => return Err(Rejected::NotAllowed("the saga is already compensating".to_owned())),
+            State::Compensating { .. } => {
+                return Err(Rejected::NotAllowed(
+                    "the saga is already compensating".to_owned(),
+                ));
+            }
             State::Failed { .. } => {
                 return Err(Rejected::NotAllowed(
                     "the saga failed while compensating; retry it instead".to_owned(),
@@ -721,7 +825,13 @@ impl Saga {
         self.steps[index].status = StepStatus::Uncertain;
         self.steps[index].finished_at = Some(now);
         self.compensate_from(def, index + 1, failure.clone(), now, actions);
-        Ok(Self::entry(Cause::OperatorAbort, Actor::Operator, &def.steps[index].name, None, Some(&failure)))
+        Ok(Self::entry(
+            Cause::OperatorAbort,
+            Actor::Operator,
+            &def.steps[index].name,
+            None,
+            Some(&failure),
+        ))
     }
 
     /// A command failed or timed out: retry per policy, or give up.
@@ -747,15 +857,19 @@ impl Saga {
         };
         let retry = match direction {
             Direction::Forward => {
-                spec.kind == StepKind::Retriable || (failure.retryable && policy.allows_another(budget_used))
+                spec.kind == StepKind::Retriable
+                    || (failure.retryable && policy.allows_another(budget_used))
             }
             // Compensations must eventually succeed: every failure is retried until the budget is spent.
             Direction::Compensate => policy.allows_another(budget_used),
         };
         if retry {
             let spread = spread(&self.command_id(&spec.name, direction, attempt).to_string());
-            let wait = chrono::Duration::from_std(policy.backoff(budget_used, spread)).unwrap_or(chrono::Duration::MAX);
-            let until = now.checked_add_signed(wait).unwrap_or(DateTime::<Utc>::MAX_UTC);
+            let wait = chrono::Duration::from_std(policy.backoff(budget_used, spread))
+                .unwrap_or(chrono::Duration::MAX);
+            let until = now
+                .checked_add_signed(wait)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC);
             let backoff = Wait::Backoff { attempt, until };
             match &mut self.state {
                 State::Running { wait, .. } | State::Compensating { wait, .. } => *wait = backoff,
@@ -810,14 +924,23 @@ impl Saga {
         let first_attempt = self.steps[index].compensation_attempts + 1;
         self.state = State::Compensating {
             step: index,
-            wait: Wait::Backoff { attempt: 0, until: now },
+            wait: Wait::Backoff {
+                attempt: 0,
+                until: now,
+            },
             first_attempt,
             cause,
         };
         self.send_compensation(def, index, now, actions);
     }
 
-    fn send_forward(&mut self, def: &Definition, index: usize, now: DateTime<Utc>, actions: &mut Vec<Action>) {
+    fn send_forward(
+        &mut self,
+        def: &Definition,
+        index: usize,
+        now: DateTime<Utc>,
+        actions: &mut Vec<Action>,
+    ) {
         let spec = &def.steps[index];
         let step = &mut self.steps[index];
         step.attempts += 1;
@@ -834,7 +957,13 @@ impl Saga {
         actions.push(self.command(def, index, Direction::Forward, attempt));
     }
 
-    fn send_compensation(&mut self, def: &Definition, index: usize, now: DateTime<Utc>, actions: &mut Vec<Action>) {
+    fn send_compensation(
+        &mut self,
+        def: &Definition,
+        index: usize,
+        now: DateTime<Utc>,
+        actions: &mut Vec<Action>,
+    ) {
         let spec = &def.steps[index];
         let step = &mut self.steps[index];
         step.compensation_attempts += 1;
@@ -858,7 +987,13 @@ impl Saga {
         }
     }
 
-    fn command(&self, def: &Definition, index: usize, direction: Direction, attempt: u32) -> Action {
+    fn command(
+        &self,
+        def: &Definition,
+        index: usize,
+        direction: Direction,
+        attempt: u32,
+    ) -> Action {
         let spec = &def.steps[index];
         let action = match direction {
             Direction::Forward => spec.action.clone(),
@@ -887,7 +1022,11 @@ impl Saga {
 /// A compensation always runs inside `State::Compensating`; this keeps the code
 /// total without a panic should that ever not hold.
 fn unreachable_cause() -> Failure {
-    Failure::new("internal", "compensation outside the compensating state", false)
+    Failure::new(
+        "internal",
+        "compensation outside the compensating state",
+        false,
+    )
 }
 
 fn after(now: DateTime<Utc>, d: std::time::Duration) -> DateTime<Utc> {

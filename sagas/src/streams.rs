@@ -93,11 +93,23 @@ pub const TIMERS: Spec = Spec {
 /// Dead letters: `saga.dead.<source>`, with the reason and original headers.
 pub const DEAD_LETTERS: Spec = Spec {
     allow_direct: true,
-    ..spec("JETSAGA_DEAD_LETTERS", &["saga.dead.>"], Duration::from_secs(30 * 24 * 3600))
+    ..spec(
+        "JETSAGA_DEAD_LETTERS",
+        &["saga.dead.>"],
+        Duration::from_secs(30 * 24 * 3600),
+    )
 };
 
 /// Every stream, in creation order.
-pub const ALL: [&Spec; 7] = [&COMMANDS, &REPLIES, &STARTS, &EVENTS, &JOURNAL, &TIMERS, &DEAD_LETTERS];
+pub const ALL: [&Spec; 7] = [
+    &COMMANDS,
+    &REPLIES,
+    &STARTS,
+    &EVENTS,
+    &JOURNAL,
+    &TIMERS,
+    &DEAD_LETTERS,
+];
 
 /// The dead-letter subject for messages that failed in `source`
 /// (e.g. `orchestrator.replies`, `participant.inventory`).

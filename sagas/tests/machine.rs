@@ -1406,15 +1406,23 @@ fn start_validates_the_input() {
 #[test]
 fn a_reply_after_the_deadline_compensates_instead_of_going_on() {
     use jetsaga_sagas::{Action, Definition, Input, Phase, Saga};
-    let def = Definition::parse("order.toml", include_str!("../definitions/order-creation.toml")).unwrap();
-    let t0 = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().with_timezone(&chrono::Utc);
+    let def = Definition::parse(
+        "order.toml",
+        include_str!("../definitions/order-creation.toml"),
+    )
+    .unwrap();
+    let t0 = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
     let input = serde_json::json!({"customer_id": "c", "email": "a@b.co", "items": [{"sku": "s", "quantity": 1}],
         "amount_cents": 1, "currency": "EUR", "card_token": "t"});
     let (mut saga, _) = Saga::start(&def, "s".into(), "k".into(), input, None, t0).unwrap();
     let late = t0 + chrono::Duration::minutes(6);
     let reply = Input::Reply {
         command_id: "s:reserve-stock:do:1".into(),
-        outcome: jetsaga_sagas::protocol::Outcome::Ok { result: serde_json::json!({}) },
+        outcome: jetsaga_sagas::protocol::Outcome::Ok {
+            result: serde_json::json!({}),
+        },
     };
     let t = saga.apply(&def, reply, late).unwrap();
     let sent: Vec<_> = t
@@ -1425,6 +1433,10 @@ fn a_reply_after_the_deadline_compensates_instead_of_going_on() {
             _ => None,
         })
         .collect();
-    assert_eq!(sent, vec!["s:reserve-stock:undo:1"], "no charge after the deadline");
+    assert_eq!(
+        sent,
+        vec!["s:reserve-stock:undo:1"],
+        "no charge after the deadline"
+    );
     assert_eq!(saga.phase(), Phase::Compensating);
 }

@@ -1,6 +1,6 @@
 //! Shared pieces of the orchestrator's integration tests: an orchestrator on a
 //! real nats-server, and small in-test participants that speak the protocol.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -239,22 +239,17 @@ pub async fn dead_letters(js: &jetstream::Context) -> Vec<(String, String)> {
         .unwrap();
     let mut out = Vec::new();
     let mut seq = 0;
-    loop {
-        match stream
-            .direct_get_next_for_subject("saga.dead.>", Some(seq))
-            .await
-        {
-            Ok(m) => {
-                let reason = m
-                    .headers
-                    .get(header::DEAD_REASON)
-                    .map(|v| v.as_str().to_owned())
-                    .unwrap_or_default();
-                out.push((m.subject.to_string(), reason));
-                seq = m.sequence + 1;
-            }
-            Err(_) => break,
-        }
+    while let Ok(m) = stream
+        .direct_get_next_for_subject("saga.dead.>", Some(seq))
+        .await
+    {
+        let reason = m
+            .headers
+            .get(header::DEAD_REASON)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        out.push((m.subject.to_string(), reason));
+        seq = m.sequence + 1;
     }
     out
 }

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# The ONE command that runs the whole jetsaga system locally, without containers:
+# installs nats-server if missing, builds the release binaries, starts a
+# JetStream-enabled nats-server, the orchestrator and the three reference
+# participants, runs a batch of demo orders, prints where to look, and keeps
+# everything running until Ctrl-C (then stops exactly the processes it started).
+#
+#   deploy/run-local.sh                 run and keep running
+#   deploy/run-local.sh --sync-always   nats-server fsyncs every write (durable; slower)
+#   deploy/run-local.sh --no-demo       skip the demo orders
+#   deploy/run-local.sh --demo-only     run the demo, then stop everything and exit
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+sync_always=false
+demo=true
+keep=true
+for arg in "$@"; do
+  case "$arg" in
+    --sync-always) sync_always=true ;;
+    --no-demo) demo=false ;;
+    --demo-only) keep=false ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "run-local: unknown argument '$arg'" >&2; exit 64 ;;
+  esac
+done
+
+nats_port="${JETSAGA_LOCAL_NATS_PORT:-4222}"
+http="127.0.0.1:8080"
+state="$root/.tools/run"
+logs="$state/logs"
+mkdir -p "$logs"
+
+for port in "$nats_port" 8080 9101 9102 9103; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "run-local: port $port on 127.0.0.1 is already in use; stop whatever listens there first" >&2
+    exit 1
+  fi
+done
+
+nats_bin="$("$root/deploy/install-nats-server.sh" | tail -n 1)"
+echo "==> building release binaries"
+cargo build --release --bins --quiet
+bin="$root/target/release"
+
+pids=()
+cleanup() {
+  trap - EXIT INT TERM
+  echo
+  echo "==> stopping"
+  # Participants and orchestrator first (graceful: SIGTERM), nats-server last.
+  for (( i=${#pids[@]}-1; i>=0; i-- )); do
+    kill -TERM "${pids[$i]}" 2>/dev/null || true
+    wait "${pids[$i]}" 2>/dev/null || true
+  done
+}
+trap cleanup EXIT INT TERM
+
+sync_line=""
+if $sync_always; then sync_line="  sync_interval: always"; fi
+cat > "$state/nats.conf" <<CONF
+listen: 127.0.0.1:$nats_port
+http: 127.0.0.1:8222
+jetstream {
+  store_dir: "$state/nats-data"
+$sync_line
+}
+CONF
+
+echo "==> nats-server on 127.0.0.1:$nats_port (store $state/nats-data)"
+"$nats_bin" -c "$state/nats.conf" >"$logs/nats-server.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break
+  sleep 0.1
+done
+
+export JETSAGA_NATS__URL="nats://127.0.0.1:$nats_port"
+echo "==> orchestrator on http://$http"
+"$bin/jetsaga" serve >"$logs/orchestrator.log" 2>&1 &
+pids+=($!)
+ready=false
+for _ in $(seq 1 100); do
+  if curl -fsS "http://$http/readyz" >/dev/null 2>&1; then ready=true; break; fi
+  sleep 0.1
+done
+if ! $ready; then
+  echo "run-local: the orchestrator did not become ready; see $logs/orchestrator.log" >&2
+  tail -n 20 "$logs/orchestrator.log" >&2
+  exit 1
+fi
+
+for p in inventory payment notification; do
+  echo "==> $p participant"
+  "$bin/jetsaga-$p" >"$logs/$p.log" 2>&1 &
+  pids+=($!)
+done
+for port in 9101 9102 9103; do
+  for _ in $(seq 1 100); do
+    curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+done
+
+if $demo; then
+  echo "==> demo: 100 orders, 10 % declined"
+  "$bin/jetsaga" bench --nats "$JETSAGA_NATS__URL" --sagas 100 --concurrency 20 --timeout 30s
+fi
+
+cat <<INFO
+
+jetsaga is running:
+  HTTP API        http://$http  (POST /v1/sagas/order-creation, /healthz, /readyz)
+  metrics         http://$http/metrics
+  participants    http://127.0.0.1:9101/metrics (inventory), :9102 (payment), :9103 (notification)
+  NATS            nats://127.0.0.1:$nats_port (monitoring http://127.0.0.1:8222)
+  logs            $logs
+  load test       $bin/jetsaga bench --sagas 20000 --concurrency 512
+INFO
+
+if $keep; then
+  echo "Ctrl-C stops everything."
+  wait "${pids[0]}"
+fi

@@ -1,0 +1,169 @@
+//! The `jetsaga` binary's command line: validate, config errors, bench reporting.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+
+use common::*;
+use jetsaga_sagas::protocol;
+use jetsaga_testkit::{NatsServer, cargo_bin};
+
+fn jetsaga(args: &[&str]) -> (i32, String) {
+    let out = Command::new(cargo_bin("jetsaga"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn validate_reports_ok_or_every_problem() {
+    let shipped = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../sagas/definitions/order-creation.toml"
+    );
+    let (code, out) = jetsaga(&["validate", shipped]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("OK"), "{out}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"x\"\nversion = 1\ndeadline = \"1m\"\n[[steps]]\nname = \"a b\"\nparticipant = \"p\"\naction = \"do\"\nkind = \"compensatable\"\ntimeout = \"0s\"\n",
+    )
+    .unwrap();
+    let (code, out) = jetsaga(&["validate", shipped, bad.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("bad.toml: step \"a b\": name \"a b\" is not a valid NATS subject token"),
+        "{out}"
+    );
+    assert!(
+        out.contains("bad.toml: step \"a b\": a compensatable step needs a compensation"),
+        "{out}"
+    );
+    assert!(out.contains("timeout must be greater than zero"), "{out}");
+    let (code, out) = jetsaga(&["validate", "/no/such/file.toml"]);
+    assert_eq!(code, 1);
+    assert!(out.contains("cannot read"), "{out}");
+    assert_eq!(jetsaga(&["validate"]).0, 64);
+    assert_eq!(jetsaga(&["frobnicate"]).0, 64);
+}
+
+#[test]
+fn invalid_config_exits_64_naming_the_field() {
+    let out = Command::new(cargo_bin("jetsaga"))
+        .arg("serve")
+        .env("JETSAGA_STREAMS__REPLICAS", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("streams.replicas"));
+    let out = Command::new(cargo_bin("jetsaga"))
+        .args(["serve", "--config", "/no/such.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(jetsaga(&["bench", "--rate", "5"]).0, 64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_reports_json_and_fails_on_unfinished_sagas() {
+    let server = NatsServer::start();
+    let running = orchestrator(&server.url(), None).await;
+    let js = js(&server).await;
+    let by_card: Behaviour = Arc::new(|c: &protocol::Command| {
+        if c.action == "charge" && c.input["card_token"] == "tok_decline" {
+            failed("card_declined", false)
+        } else {
+            ok()
+        }
+    });
+    let _inventory = Responder::start(&js, "inventory", by_card.clone()).await;
+    let payment = Responder::start(&js, "payment", by_card).await;
+
+    let url = server.url();
+    let http = running.http_addr().to_string();
+    for via in ["subject", "http"] {
+        let args = [
+            "bench",
+            "--nats",
+            &url,
+            "--http",
+            &http,
+            "--via",
+            via,
+            "--sagas",
+            "200",
+            "--concurrency",
+            "20",
+            "--json",
+        ];
+        let out = tokio::task::spawn_blocking({
+            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            move || {
+                Command::new(cargo_bin("jetsaga"))
+                    .args(&args)
+                    .output()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value =
+            serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        assert_eq!(report["sagas"], 200, "{report}");
+        assert_eq!(report["completed"], 180);
+        assert_eq!(report["compensated"], 20);
+        assert_eq!(report["unfinished"], 0);
+        assert!(report["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+        assert!(report["throughput_per_s"].as_f64().unwrap() > 0.0);
+    }
+
+    // Payment goes silent: the sagas cannot finish within the bench's timeout.
+    payment.set(Arc::new(|_c: &protocol::Command| vec![]));
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(cargo_bin("jetsaga"))
+            .args([
+                "bench",
+                "--nats",
+                &url,
+                "--sagas",
+                "5",
+                "--concurrency",
+                "5",
+                "--timeout",
+                "1s",
+                "--json",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("PROBLEM: 5 sagas did not finish"),
+        "{stdout}"
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["unfinished"], 5);
+    running.shutdown().await;
+}
