@@ -9,20 +9,23 @@
 #   deploy/run-local.sh --sync-always   nats-server fsyncs every write (durable; slower)
 #   deploy/run-local.sh --no-demo       skip the demo orders
 #   deploy/run-local.sh --demo-only     run the demo, then stop everything and exit
+#   deploy/run-local.sh --fresh         start from an empty JetStream store
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 sync_always=false
+fresh=false
 demo=true
 keep=true
 for arg in "$@"; do
   case "$arg" in
     --sync-always) sync_always=true ;;
     --no-demo) demo=false ;;
+    --fresh) fresh=true ;;
     --demo-only) keep=false ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "run-local: unknown argument '$arg'" >&2; exit 64 ;;
   esac
 done
@@ -58,6 +61,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
+if $fresh; then rm -rf "$state/nats-data"; fi
 sync_line=""
 if $sync_always; then sync_line="  sync_interval: always"; fi
 cat > "$state/nats.conf" <<CONF

@@ -391,7 +391,7 @@ impl Driver {
                     // message id and, past the window, by the participants' command ids).
                     let result = match result {
                         Ok(Some(stored)) => {
-                            match publish_effects(&io.js, &stored.record.effects).await {
+                            match publish_effects(&io.js, &stored.record.effects, true).await {
                                 Ok(()) => Ok(Some(Box::new(stored))),
                                 Err(e) => Err(store::Error::Nats(e)),
                             }
@@ -906,7 +906,7 @@ async fn persist(
         }
     };
     // 3. Its effects, pipelined, then the timer clear.
-    let mut result = publish_effects(&io.js, &record.effects).await;
+    let mut result = publish_effects(&io.js, &record.effects, false).await;
     if result.is_ok() && clear {
         result = clear_timer(&io.js, &saga_id).await;
     }
@@ -937,9 +937,11 @@ async fn persist(
 }
 
 /// Publishes commands and events and waits for JetStream to store them all.
+/// `resent` marks a recovery re-publish, so participants check their records.
 pub(crate) async fn publish_effects(
     js: &jetstream::Context,
     effects: &[Outbound],
+    resent: bool,
 ) -> Result<(), String> {
     let mut acks = Vec::with_capacity(effects.len());
     for effect in effects {
@@ -947,6 +949,9 @@ pub(crate) async fn publish_effects(
         headers.insert(header::MSG_ID, effect.msg_id.as_str());
         for (name, value) in &effect.headers {
             headers.insert(name.as_str(), value.as_str());
+        }
+        if resent {
+            headers.insert(header::RESENT, "true");
         }
         let body = serde_json::to_vec(&effect.body).map_err(|e| e.to_string())?;
         let ack = js

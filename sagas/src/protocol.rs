@@ -22,6 +22,10 @@ pub mod header {
     pub const ATTEMPT: &str = "Jetsaga-Attempt";
     /// The stable command id: the participant's idempotency key.
     pub const COMMAND_ID: &str = "Jetsaga-Command-Id";
+    /// Set (to `true`) on a command the orchestrator publishes again while
+    /// recovering a saga: it may already have been handled, so the participant must
+    /// look for its recorded reply even on a first delivery.
+    pub const RESENT: &str = "Jetsaga-Resent";
     /// The client's idempotency key of a start request.
     pub const START_KEY: &str = "Jetsaga-Start-Key";
     /// Why a message was dead-lettered.

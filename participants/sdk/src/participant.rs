@@ -464,7 +464,20 @@ impl Worker {
             metrics::UNKNOWN_ACTION
         };
 
-        match self.recorded(&command).await {
+        // A first delivery of a command that was not re-sent cannot have a recorded
+        // reply (JetStream drops re-publishes within the dedup window, and the
+        // orchestrator marks later ones), so only redeliveries and re-sends pay the lookup.
+        let resent = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(header::RESENT))
+            .is_some();
+        let lookup = if delivered > 1 || resent {
+            self.recorded(&command).await
+        } else {
+            Ok(None)
+        };
+        match lookup {
             Ok(Some(recorded)) => {
                 debug!(command_id = %command.command_id, "answering a duplicate from the recorded reply");
                 self.metrics

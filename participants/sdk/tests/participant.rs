@@ -38,7 +38,10 @@ fn command(action: &str, saga: &str, attempt: u32) -> Command {
 
 /// Publishes `cmd` as the orchestrator does; `msg_id` lets a test bypass the dedup window.
 async fn send(js: &jetstream::Context, cmd: &Command, msg_id: &str) {
-    let mut headers = HeaderMap::new();
+    send_with(js, cmd, msg_id, HeaderMap::new()).await;
+}
+
+async fn send_with(js: &jetstream::Context, cmd: &Command, msg_id: &str, mut headers: HeaderMap) {
     headers.insert(header::MSG_ID, msg_id);
     headers.insert(header::SAGA_ID, cmd.saga_id.as_str());
     headers.insert(header::COMMAND_ID, cmd.command_id.as_str());
@@ -372,9 +375,14 @@ async fn the_same_command_five_times_runs_once_and_gets_five_identical_replies()
     let cmd = command("charge", "s-dup", 1);
     let mut replies = client.subscribe(cmd.reply_to.clone()).await.unwrap();
     let running = start(&server.url(), participant).await;
-    // Five deliveries of one command id, as after redeliveries past the dedup window.
+    // Five deliveries of one command id: the orchestrator re-sending it while
+    // recovering (marked, past the dedup window: a new message id each time).
     for i in 0..5 {
-        send(&js, &cmd, &format!("{}#{i}", cmd.command_id)).await;
+        let mut headers = HeaderMap::new();
+        if i > 0 {
+            headers.insert(header::RESENT, "true");
+        }
+        send_with(&js, &cmd, &format!("{}#{i}", cmd.command_id), headers).await;
     }
     let mut bodies = Vec::new();
     for _ in 0..5 {
