@@ -1,5 +1,9 @@
 //! `jetsaga`: the orchestrator (`serve`) and its command-line tools.
 
+/// A faster allocator for the many short-lived buffers of message handling.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -165,7 +165,7 @@ impl Product {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
-    /// A reserve is applying holds.
+    /// A reserve is applying holds (written by earlier versions; read for compatibility).
     Pending,
     /// All holds are applied.
     Reserved,
@@ -517,88 +517,74 @@ impl Inventory {
     async fn try_reserve(&self, ctx: &Context) -> Step<Handled> {
         let saga_id = checked_saga(ctx)?;
         let lines = lines_of(ctx)?;
-        let reserved = || Handled::ok(serde_json::json!({ "reserved": lines }));
-        // Get or create the record; a record past `pending` decides the answer.
-        let (mut record, mut revision) = loop {
-            match self.read(saga_id).await? {
-                None => {
-                    let fresh = Reservation {
-                        status: Status::Pending,
-                        items: lines.clone(),
-                        failure: None,
-                    };
-                    if let Some(revision) = self.write(saga_id, &fresh, None).await? {
-                        break (fresh, revision);
-                    }
-                }
-                Some((r, rev)) => match r.status {
-                    Status::Pending => break (r, rev),
-                    Status::Reserved | Status::Committed => return Ok(reserved()),
-                    Status::Rejected | Status::Released => {
-                        // Holds of an attempt that crashed after the record moved on.
-                        self.remove_holds(saga_id, &union(&r.items, &lines)).await?;
-                        return Ok(refusal(&r));
-                    }
-                },
-            }
-        };
+        let reserved = |items: &[Line]| Handled::ok(serde_json::json!({ "reserved": items }));
+        // Holds first (keyed by saga, so a repeat changes nothing), then the record is
+        // created in its final state: two writes and no read on the common path. A
+        // release marks the record released *before* removing holds, so whichever of
+        // the two comes second sees the other and the holds never outlive a release.
         let applied = self
-            .on_all(saga_id, &record.items, |l| OpKind::Hold(l.quantity))
+            .on_all(saga_id, &lines, |l| OpKind::Hold(l.quantity))
             .await?;
-        let shortage = record
-            .items
-            .iter()
-            .zip(&applied)
-            .find_map(|(line, a)| match a {
-                Applied::Insufficient { available } => Some((
-                    "insufficient_stock",
-                    format!(
-                        "insufficient stock for {}: {} requested, {available} available",
-                        line.sku, line.quantity
-                    ),
-                )),
-                Applied::UnknownSku => Some(("unknown_sku", format!("unknown sku {}", line.sku))),
-                _ => None,
-            });
+        let shortage = lines.iter().zip(&applied).find_map(|(line, a)| match a {
+            Applied::Insufficient { available } => Some((
+                "insufficient_stock",
+                format!(
+                    "insufficient stock for {}: {} requested, {available} available",
+                    line.sku, line.quantity
+                ),
+            )),
+            Applied::UnknownSku => Some(("unknown_sku", format!("unknown sku {}", line.sku))),
+            _ => None,
+        });
+        let outcome = match &shortage {
+            Some((code, message)) => {
+                // All-or-nothing: the holds this attempt did get go back first.
+                self.remove_holds(saga_id, &lines).await?;
+                Reservation {
+                    status: Status::Rejected,
+                    items: lines.clone(),
+                    failure: Some(((*code).to_owned(), message.clone())),
+                }
+            }
+            None => Reservation {
+                status: Status::Reserved,
+                items: lines.clone(),
+                failure: None,
+            },
+        };
+        if self.write(saga_id, &outcome, None).await?.is_some() {
+            if shortage.is_some() {
+                info!(saga_id, "reservation rejected");
+                return Ok(refusal(&outcome));
+            }
+            return Ok(reserved(&lines));
+        }
+        // A record exists already: an earlier attempt, or a release that came first.
         loop {
-            match (&shortage, record.status) {
-                (_, Status::Reserved | Status::Committed) => return Ok(reserved()),
-                (_, Status::Rejected | Status::Released) => {
-                    self.remove_holds(saga_id, &record.items).await?;
+            let Some((record, revision)) = self.read(saga_id).await? else {
+                return Err(transient("reservation", "record vanished"));
+            };
+            match record.status {
+                Status::Reserved | Status::Committed => return Ok(reserved(&record.items)),
+                Status::Rejected | Status::Released => {
+                    self.remove_holds(saga_id, &union(&record.items, &lines))
+                        .await?;
                     return Ok(refusal(&record));
                 }
-                (Some((code, message)), Status::Pending) => {
-                    // Mark it first, so a concurrent attempt cannot keep holds it applied.
-                    let rejected = Reservation {
-                        status: Status::Rejected,
-                        failure: Some(((*code).to_owned(), message.clone())),
-                        ..record.clone()
-                    };
+                Status::Pending => {
+                    // Left by an older version that wrote a pending record first.
                     if self
-                        .write(saga_id, &rejected, Some(revision))
+                        .write(saga_id, &outcome, Some(revision))
                         .await?
                         .is_some()
                     {
-                        self.remove_holds(saga_id, &record.items).await?;
-                        info!(saga_id, %message, "reservation rejected");
-                        return Ok(refusal(&rejected));
-                    }
-                }
-                (None, Status::Pending) => {
-                    let done = Reservation {
-                        status: Status::Reserved,
-                        ..record.clone()
-                    };
-                    if self.write(saga_id, &done, Some(revision)).await?.is_some() {
-                        return Ok(reserved());
+                        return Ok(match shortage {
+                            Some(_) => refusal(&outcome),
+                            None => reserved(&lines),
+                        });
                     }
                 }
             }
-            // Conflict: someone moved the record; decide again from what it is now.
-            let Some((now, rev)) = self.read(saga_id).await? else {
-                return Err(transient("reservation", "record vanished"));
-            };
-            (record, revision) = (now, rev);
         }
     }
 

@@ -1,6 +1,10 @@
 //! `jetsaga-payment`: the reference payment participant. Configuration: `--config FILE`,
 //! `JETSAGA_CONFIG`, `JETSAGA_<SECTION>__<KEY>`; `--help` prints the defaults.
 
+/// A faster allocator for the many short-lived buffers of message handling.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 
 use jetsaga_participants::config::{self, Cli};
