@@ -126,6 +126,8 @@ pub struct Report {
     pub throughput_per_s: f64,
     /// Start (scheduled start, in open loop) to terminal state.
     pub latency_ms: Latency,
+    /// Sagas whose end was observed through their domain event (the latency samples).
+    pub observed: u64,
     /// Starts per second actually offered.
     pub offered_per_s: f64,
 }
@@ -280,6 +282,7 @@ pub async fn run(options: Options) -> Result<Report, Error> {
         ),
     };
     let permits = Arc::new(Semaphore::new(concurrency));
+    let closed = matches!(options.load, Load::Closed { .. });
 
     let mut events = client
         .subscribe("saga.event.>")
@@ -311,7 +314,9 @@ pub async fn run(options: Options) -> Result<Report, Error> {
                 }
                 drop(t);
                 finished.fetch_add(1, Ordering::Relaxed);
-                permits.add_permits(1);
+                if closed {
+                    permits.add_permits(1);
+                }
             }
         })
     };
@@ -340,7 +345,9 @@ pub async fn run(options: Options) -> Result<Report, Error> {
 
     let begin = Instant::now();
     let mut declined_count = 0;
-    let mut in_flight_starts = futures::stream::FuturesUnordered::new();
+    // Each start runs as its own task so it progresses while this loop waits for
+    // its schedule or for a permit.
+    let mut in_flight_starts = tokio::task::JoinSet::new();
     let mut start_error = None;
     let mut started = 0;
     for i in 0..total {
@@ -377,17 +384,14 @@ pub async fn run(options: Options) -> Result<Report, Error> {
                 }
             }
         };
-        in_flight_starts.push(start);
-        // Keep the publisher ahead without unbounded futures: settle finished acks.
+        in_flight_starts.spawn(start);
         while in_flight_starts.len() > 4096 {
-            if let Some(Err(e)) = in_flight_starts.next().await {
-                start_error.get_or_insert(e);
+            if let Some(result) = in_flight_starts.join_next().await {
+                keep_first_error(&mut start_error, result);
             }
         }
-        while let Some(Some(result)) = futures::FutureExt::now_or_never(in_flight_starts.next()) {
-            if let Err(e) = result {
-                start_error.get_or_insert(e);
-            }
+        while let Some(result) = in_flight_starts.try_join_next() {
+            keep_first_error(&mut start_error, result);
         }
         if let Some(e) = start_error.take() {
             progress.abort();
@@ -396,12 +400,13 @@ pub async fn run(options: Options) -> Result<Report, Error> {
         }
     }
     let starts_took = begin.elapsed();
-    while let Some(result) = in_flight_starts.next().await {
-        if let Err(e) = result {
-            progress.abort();
-            listener.abort();
-            return Err(Error::Io(format!("starting a saga: {e}")));
-        }
+    while let Some(result) = in_flight_starts.join_next().await {
+        keep_first_error(&mut start_error, result);
+    }
+    if let Some(e) = start_error {
+        progress.abort();
+        listener.abort();
+        return Err(Error::Io(format!("starting a saga: {e}")));
     }
 
     // Wait for the rest, bounded by --timeout from the last start.
@@ -434,6 +439,7 @@ pub async fn run(options: Options) -> Result<Report, Error> {
         }
     }
     let terminal = t.completed + t.compensated;
+    let observed = t.latencies.len() as u64;
     let latency = percentiles(&mut t.latencies);
     Ok(Report {
         sagas: started,
@@ -445,8 +451,21 @@ pub async fn run(options: Options) -> Result<Report, Error> {
         elapsed_s: elapsed,
         throughput_per_s: terminal as f64 / elapsed,
         latency_ms: latency,
+        observed,
         offered_per_s: started as f64 / starts_took.as_secs_f64().max(1e-9),
     })
+}
+
+fn keep_first_error(
+    first: &mut Option<String>,
+    result: Result<Result<(), String>, tokio::task::JoinError>,
+) {
+    let error = match result {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e,
+        Err(e) => e.to_string(),
+    };
+    first.get_or_insert(error);
 }
 
 async fn publish_start(
@@ -682,6 +701,7 @@ mod tests {
             elapsed_s: 1.0,
             throughput_per_s: 100.0,
             latency_ms: Latency::default(),
+            observed: 100,
             offered_per_s: 100.0,
         };
         assert!(good.problems().is_empty());

@@ -93,21 +93,13 @@ async fn bench_reports_json_and_fails_on_unfinished_sagas() {
 
     let url = server.url();
     let http = running.http_addr().to_string();
-    for via in ["subject", "http"] {
-        let args = [
-            "bench",
-            "--nats",
-            &url,
-            "--http",
-            &http,
-            "--via",
-            via,
-            "--sagas",
-            "200",
-            "--concurrency",
-            "20",
-            "--json",
+    let closed = ["--sagas", "200", "--concurrency", "20"];
+    let open = ["--rate", "100", "--duration", "2s"];
+    for (via, load) in [("subject", closed), ("http", closed), ("subject", open)] {
+        let mut args = vec![
+            "bench", "--nats", &url, "--http", &http, "--via", via, "--json",
         ];
+        args.extend(load);
         let out = tokio::task::spawn_blocking({
             let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
             move || {
@@ -128,10 +120,14 @@ async fn bench_reports_json_and_fails_on_unfinished_sagas() {
         );
         let report: serde_json::Value =
             serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-        assert_eq!(report["sagas"], 200, "{report}");
+        assert_eq!(report["sagas"], 200, "{via} {load:?}: {report}");
         assert_eq!(report["completed"], 180);
         assert_eq!(report["compensated"], 20);
         assert_eq!(report["unfinished"], 0);
+        assert_eq!(
+            report["observed"], 200,
+            "every end is observed through its event: {report}"
+        );
         assert!(report["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
         assert!(report["throughput_per_s"].as_f64().unwrap() > 0.0);
     }
