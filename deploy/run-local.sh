@@ -76,6 +76,7 @@ CONF
 echo "==> nats-server on 127.0.0.1:$nats_port (store $state/nats-data)"
 "$nats_bin" -c "$state/nats.conf" >"$logs/nats-server.log" 2>&1 &
 pids+=($!)
+echo $! > "$state/nats-server.pid"
 for _ in $(seq 1 100); do
   (exec 3<>"/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break
   sleep 0.1
@@ -85,6 +86,7 @@ export JETSAGA_NATS__URL="nats://127.0.0.1:$nats_port"
 echo "==> orchestrator on http://$http"
 "$bin/jetsaga" serve >"$logs/orchestrator.log" 2>&1 &
 pids+=($!)
+echo $! > "$state/orchestrator.pid"
 ready=false
 for _ in $(seq 1 100); do
   if curl -fsS "http://$http/readyz" >/dev/null 2>&1; then ready=true; break; fi
@@ -100,6 +102,7 @@ for p in inventory payment notification; do
   echo "==> $p participant"
   "$bin/jetsaga-$p" >"$logs/$p.log" 2>&1 &
   pids+=($!)
+  echo $! > "$state/$p.pid"
 done
 for port in 9101 9102 9103; do
   for _ in $(seq 1 100); do
@@ -120,7 +123,7 @@ jetsaga is running:
   metrics         http://$http/metrics
   participants    http://127.0.0.1:9101/metrics (inventory), :9102 (payment), :9103 (notification)
   NATS            nats://127.0.0.1:$nats_port (monitoring http://127.0.0.1:8222)
-  logs            $logs
+  logs            $logs (process ids in $state/*.pid)
   load test       $bin/jetsaga bench --sagas 20000 --concurrency 512
 INFO
 

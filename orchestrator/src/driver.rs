@@ -230,10 +230,12 @@ impl Driver {
         mut requests: mpsc::Receiver<Request>,
         token: CancellationToken,
     ) {
+        let mut gauges = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 biased;
                 Some(done) = self.inflight.next(), if !self.inflight.is_empty() => self.on_done(done),
+                _ = gauges.tick() => self.update_gauges(),
                 Some((source, message)) = messages.recv() => self.on_message(source, message),
                 Some(request) = requests.recv() => self.dispatch(request.saga_id, request.work),
                 () = token.cancelled() => break,
@@ -253,6 +255,26 @@ impl Driver {
         }
         while let Ok(mut request) = requests.try_recv() {
             settle_unavailable(request.work.origin(), ApiError::ShuttingDown);
+        }
+    }
+
+    /// Counts the sagas held in memory by state (bounded by the work in flight).
+    fn update_gauges(&self) {
+        let mut counts = [0i64; Phase::ALL.len()];
+        for slot in self.slots.values() {
+            if let Known::Present(stored) = &slot.known {
+                let phase = stored.record.saga.phase();
+                if let Some(i) = Phase::ALL.iter().position(|p| *p == phase) {
+                    counts[i] += 1;
+                }
+            }
+        }
+        for (phase, count) in Phase::ALL.iter().zip(counts) {
+            self.io
+                .metrics
+                .in_flight
+                .with_label_values(&[phase.as_str()])
+                .set(count);
         }
     }
 
@@ -382,6 +404,7 @@ impl Driver {
         };
         if matches!(slot.known, Known::Unknown) {
             let io = self.io.clone();
+            let registry = self.registry.clone();
             self.inflight.push(
                 async move {
                     let result = io.store.load(&saga_id, leader).await;
@@ -391,7 +414,12 @@ impl Driver {
                     // message id and, past the window, by the participants' command ids).
                     let result = match result {
                         Ok(Some(stored)) => {
-                            match publish_effects(&io.js, &stored.record.effects, true).await {
+                            let saga = &stored.record.saga;
+                            let messages = registry
+                                .get(&saga.saga_type, saga.version)
+                                .map(|def| store::rebuild(&stored.record, def))
+                                .unwrap_or_default();
+                            match publish_effects(&io.js, &messages, true).await {
                                 Ok(()) => Ok(Some(Box::new(stored))),
                                 Err(e) => Err(store::Error::Nats(e)),
                             }
@@ -674,14 +702,14 @@ impl Driver {
                     effects: Vec::new(),
                     timer_at,
                 };
-                self.spawn_persist(
-                    saga_id,
+                let job = Job {
                     record,
-                    None,
-                    false,
-                    stored.seq,
-                    Work::Input { input, origin },
-                );
+                    messages: Vec::new(),
+                    arm: None,
+                    clear: false,
+                    expected: stored.seq,
+                };
+                self.spawn_persist(saga_id, job, Work::Input { input, origin });
             }
             Err(Rejected::UnknownCommand(reason)) => {
                 let known = Known::Present(Box::new(stored));
@@ -764,34 +792,31 @@ impl Driver {
     ) {
         let metrics = &self.io.metrics;
         let mut effects = Vec::new();
+        let mut messages = Vec::new();
         let mut arm = None;
         let mut clear = false;
         for action in transition.actions {
-            match action {
-                Action::Send { subject, command } => {
-                    if command.compensation {
+            match &action {
+                Action::Send { .. } | Action::Publish { .. } => {
+                    if let Action::Send { command, .. } = &action
+                        && command.compensation
+                    {
                         metrics
                             .compensations
                             .with_label_values(&[&saga.saga_type, &command.step])
                             .inc();
                     }
-                    effects.push(store::outbound_command(
-                        &command,
-                        subject,
-                        saga.traceparent.as_deref(),
-                    ));
-                }
-                Action::Publish { subject, event } => {
-                    effects.push(store::outbound_event(
-                        &event,
-                        subject,
-                        saga.traceparent.as_deref(),
-                    ));
+                    if let Some((effect, message)) =
+                        store::outbound(&action, saga.traceparent.as_deref())
+                    {
+                        effects.push(effect);
+                        messages.push(message);
+                    }
                 }
                 Action::SetTimer { at } => {
                     // Timers only ever move earlier on the wire: a later due time is
                     // served by letting the armed timer fire early and re-arming then.
-                    let at = round_up(at);
+                    let at = round_up(*at);
                     if timer_at.is_none_or(|armed| at < armed) {
                         arm = Some(at);
                         timer_at = Some(at);
@@ -802,6 +827,7 @@ impl Driver {
                     timer_at = None;
                 }
                 Action::Finish { phase } => {
+                    let phase = *phase;
                     metrics
                         .finished
                         .with_label_values(&[&saga.saga_type, phase.as_str()])
@@ -853,34 +879,45 @@ impl Driver {
             effects,
             timer_at,
         };
-        self.spawn_persist(saga_id, record, arm, clear, expected, work);
+        let job = Job {
+            record,
+            messages,
+            arm,
+            clear,
+            expected,
+        };
+        self.spawn_persist(saga_id, job, work);
     }
 
-    fn spawn_persist(
-        &mut self,
-        saga_id: String,
-        record: Record,
-        arm: Option<DateTime<Utc>>,
-        clear: bool,
-        expected: u64,
-        work: Work,
-    ) {
+    fn spawn_persist(&mut self, saga_id: String, job: Job, work: Work) {
         let io = self.io.clone();
-        self.inflight
-            .push(persist(io, saga_id, record, arm, clear, expected, work).boxed());
+        self.inflight.push(persist(io, saga_id, job, work).boxed());
     }
 }
 
-/// The I/O of one transition, in the order that keeps it crash-safe.
-async fn persist(
-    io: Io,
-    saga_id: String,
+/// What one transition writes.
+struct Job {
+    /// The journal record.
     record: Record,
+    /// The commands and events to publish after it.
+    messages: Vec<Outbound>,
+    /// A timer to arm first.
     arm: Option<DateTime<Utc>>,
+    /// Whether to clear the timer at the end.
     clear: bool,
+    /// The journal sequence the record must follow.
     expected: u64,
-    mut work: Work,
-) -> Done {
+}
+
+/// The I/O of one transition, in the order that keeps it crash-safe.
+async fn persist(io: Io, saga_id: String, job: Job, mut work: Work) -> Done {
+    let Job {
+        record,
+        messages,
+        arm,
+        clear,
+        expected,
+    } = job;
     // 1. A timer that must move earlier is armed before the record is stored, so a
     //    stored non-terminal saga always has a timer that will wake it (and so
     //    finish its effects) even if this process dies right after the append.
@@ -906,7 +943,7 @@ async fn persist(
         }
     };
     // 3. Its effects, pipelined, then the timer clear.
-    let mut result = publish_effects(&io.js, &record.effects, false).await;
+    let mut result = publish_effects(&io.js, &messages, false).await;
     if result.is_ok() && clear {
         result = clear_timer(&io.js, &saga_id).await;
     }
@@ -948,7 +985,7 @@ pub(crate) async fn publish_effects(
         let mut headers = HeaderMap::new();
         headers.insert(header::MSG_ID, effect.msg_id.as_str());
         for (name, value) in &effect.headers {
-            headers.insert(name.as_str(), value.as_str());
+            headers.insert(*name, value.as_str());
         }
         if resent {
             headers.insert(header::RESENT, "true");

@@ -105,7 +105,10 @@ impl Metrics {
             &["saga_type", "step"],
         )?;
         let in_flight = IntGaugeVec::new(
-            Opts::new(SAGAS_IN_FLIGHT, "Sagas held in memory, by state."),
+            Opts::new(
+                SAGAS_IN_FLIGHT,
+                "Sagas held in this instance's memory between inputs, by state.",
+            ),
             &["state"],
         )?;
         registry.register(Box::new(in_flight.clone()))?;

@@ -512,18 +512,7 @@ impl Saga {
                 Phase::Running | Phase::Compensating | Phase::Failed => &Vec::new(),
             };
             for name in events {
-                actions.push(Action::Publish {
-                    subject: subject::event(name),
-                    event: protocol::Event {
-                        protocol: protocol::VERSION,
-                        event: name.clone(),
-                        saga_id: self.id.clone(),
-                        saga_type: self.saga_type.clone(),
-                        key: self.key.clone(),
-                        input: self.input.clone(),
-                        occurred_at: now,
-                    },
-                });
+                actions.push(self.event(name, now));
             }
             actions.push(Action::Finish { phase });
         }
@@ -976,6 +965,36 @@ impl Saga {
             };
         }
         actions.push(self.command(def, index, Direction::Compensate, attempt));
+    }
+
+    /// The [`Action::Send`] of a command this saga sent earlier, rebuilt from its id
+    /// (the orchestrator re-publishes it when recovering); `None` if the id does not
+    /// belong to this saga and definition.
+    pub fn resend(&self, def: &Definition, command_id: &str) -> Option<Action> {
+        let id = CommandId::parse(command_id).ok()?;
+        let index = def.step_index(&id.step)?;
+        if id.saga_id != self.id
+            || (id.direction == Direction::Compensate && def.steps[index].compensation.is_none())
+        {
+            return None;
+        }
+        Some(self.command(def, index, id.direction, id.attempt))
+    }
+
+    /// The [`Action::Publish`] of domain event `name` as published at `at`.
+    pub fn event(&self, name: &str, at: DateTime<Utc>) -> Action {
+        Action::Publish {
+            subject: subject::event(name),
+            event: protocol::Event {
+                protocol: protocol::VERSION,
+                event: name.to_owned(),
+                saga_id: self.id.clone(),
+                saga_type: self.saga_type.clone(),
+                key: self.key.clone(),
+                input: self.input.clone(),
+                occurred_at: at,
+            },
+        }
     }
 
     fn command_id(&self, step: &str, direction: Direction, attempt: u32) -> CommandId {
