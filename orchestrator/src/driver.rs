@@ -990,9 +990,8 @@ pub(crate) async fn publish_effects(
         if resent {
             headers.insert(header::RESENT, "true");
         }
-        let body = serde_json::to_vec(&effect.body).map_err(|e| e.to_string())?;
         let ack = js
-            .publish_with_headers(effect.subject.clone(), headers, Bytes::from(body))
+            .publish_with_headers(effect.subject.clone(), headers, effect.body.clone())
             .await
             .map_err(|e| format!("publish {}: {e}", effect.subject))?;
         acks.push(ack);

@@ -69,6 +69,9 @@ pub trait Load: Serialize + DeserializeOwned + Default {
     ///
     /// [`Error::Field`] naming the first invalid field.
     fn validate(&self) -> Result<(), Error>;
+
+    /// Its logging and tracing settings.
+    fn telemetry(&self) -> &Telemetry;
 }
 
 /// What the command line asked for.

@@ -108,6 +108,10 @@ impl Default for Config {
 }
 
 impl Load for Config {
+    fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+
     fn validate(&self) -> Result<(), config::Error> {
         self.nats.validate()?;
         self.consumer.validate()?;

@@ -41,6 +41,43 @@ pub enum Error {
     Metrics(#[from] prometheus::Error),
 }
 
+/// What every reference participant's `main` does: load the configuration (exit
+/// 64 naming the field when it is invalid), set up telemetry, and run until
+/// SIGINT or SIGTERM.
+pub async fn main<C, F, Fut>(binary: &'static str, run: F) -> std::process::ExitCode
+where
+    C: config::Load,
+    F: FnOnce(C, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), Error>>,
+{
+    use std::process::ExitCode;
+    let config: C = match config::from_args(binary, std::env::args()) {
+        Ok(config::Cli::Run(config)) => config,
+        Ok(config::Cli::Help(text)) => {
+            println!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{binary}: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let _telemetry = match telemetry::init(binary, config.telemetry()) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("{binary}: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    match run(config, Box::pin(shutdown_signal())).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "{binary} stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Resolves on SIGINT or SIGTERM: the binaries' shutdown signal.
 pub async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();

@@ -7,36 +7,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::process::ExitCode;
 
-use jetsaga_participants::config::{self, Cli};
-use jetsaga_participants::{inventory, shutdown_signal, telemetry};
-
-const BINARY: &str = "jetsaga-inventory";
+use jetsaga_participants::inventory;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config: inventory::Config = match config::from_args(BINARY, std::env::args()) {
-        Ok(Cli::Run(config)) => config,
-        Ok(Cli::Help(text)) => {
-            println!("{text}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("{BINARY}: {e}");
-            return ExitCode::from(64);
-        }
-    };
-    let _telemetry = match telemetry::init(BINARY, &config.telemetry) {
-        Ok(guard) => guard,
-        Err(e) => {
-            eprintln!("{BINARY}: {e}");
-            return ExitCode::from(64);
-        }
-    };
-    match inventory::run(config, shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "{BINARY} stopped");
-            ExitCode::FAILURE
-        }
-    }
+    jetsaga_participants::main(
+        "jetsaga-inventory",
+        |config: inventory::Config, shutdown| inventory::run(config, shutdown),
+    )
+    .await
 }

@@ -7,36 +7,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::process::ExitCode;
 
-use jetsaga_participants::config::{self, Cli};
-use jetsaga_participants::{payment, shutdown_signal, telemetry};
-
-const BINARY: &str = "jetsaga-payment";
+use jetsaga_participants::payment;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config: payment::Config = match config::from_args(BINARY, std::env::args()) {
-        Ok(Cli::Run(config)) => config,
-        Ok(Cli::Help(text)) => {
-            println!("{text}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("{BINARY}: {e}");
-            return ExitCode::from(64);
-        }
-    };
-    let _telemetry = match telemetry::init(BINARY, &config.telemetry) {
-        Ok(guard) => guard,
-        Err(e) => {
-            eprintln!("{BINARY}: {e}");
-            return ExitCode::from(64);
-        }
-    };
-    match payment::run(config, shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "{BINARY} stopped");
-            ExitCode::FAILURE
-        }
-    }
+    jetsaga_participants::main("jetsaga-payment", |config: payment::Config, shutdown| {
+        payment::run(config, shutdown)
+    })
+    .await
 }
