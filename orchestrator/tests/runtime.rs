@@ -634,3 +634,65 @@ async fn http_get(url: &str) -> (u16, String) {
     let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
     (status, body)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_is_idempotent_and_refuses_mismatched_streams_or_no_jetstream() {
+    use jetsaga_orchestrator::{Error, Service, provision};
+
+    let server = NatsServer::start();
+    // Twice on the same server: the second start finds everything in place.
+    let first = orchestrator(&server.url(), None).await;
+    first.shutdown().await;
+    let second = orchestrator(&server.url(), None).await;
+    second.shutdown().await;
+
+    // Someone changed a stream jetsaga relies on.
+    let js = js(&server).await;
+    js.delete_stream(jetsaga_sagas::streams::JOURNAL.name)
+        .await
+        .unwrap();
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: jetsaga_sagas::streams::JOURNAL.name.into(),
+        subjects: vec!["saga.journal.>".into()],
+        allow_direct: false,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = Service::start_with_listener(config(&server.url(), None), listener)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Provision(provision::Error::Mismatch { stream, setting, .. })
+            if stream == "JETSAGA_JOURNAL" && *setting == "allow_direct"),
+        "{err}"
+    );
+
+    // A server without JetStream.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut plain = std::process::Command::new(jetsaga_testkit::nats_server_bin().unwrap());
+    plain.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+    let _plain = jetsaga_testkit::ChildGuard::spawn(plain).unwrap();
+    let url = format!("nats://127.0.0.1:{port}");
+    wait_until("the plain server accepts connections", WAIT, || async {
+        async_nats::connect(url.as_str()).await.is_ok()
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = Service::start_with_listener(config(&url, None), listener)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Provision(provision::Error::NoJetStream(_))),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("JetStream is not available"),
+        "{err}"
+    );
+}
