@@ -270,3 +270,63 @@ async fn a_timeout_that_expires_while_the_orchestrator_is_down_fires_after_resta
         .count();
     assert_eq!((refunds, releases), (1, 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_work_and_a_restart_finishes_the_rest() {
+    let server = NatsServer::start();
+    let mut orchestrator = serve(&server.url(), None);
+    let js = js(&server).await;
+    wait_until("streams exist", WAIT, || async {
+        js.get_stream(jetsaga_sagas::streams::COMMANDS.name)
+            .await
+            .is_ok()
+    })
+    .await;
+    let _inventory =
+        Responder::start(&js, "inventory", Arc::new(|_c: &protocol::Command| ok())).await;
+    let payment = Responder::start(&js, "payment", Arc::new(|_c: &protocol::Command| ok())).await;
+    let ids: Vec<String> = (0..300)
+        .map(|i| jetsaga_orchestrator::driver::saga_id("order-creation", &format!("term-{i}")))
+        .collect();
+    for i in 0..300 {
+        let start = protocol::Start {
+            protocol: protocol::VERSION,
+            key: format!("term-{i}"),
+            input: order("tok_ok"),
+        };
+        js.publish("saga.start.order-creation", start.encode().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    wait_until("sagas are under way", WAIT, || async {
+        payment.commands().len() >= 50
+    })
+    .await;
+    orchestrator.terminate().unwrap();
+    let status = orchestrator
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("the orchestrator exits within its grace period");
+    assert!(status.success(), "graceful shutdown exits 0: {status:?}");
+
+    let _orchestrator = serve(&server.url(), None);
+    let store = Store::new(js.clone()).await.unwrap();
+    for id in &ids {
+        wait_until(&format!("saga {id} completes"), WAIT, || async {
+            phase_of(&store, id).await == Some(Phase::Completed)
+        })
+        .await;
+        let history = store.history(id).await.unwrap();
+        assert_eq!(
+            history
+                .iter()
+                .filter(|r| r.entry.cause != Cause::Ignored)
+                .count(),
+            4,
+            "{history:?}"
+        );
+    }
+}

@@ -696,3 +696,45 @@ async fn provisioning_is_idempotent_and_refuses_mismatched_streams_or_no_jetstre
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_that_exhaust_their_deliveries_are_dead_lettered() {
+    use async_nats::jetstream::consumer;
+
+    let server = NatsServer::start();
+    let running = orchestrator(&server.url(), None).await;
+    let js = js(&server).await;
+    // A participant consumer that never acks: JetStream gives up after two deliveries.
+    let stream = js
+        .get_stream(jetsaga_sagas::streams::COMMANDS.name)
+        .await
+        .unwrap();
+    let consumer: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("participant-flaky".into()),
+            filter_subject: "saga.cmd.flaky.>".into(),
+            ack_wait: std::time::Duration::from_millis(500),
+            max_deliver: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    js.publish("saga.cmd.flaky.do", "a command nobody finishes".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    use futures::StreamExt;
+    for _ in 0..2 {
+        let _unacked = messages.next().await.unwrap().unwrap();
+    }
+    wait_until("the exhausted command is dead-lettered", WAIT, || async {
+        dead_letters(&js).await.iter().any(|(subject, reason)| {
+            subject == "saga.dead.maxdeliver.participant-flaky"
+                && reason.contains("max deliveries (2) reached on consumer participant-flaky")
+        })
+    })
+    .await;
+    running.shutdown().await;
+}
