@@ -781,6 +781,7 @@ impl ProductTask {
         known: &mut Option<(Product, u64)>,
     ) -> Result<Vec<Applied>, String> {
         for _ in 0..MAX_CAS_ATTEMPTS {
+            let cached = known.is_some();
             let (current, revision) = match known.take() {
                 Some(k) => k,
                 None => match self.store.entry(key).await {
@@ -796,6 +797,12 @@ impl ProductTask {
             let mut next = current.clone();
             let results: Vec<Applied> = batch.iter().map(|op| op.apply(&mut next)).collect();
             if next == current {
+                if cached {
+                    // Nothing to write according to the cache, but another instance
+                    // may have changed the product since: a "no hold" read from a
+                    // stale copy would let a commit or release skip a real hold.
+                    continue;
+                }
                 *known = Some((current, revision));
                 return Ok(results);
             }

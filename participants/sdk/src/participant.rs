@@ -519,10 +519,18 @@ impl Worker {
         if let Err(e) = span.set_parent(parent) {
             debug!(error = ?e, "cannot set the parent span");
         }
-        let (decision, result) = self
-            .decide(&command, delivered)
-            .instrument(span.clone())
-            .await;
+        // While the handler runs, tell JetStream it is in progress so the command is
+        // not redelivered to another instance and run twice at the same time.
+        let decide = self.decide(&command, delivered).instrument(span.clone());
+        tokio::pin!(decide);
+        let mut progress = tokio::time::interval(self.settings.ack_wait / 3);
+        progress.tick().await;
+        let (decision, result) = loop {
+            tokio::select! {
+                out = &mut decide => break out,
+                _ = progress.tick() => ack(&msg, AckKind::Progress).await,
+            }
+        };
         self.metrics
             .commands
             .with_label_values(&[&*self.name, action_label, result])
