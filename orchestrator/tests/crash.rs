@@ -31,6 +31,17 @@ fn serve(url: &str, definitions: Option<&std::path::Path>) -> ChildGuard {
     ChildGuard::spawn(command).expect("jetsaga serve starts")
 }
 
+/// order-creation with timeouts far beyond the test's length: any extra attempt a
+/// participant sees can then only come from a crash, never from a slow machine.
+fn patient_order() -> tempfile::TempDir {
+    let text = jetsaga_orchestrator::definitions::ORDER_CREATION
+        .replace("name = \"order-creation\"", "name = \"patient-order\"")
+        .replace("timeout = \"10s\"", "timeout = \"10m\"")
+        .replace("deadline = \"5m\"", "deadline = \"1h\"");
+    assert!(text.contains("patient-order") && !text.contains("timeout = \"10s\""));
+    definitions_dir(&[("patient.toml", &text)])
+}
+
 async fn phase_of(store: &Store, id: &str) -> Option<Phase> {
     store
         .load(id, false)
@@ -43,7 +54,8 @@ async fn phase_of(store: &Store, id: &str) -> Option<Phase> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_three_times_during_a_thousand_sagas_loses_nothing() {
     let server = NatsServer::start();
-    let mut orchestrator = serve(&server.url(), None);
+    let defs = patient_order();
+    let mut orchestrator = serve(&server.url(), Some(defs.path()));
     let js = js(&server).await;
     wait_until("the orchestrator provisioned its streams", WAIT, || async {
         js.get_stream(jetsaga_sagas::streams::JOURNAL.name)
@@ -75,11 +87,7 @@ async fn sigkill_three_times_during_a_thousand_sagas_loses_nothing() {
                     key: format!("crash-{i}"),
                     input: order(if i % 10 == 0 { "tok_decline" } else { "tok_ok" }),
                 };
-                js.publish("saga.start.order-creation", start.encode().into())
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
+                publish_stored(&js, "saga.start.patient-order", start.encode()).await;
                 if i % 50 == 0 {
                     tokio::task::yield_now().await;
                 }
@@ -92,31 +100,33 @@ async fn sigkill_three_times_during_a_thousand_sagas_loses_nothing() {
         })
         .await;
         orchestrator.kill().unwrap();
-        orchestrator = serve(&server.url(), None);
+        orchestrator = serve(&server.url(), Some(defs.path()));
     }
     publisher.await.unwrap();
 
     let store = Store::new(js.clone()).await.unwrap();
     let ids: Vec<String> = (0..SAGAS)
-        .map(|i| jetsaga_orchestrator::driver::saga_id("order-creation", &format!("crash-{i}")))
+        .map(|i| jetsaga_orchestrator::driver::saga_id("patient-order", &format!("crash-{i}")))
         .collect();
-    let remaining = Arc::new(std::sync::Mutex::new(ids.clone()));
-    wait_until("every saga is terminal", Duration::from_secs(240), || {
-        let (store, remaining) = (store.clone(), remaining.clone());
-        async move {
-            let pending = remaining.lock().unwrap().clone();
-            let mut still = Vec::new();
-            for id in pending {
-                if !phase_of(&store, &id).await.is_some_and(Phase::is_terminal) {
-                    still.push(id);
-                }
+    let mut remaining = ids.clone();
+    let give_up = std::time::Instant::now() + Duration::from_secs(240);
+    while !remaining.is_empty() {
+        let mut still = Vec::new();
+        for id in remaining {
+            if !phase_of(&store, &id).await.is_some_and(Phase::is_terminal) {
+                still.push(id);
             }
-            let done = still.is_empty();
-            *remaining.lock().unwrap() = still;
-            done
         }
-    })
-    .await;
+        remaining = still;
+        if !remaining.is_empty() && std::time::Instant::now() > give_up {
+            for id in remaining.iter().take(5) {
+                let record = store.load(id, false).await.unwrap().map(|s| s.record);
+                eprintln!("unfinished {id}: {record:#?}");
+            }
+            panic!("{} sagas did not finish", remaining.len());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let inventory = inventory.distinct_by_saga();
     let payment = payment.distinct_by_saga();
@@ -227,11 +237,7 @@ async fn a_timeout_that_expires_while_the_orchestrator_is_down_fires_after_resta
         key: "t-1".into(),
         input: order("tok_ok"),
     };
-    js.publish("saga.start.timeout-order", start.encode().into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    publish_stored(&js, "saga.start.timeout-order", start.encode()).await;
     wait_until("the charge is out", WAIT, || async {
         !payment.commands().is_empty()
     })
@@ -294,11 +300,7 @@ async fn sigterm_drains_in_flight_work_and_a_restart_finishes_the_rest() {
             key: format!("term-{i}"),
             input: order("tok_ok"),
         };
-        js.publish("saga.start.order-creation", start.encode().into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        publish_stored(&js, "saga.start.order-creation", start.encode()).await;
     }
     wait_until("sagas are under way", WAIT, || async {
         payment.commands().len() >= 50

@@ -262,3 +262,26 @@ pub fn definitions_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     }
     dir
 }
+
+/// Publishes to a stream and waits for the ack, retrying while the server answers
+/// "no responders" (seen for a moment after a stream is created on a busy machine).
+pub async fn publish_stored(js: &jetstream::Context, subject: &str, payload: Vec<u8>) {
+    let give_up = std::time::Instant::now() + WAIT;
+    loop {
+        let ack = js
+            .publish(subject.to_owned(), payload.clone().into())
+            .await
+            .expect("publish");
+        match ack.await {
+            Ok(_) => return,
+            Err(e)
+                if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound
+                    && std::time::Instant::now() < give_up =>
+            {
+                eprintln!("publish to {subject}: no responders yet; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("publish to {subject}: {e}"),
+        }
+    }
+}
