@@ -274,6 +274,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
         settings: config.inventory,
         faults: config.faults,
         products: Mutex::new(HashMap::new()),
+        recent: Mutex::new(Recent::default()),
         tracker: tracker.clone(),
     });
     let participant = participant_builder
@@ -400,7 +401,41 @@ struct Inventory {
     faults: Faults,
     /// One task per product, fed through its channel.
     products: Mutex<HashMap<String, mpsc::UnboundedSender<Op>>>,
+    /// Reservations this process just wrote, so the commit that usually follows
+    /// skips a read; a stale entry only costs a failed compare-and-set and a re-read.
+    recent: Mutex<Recent>,
     tracker: TaskTracker,
+}
+
+/// A bounded map of recently written reservations (oldest evicted first).
+#[derive(Default)]
+struct Recent {
+    entries: HashMap<String, (Reservation, u64)>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Recent {
+    const CAPACITY: usize = 65_536;
+
+    fn insert(&mut self, saga_id: &str, record: Reservation, revision: u64) {
+        if self
+            .entries
+            .insert(saga_id.to_owned(), (record, revision))
+            .is_none()
+        {
+            self.order.push_back(saga_id.to_owned());
+        }
+        while self.order.len() > Self::CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.entries.remove(&old);
+            }
+        }
+    }
+
+    fn take(&mut self, saga_id: &str) -> Option<(Reservation, u64)> {
+        // The key stays in `order` until it ages out; removing it there would be O(n).
+        self.entries.remove(saga_id)
+    }
 }
 
 /// The outcome of a step inside a handler: `Err` is the reply to give now.
@@ -411,6 +446,12 @@ fn transient(what: &str, e: impl std::fmt::Display) -> Handled {
 }
 
 impl Inventory {
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn close(&self) {
         self.products
             .lock()
@@ -556,11 +597,12 @@ impl Inventory {
                 failure: None,
             },
         };
-        if self.write(saga_id, &outcome, None).await?.is_some() {
+        if let Some(revision) = self.write(saga_id, &outcome, None).await? {
             if shortage.is_some() {
                 info!(saga_id, "reservation rejected");
                 return Ok(refusal(&outcome));
             }
+            self.recent().insert(saga_id, outcome, revision);
             return Ok(reserved(&lines));
         }
         // A record exists already: an earlier attempt, or a release that came first.
@@ -647,8 +689,13 @@ impl Inventory {
 
     async fn try_commit(&self, ctx: &Context) -> Step<Handled> {
         let saga_id = checked_saga(ctx)?;
+        let mut remembered = self.recent().take(saga_id);
         loop {
-            let Some((record, revision)) = self.read(saga_id).await? else {
+            let known = match remembered.take() {
+                Some(known) => Some(known),
+                None => self.read(saga_id).await?,
+            };
+            let Some((record, revision)) = known else {
                 return Ok(Handled::failed(
                     "unknown_reservation",
                     format!("no reservation for saga {saga_id}"),
