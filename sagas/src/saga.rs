@@ -764,17 +764,7 @@ impl Saga {
             )));
         };
         let (index, cause) = (*step, cause.clone());
-        let first_attempt = self.steps[index].compensation_attempts + 1;
-        self.state = State::Compensating {
-            step: index,
-            wait: Wait::Backoff {
-                attempt: 0,
-                until: now,
-            },
-            first_attempt,
-            cause,
-        };
-        self.send_compensation(def, index, now, actions);
+        self.begin_compensation(def, index, cause, now, actions);
         Ok(Self::entry(
             Cause::OperatorRetry,
             Actor::Operator,
@@ -910,9 +900,22 @@ impl Saga {
             self.state = State::Compensated { cause };
             return;
         };
+        self.begin_compensation(def, index, cause, now, actions);
+    }
+
+    /// Starts a round of attempts to compensate step `index` (a fresh retry budget).
+    fn begin_compensation(
+        &mut self,
+        def: &Definition,
+        index: usize,
+        cause: Failure,
+        now: DateTime<Utc>,
+        actions: &mut Vec<Action>,
+    ) {
         let first_attempt = self.steps[index].compensation_attempts + 1;
         self.state = State::Compensating {
             step: index,
+            // Replaced at once by the command's reply wait.
             wait: Wait::Backoff {
                 attempt: 0,
                 until: now,
