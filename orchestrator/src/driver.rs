@@ -100,6 +100,22 @@ pub(crate) enum Work {
 }
 
 impl Work {
+    /// Whether this input can be the first sign of a transition that was stored but
+    /// whose commands were never published (its process died in between). Such a
+    /// transition's own input is redelivered, and its timer fires; a first delivery
+    /// of a reply cannot be it (the reply answers a command that was published).
+    fn may_follow_an_interrupted_transition(&self) -> bool {
+        match self {
+            Work::Start { .. } => true,
+            Work::Input { input, origin } => match origin {
+                Origin::Message(message) => {
+                    *input == Input::Wake || message.info().map_or(true, |info| info.delivered > 1)
+                }
+                Origin::Api(_) | Origin::None => true,
+            },
+        }
+    }
+
     fn origin(&mut self) -> &mut Origin {
         match self {
             Work::Start { origin, .. } | Work::Input { origin, .. } => origin,
@@ -167,7 +183,13 @@ struct Slot {
     known: Known,
     busy: bool,
     queue: VecDeque<Work>,
+    /// When work last arrived; idle sagas leave memory (see `housekeeping`).
+    touched: std::time::Instant,
 }
+
+/// How long a saga may sit in memory without input. Another instance may have moved
+/// it on (active-active), so an idle copy is dropped and reloaded when needed.
+const IDLE_EVICTION: Duration = Duration::from_secs(15);
 
 /// What an I/O future reports back to the driver.
 enum Done {
@@ -235,7 +257,7 @@ impl Driver {
             tokio::select! {
                 biased;
                 Some(done) = self.inflight.next(), if !self.inflight.is_empty() => self.on_done(done),
-                _ = gauges.tick() => self.update_gauges(),
+                _ = gauges.tick() => self.housekeeping(),
                 Some((source, message)) = messages.recv() => self.on_message(source, message),
                 Some(request) = requests.recv() => self.dispatch(request.saga_id, request.work),
                 () = token.cancelled() => break,
@@ -258,8 +280,11 @@ impl Driver {
         }
     }
 
-    /// Counts the sagas held in memory by state (bounded by the work in flight).
-    fn update_gauges(&self) {
+    /// Drops sagas idle in memory for [`IDLE_EVICTION`] and counts the rest by state.
+    fn housekeeping(&mut self) {
+        self.slots.retain(|_, slot| {
+            slot.busy || !slot.queue.is_empty() || slot.touched.elapsed() < IDLE_EVICTION
+        });
         let mut counts = [0i64; Phase::ALL.len()];
         for slot in self.slots.values() {
             if let Known::Present(stored) = &slot.known {
@@ -388,7 +413,9 @@ impl Driver {
             known: Known::Unknown,
             busy: false,
             queue: VecDeque::new(),
+            touched: std::time::Instant::now(),
         });
+        slot.touched = std::time::Instant::now();
         if slot.busy {
             slot.queue.push_back(work);
             return;
@@ -405,6 +432,7 @@ impl Driver {
         if matches!(slot.known, Known::Unknown) {
             let io = self.io.clone();
             let registry = self.registry.clone();
+            let replay = work.may_follow_an_interrupted_transition();
             self.inflight.push(
                 async move {
                     let result = io.store.load(&saga_id, leader).await;
@@ -413,7 +441,7 @@ impl Driver {
                     // publishing): publishing them again is harmless (de-duplicated by
                     // message id and, past the window, by the participants' command ids).
                     let result = match result {
-                        Ok(Some(stored)) => {
+                        Ok(Some(stored)) if replay => {
                             let saga = &stored.record.saga;
                             let messages = registry
                                 .get(&saga.saga_type, saga.version)
@@ -424,7 +452,7 @@ impl Driver {
                                 Err(e) => Err(store::Error::Nats(e)),
                             }
                         }
-                        Ok(None) => Ok(None),
+                        Ok(stored) => Ok(stored.map(Box::new)),
                         Err(e) => Err(e),
                     };
                     Done::Loaded {
