@@ -285,7 +285,14 @@ impl Participant {
             js,
             replies,
             in_flight: KeyedLock::default(),
+            client: client.clone(),
+            progress: Mutex::new(HashMap::new()),
+            next_running: std::sync::atomic::AtomicU64::new(0),
         });
+        let sweeper_token = tokio_util::sync::CancellationToken::new();
+        let sweeper = TaskTracker::new();
+        sweeper.spawn(worker.clone().sweep_progress(sweeper_token.clone()));
+        sweeper.close();
 
         let semaphore = Arc::new(Semaphore::new(settings.concurrency));
         let tracker = TaskTracker::new();
@@ -344,6 +351,8 @@ impl Participant {
         {
             warn!(participant = %worker.name, left = tracker.len(), "shutdown grace elapsed; commands left will be redelivered");
         }
+        sweeper_token.cancel();
+        sweeper.wait().await;
         if settings.drain {
             if let Err(e) = client.drain().await {
                 warn!(error = %e, "draining the nats connection failed");
@@ -439,6 +448,24 @@ struct Worker {
     js: jetstream::Context,
     replies: jetstream::stream::Stream,
     in_flight: KeyedLock,
+    client: async_nats::Client,
+    /// Handlers running now: id -> (start, the message's ack subject).
+    progress: Mutex<HashMap<u64, (Instant, async_nats::Subject)>>,
+    next_running: std::sync::atomic::AtomicU64,
+}
+
+/// Removes a running handler from the progress sweeper's view when dropped.
+struct Running<'a> {
+    worker: &'a Worker,
+    id: Option<u64>,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.worker.progress().remove(&id);
+        }
+    }
 }
 
 /// What the pipeline does with a command once the handler (or the SDK) has decided.
@@ -448,6 +475,51 @@ enum Decision {
 }
 
 impl Worker {
+    fn progress(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Instant, async_nats::Subject)>> {
+        self.progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn running(&self, msg: &Message) -> Running<'_> {
+        let id = msg.reply.clone().map(|subject| {
+            let id = self
+                .next_running
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.progress().insert(id, (Instant::now(), subject));
+            id
+        });
+        Running { worker: self, id }
+    }
+
+    /// Every third of `ack_wait`, marks the handlers running longer than that as
+    /// in progress ("+WPI"): one timer for the whole participant, none per command.
+    async fn sweep_progress(self: Arc<Self>, token: tokio_util::sync::CancellationToken) {
+        let period = self.settings.ack_wait / 3;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = token.cancelled() => return,
+            }
+            let due: Vec<async_nats::Subject> = self
+                .progress()
+                .values()
+                .filter(|(started, _)| started.elapsed() >= period)
+                .map(|(_, subject)| subject.clone())
+                .collect();
+            for subject in due {
+                if let Err(e) = self
+                    .client
+                    .publish(subject, bytes::Bytes::from_static(b"+WPI"))
+                    .await
+                {
+                    debug!(error = %e, "cannot mark a command in progress");
+                }
+            }
+        }
+    }
+
     async fn handle(&self, msg: Message) {
         let delivered = msg
             .info()
@@ -519,20 +591,14 @@ impl Worker {
         if let Err(e) = span.set_parent(parent) {
             debug!(error = ?e, "cannot set the parent span");
         }
-        // While the handler runs, tell JetStream it is in progress so the command is
-        // not redelivered to another instance and run twice at the same time.
-        let decide = self.decide(&command, delivered).instrument(span.clone());
-        tokio::pin!(decide);
-        // interval_at: no immediate first tick, which would cost a timer-driver turn
-        // (about a millisecond) on every command.
-        let period = self.settings.ack_wait / 3;
-        let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        let (decision, result) = loop {
-            tokio::select! {
-                out = &mut decide => break out,
-                _ = progress.tick() => ack(&msg, AckKind::Progress).await,
-            }
-        };
+        // While the handler runs, the progress sweeper tells JetStream it is in
+        // progress, so the command is not redelivered and run twice at the same time.
+        let running = self.running(&msg);
+        let (decision, result) = self
+            .decide(&command, delivered)
+            .instrument(span.clone())
+            .await;
+        drop(running);
         self.metrics
             .commands
             .with_label_values(&[&*self.name, action_label, result])

@@ -463,3 +463,60 @@ async fn shutdown_finishes_commands_in_flight() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_longer_than_ack_wait_is_kept_in_progress_and_runs_once() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let runs = Arc::new(AtomicU32::new(0));
+    // Two instances share the consumer: a redelivery would go to the other one and run
+    // the handler a second time while the first is still busy.
+    let build = |runs: Arc<AtomicU32>| {
+        Participant::builder(NAME)
+            .ack_wait(Duration::from_secs(1))
+            .handler("slow", move |_ctx: Context| {
+                let runs = runs.clone();
+                async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    // The work itself takes longer than ack_wait.
+                    tokio::time::sleep(Duration::from_millis(3500)).await;
+                    Handled::ok(json!({}))
+                }
+            })
+            .build()
+            .unwrap()
+    };
+    let first = start(&server.url(), build(runs.clone())).await;
+    let second = start(&server.url(), build(runs.clone())).await;
+    let cmd = command("slow", "s-slow", 1);
+    let mut replies = client.subscribe(cmd.reply_to.clone()).await.unwrap();
+    send(&js, &cmd, &cmd.command_id).await;
+    let reply = tokio::time::timeout(WAIT, replies.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(Reply::decode(&reply.payload).is_ok());
+    let stream = js.get_stream("JETSAGA_COMMANDS").await.unwrap();
+    wait_until("the command is acknowledged", WAIT, || async {
+        let stream = stream.clone();
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer("participant-test").await.unwrap();
+        let info = consumer.info().await.unwrap();
+        info.num_ack_pending == 0 && info.num_pending == 0
+    })
+    .await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "kept in progress, never redelivered"
+    );
+    let info = {
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer("participant-test").await.unwrap();
+        consumer.info().await.unwrap().clone()
+    };
+    assert_eq!(info.num_redelivered, 0);
+    first.stop().await;
+    second.stop().await;
+}
