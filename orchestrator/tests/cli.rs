@@ -81,13 +81,7 @@ async fn bench_reports_json_and_fails_on_unfinished_sagas() {
     let server = NatsServer::start();
     let running = orchestrator(&server.url(), None).await;
     let js = js(&server).await;
-    let by_card: Behaviour = Arc::new(|c: &protocol::Command| {
-        if c.action == "charge" && c.input["card_token"] == "tok_decline" {
-            failed("card_declined", false)
-        } else {
-            ok()
-        }
-    });
+    let by_card = by_card();
     let _inventory = Responder::start(&js, "inventory", by_card.clone()).await;
     let payment = Responder::start(&js, "payment", by_card).await;
 

@@ -67,13 +67,7 @@ async fn sigkill_three_times_during_a_thousand_sagas_loses_nothing() {
                 .is_ok()
     })
     .await;
-    let by_card: Behaviour = Arc::new(|c: &protocol::Command| {
-        if c.action == "charge" && c.input["card_token"] == "tok_decline" {
-            failed("card_declined", false)
-        } else {
-            ok()
-        }
-    });
+    let by_card = by_card();
     let inventory = Responder::start(&js, "inventory", by_card.clone()).await;
     let payment = Responder::start(&js, "payment", by_card).await;
 

@@ -59,16 +59,6 @@ async fn start_fast(handle: &jetsaga_orchestrator::Handle, key: &str, card: &str
     }
 }
 
-fn by_card() -> Behaviour {
-    Arc::new(|c: &protocol::Command| {
-        if c.action == "charge" && c.input["card_token"] == "tok_decline" {
-            failed("card_declined", false)
-        } else {
-            ok()
-        }
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_path_and_declines() {
     let server = NatsServer::start();

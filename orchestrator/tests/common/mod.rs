@@ -62,6 +62,17 @@ pub fn failed(code: &str, retryable: bool) -> Vec<Outcome> {
     }]
 }
 
+/// Answers everything ok, except that payment declines `tok_decline` cards.
+pub fn by_card() -> Behaviour {
+    Arc::new(|c: &protocol::Command| {
+        if c.action == "charge" && c.input["card_token"] == "tok_decline" {
+            failed("card_declined", false)
+        } else {
+            ok()
+        }
+    })
+}
+
 /// An in-test participant: consumes its commands durably, records them, and
 /// replies as its behaviour says. Effects are counted once per command id, as a
 /// real idempotent participant would apply them.
