@@ -199,8 +199,6 @@ impl Service {
             max_deliver: config.engine.max_deliver,
             max_ack_pending: config.engine.max_in_flight as i64,
         };
-        let journal = jetsaga_sagas::streams::JOURNAL.name;
-        let _ = journal;
         let consumers = [
             (
                 Source::Replies,

@@ -46,9 +46,33 @@ async fn phase_of(store: &Store, id: &str) -> Option<Phase> {
     store
         .load(id, false)
         .await
-        .ok()
-        .flatten()
+        .expect("the journal can be read")
         .map(|s| s.record.saga.phase())
+}
+
+/// Waits until the orchestrator child has created every stream and consumer.
+async fn wait_provisioned(js: &async_nats::jetstream::Context) {
+    wait_until(
+        "the orchestrator provisioned its streams and consumers",
+        WAIT,
+        || async {
+            for spec in jetsaga_sagas::streams::ALL {
+                if js.get_stream(spec.name).await.is_err() {
+                    return false;
+                }
+            }
+            let Ok(timers) = js.get_stream(jetsaga_sagas::streams::TIMERS.name).await else {
+                return false;
+            };
+            timers
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
+                    jetsaga_orchestrator::provision::TIMERS_CONSUMER,
+                )
+                .await
+                .is_ok()
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,16 +81,7 @@ async fn sigkill_three_times_during_a_thousand_sagas_loses_nothing() {
     let defs = patient_order();
     let mut orchestrator = serve(&server.url(), Some(defs.path()));
     let js = js(&server).await;
-    wait_until("the orchestrator provisioned its streams", WAIT, || async {
-        js.get_stream(jetsaga_sagas::streams::JOURNAL.name)
-            .await
-            .is_ok()
-            && js
-                .get_stream(jetsaga_sagas::streams::COMMANDS.name)
-                .await
-                .is_ok()
-    })
-    .await;
+    wait_provisioned(&js).await;
     let by_card = by_card();
     let inventory = Responder::start(&js, "inventory", by_card.clone()).await;
     let payment = Responder::start(&js, "payment", by_card).await;
@@ -212,12 +227,7 @@ async fn a_timeout_that_expires_while_the_orchestrator_is_down_fires_after_resta
     let defs = definitions_dir(&[("timeout.toml", SLOW_TIMEOUT)]);
     let mut orchestrator = serve(&server.url(), Some(defs.path()));
     let js = js(&server).await;
-    wait_until("streams exist", WAIT, || async {
-        js.get_stream(jetsaga_sagas::streams::COMMANDS.name)
-            .await
-            .is_ok()
-    })
-    .await;
+    wait_provisioned(&js).await;
     let inventory =
         Responder::start(&js, "inventory", Arc::new(|_c: &protocol::Command| ok())).await;
     let payment = Responder::start(
@@ -276,12 +286,7 @@ async fn sigterm_drains_in_flight_work_and_a_restart_finishes_the_rest() {
     let server = NatsServer::start();
     let mut orchestrator = serve(&server.url(), None);
     let js = js(&server).await;
-    wait_until("streams exist", WAIT, || async {
-        js.get_stream(jetsaga_sagas::streams::COMMANDS.name)
-            .await
-            .is_ok()
-    })
-    .await;
+    wait_provisioned(&js).await;
     let _inventory =
         Responder::start(&js, "inventory", Arc::new(|_c: &protocol::Command| ok())).await;
     let payment = Responder::start(&js, "payment", Arc::new(|_c: &protocol::Command| ok())).await;
