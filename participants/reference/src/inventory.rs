@@ -255,6 +255,33 @@ pub async fn snapshot(
 ///
 /// When NATS, the bucket, the metrics endpoint or the consumer cannot be set up.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+    run_with(config, None, shutdown).await
+}
+
+/// A point inside a reserve where a test can hold the attempt (see [`run_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Point {
+    /// The attempt has its input and has written nothing yet.
+    BeforeHolds,
+    /// The attempt's stock operations have all answered; it has not decided yet.
+    AfterHolds,
+}
+
+/// A test seam: awaited at every [`Point`] of every reserve, with the command.
+pub type Pause =
+    Arc<dyn Fn(Point, &protocol::Command) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// [`run`], with `pause` awaited at each [`Point`] of every reserve: tests use it to force the
+/// interleavings of two attempts that production only sees under crashes and redeliveries.
+///
+/// # Errors
+///
+/// As [`run`].
+pub async fn run_with(
+    config: Config,
+    pause: Option<Pause>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
     let client = config.nats.connect("jetsaga-inventory").await?;
     let registry = prometheus::Registry::new();
     let participant_builder =
@@ -276,6 +303,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
         products: Mutex::new(HashMap::new()),
         recent: Mutex::new(Recent::default()),
         tracker: tracker.clone(),
+        pause,
     });
     let participant = participant_builder
         .handler("reserve", handler(&inventory, Inventory::reserve))
@@ -405,6 +433,7 @@ struct Inventory {
     /// skips a read; a stale entry only costs a failed compare-and-set and a re-read.
     recent: Mutex<Recent>,
     tracker: TaskTracker,
+    pause: Option<Pause>,
 }
 
 /// A bounded map of recently written reservations (oldest evicted first).
@@ -446,6 +475,12 @@ fn transient(what: &str, e: impl std::fmt::Display) -> Handled {
 }
 
 impl Inventory {
+    async fn pause(&self, point: Point, ctx: &Context) {
+        if let Some(pause) = &self.pause {
+            pause(point, ctx.command()).await;
+        }
+    }
+
     fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
         self.recent
             .lock()
@@ -563,6 +598,7 @@ impl Inventory {
         let saga_id = checked_saga(ctx)?;
         let lines = lines_of(ctx)?;
         let reserved = |items: &[Line]| Handled::ok(serde_json::json!({ "reserved": items }));
+        self.pause(Point::BeforeHolds, ctx).await;
         // Holds first (keyed by saga, so a repeat changes nothing), then the record is
         // created in its final state: two writes and no read on the common path. A
         // release marks the record released *before* removing holds, so whichever of
@@ -570,6 +606,7 @@ impl Inventory {
         let applied = self
             .on_all(saga_id, &lines, |l| OpKind::Hold(l.quantity))
             .await?;
+        self.pause(Point::AfterHolds, ctx).await;
         let shortage = lines.iter().zip(&applied).find_map(|(line, a)| match a {
             Applied::Insufficient { available } => Some((
                 "insufficient_stock",

@@ -140,3 +140,75 @@ pub fn code(outcome: &Outcome) -> Option<String> {
         Outcome::Failed { error } => Some(error.code.clone()),
     }
 }
+
+/// Checks the inventory's invariants over the whole bucket and returns what it read:
+/// - per product, `available + reserved + sold` equals its initial stock;
+/// - every hold belongs to a reservation in state `reserved`, for the quantity of its line;
+/// - every `reserved` reservation holds each of its lines;
+/// - per product, `sold` is the sum of the committed reservations' lines.
+///
+/// Panics listing every violation.
+pub async fn audit_inventory(
+    store: &jetstream::kv::Store,
+    initial: &std::collections::BTreeMap<String, u64>,
+) -> (
+    std::collections::BTreeMap<String, jetsaga_participants::inventory::Product>,
+    std::collections::BTreeMap<String, jetsaga_participants::inventory::Reservation>,
+) {
+    use jetsaga_participants::inventory::{self, Status};
+    let (products, reservations) = inventory::snapshot(store).await.unwrap();
+    let mut violations = Vec::new();
+    for (sku, units) in initial {
+        match products.get(sku) {
+            Some(p) if p.total() != *units => violations.push(format!(
+                "{sku}: available + reserved + sold = {} instead of {units}: {p:?}",
+                p.total()
+            )),
+            Some(_) => {}
+            None => violations.push(format!("{sku}: no product record")),
+        }
+    }
+    let mut committed: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
+    for (saga, r) in &reservations {
+        for line in &r.items {
+            let held = products
+                .get(&line.sku)
+                .and_then(|p| p.holds.get(saga))
+                .copied();
+            match r.status {
+                Status::Reserved if held != Some(line.quantity) => violations.push(format!(
+                    "{saga}: reserved, but holds {held:?} of {} {}",
+                    line.quantity, line.sku
+                )),
+                Status::Committed => *committed.entry(&line.sku).or_default() += line.quantity,
+                _ => {}
+            }
+        }
+    }
+    for (sku, p) in &products {
+        for (saga, held) in &p.holds {
+            let r = reservations.get(saga);
+            let line = r.and_then(|r| r.items.iter().find(|l| &l.sku == sku));
+            if r.map(|r| r.status) != Some(Status::Reserved)
+                || line.map(|l| l.quantity) != Some(*held)
+            {
+                violations.push(format!(
+                    "{sku}: hold of {held} for {saga}, whose reservation is {r:?}"
+                ));
+            }
+        }
+        let want = committed.get(sku.as_str()).copied().unwrap_or(0);
+        if p.sold != want {
+            violations.push(format!(
+                "{sku}: sold {} but the committed lines add up to {want}",
+                p.sold
+            ));
+        }
+    }
+    assert!(
+        violations.is_empty(),
+        "inventory invariants violated:\n{}",
+        violations.join("\n")
+    );
+    (products, reservations)
+}
