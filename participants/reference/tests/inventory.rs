@@ -184,7 +184,10 @@ async fn two_instances_never_oversell_and_stock_is_conserved() {
 
 /// Holds chosen reserve attempts at a [`Point`] until the test opens them.
 #[derive(Clone, Default)]
-struct Gates(Arc<Mutex<HashMap<(String, Point), Arc<Gate>>>>);
+struct Gates(Arc<Mutex<HashMap<GateKey, Arc<Gate>>>>);
+
+/// A command id and the point its attempt stops at.
+type GateKey = (String, Point);
 
 struct Gate {
     reached: Semaphore,
@@ -519,7 +522,7 @@ async fn decisions_that_write_nothing_read_from_the_leader() {
     });
     let read_from_leader = |key: &str| {
         let subject = format!("$KV.jetsaga_inventory.{key}");
-        leader_reads.lock().unwrap().iter().any(|s| *s == subject)
+        leader_reads.lock().unwrap().contains(&subject)
     };
     let input = order(&[("r-1", 2)], 1000, "tok_ok");
 
@@ -551,7 +554,7 @@ async fn decisions_that_write_nothing_read_from_the_leader() {
     let entry = store.entry("product.r-1").await.unwrap().unwrap();
     let mut product: inventory::Product = serde_json::from_slice(&entry.value).unwrap();
     let held = product.holds.remove("s").unwrap();
-    product.sold += held;
+    product.sold += held.quantity;
     store
         .update(
             "product.r-1",

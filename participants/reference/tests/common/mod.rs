@@ -8,13 +8,14 @@
     clippy::unwrap_used
 )]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use futures::StreamExt;
+use jetsaga_participants::inventory;
 use jetsaga_sagas::protocol::{self, Body, Command, Outcome, Reply, header, subject};
 use serde_json::{Value, json};
 
@@ -141,23 +142,26 @@ pub fn code(outcome: &Outcome) -> Option<String> {
     }
 }
 
-/// Checks the inventory's invariants over the whole bucket and returns what it read:
-/// - per product, `available + reserved + sold` equals its initial stock;
-/// - every hold belongs to a reservation in state `reserved`, for the quantity of its line;
-/// - every `reserved` reservation holds each of its lines;
-/// - per product, `sold` is the sum of the committed reservations' lines.
+/// Checks the inventory's invariants over the whole bucket and returns what it read: per
+/// product, `available + reserved + sold` equals its initial stock, and [`inventory::audit`]
+/// finds nothing (every hold belongs to a reservation in state `reserved`, every `reserved`
+/// reservation holds its lines, `sold` is the sum of the committed lines).
 ///
 /// Panics listing every violation.
+///
+/// [`inventory::audit`]: jetsaga_participants::inventory::audit
 pub async fn audit_inventory(
     store: &jetstream::kv::Store,
-    initial: &std::collections::BTreeMap<String, u64>,
+    initial: &BTreeMap<String, u64>,
 ) -> (
-    std::collections::BTreeMap<String, jetsaga_participants::inventory::Product>,
-    std::collections::BTreeMap<String, jetsaga_participants::inventory::Reservation>,
+    BTreeMap<String, inventory::Product>,
+    BTreeMap<String, inventory::Reservation>,
 ) {
-    use jetsaga_participants::inventory::{self, Status};
     let (products, reservations) = inventory::snapshot(store).await.unwrap();
-    let mut violations = Vec::new();
+    let mut violations: Vec<String> = inventory::audit(&products, &reservations)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     for (sku, units) in initial {
         match products.get(sku) {
             Some(p) if p.total() != *units => violations.push(format!(
@@ -166,43 +170,6 @@ pub async fn audit_inventory(
             )),
             Some(_) => {}
             None => violations.push(format!("{sku}: no product record")),
-        }
-    }
-    let mut committed: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
-    for (saga, r) in &reservations {
-        for line in &r.items {
-            let held = products
-                .get(&line.sku)
-                .and_then(|p| p.holds.get(saga))
-                .copied();
-            match r.status {
-                Status::Reserved if held != Some(line.quantity) => violations.push(format!(
-                    "{saga}: reserved, but holds {held:?} of {} {}",
-                    line.quantity, line.sku
-                )),
-                Status::Committed => *committed.entry(&line.sku).or_default() += line.quantity,
-                _ => {}
-            }
-        }
-    }
-    for (sku, p) in &products {
-        for (saga, held) in &p.holds {
-            let r = reservations.get(saga);
-            let line = r.and_then(|r| r.items.iter().find(|l| &l.sku == sku));
-            if r.map(|r| r.status) != Some(Status::Reserved)
-                || line.map(|l| l.quantity) != Some(*held)
-            {
-                violations.push(format!(
-                    "{sku}: hold of {held} for {saga}, whose reservation is {r:?}"
-                ));
-            }
-        }
-        let want = committed.get(sku.as_str()).copied().unwrap_or(0);
-        if p.sold != want {
-            violations.push(format!(
-                "{sku}: sold {} but the committed lines add up to {want}",
-                p.sold
-            ));
         }
     }
     assert!(

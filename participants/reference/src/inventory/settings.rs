@@ -1,0 +1,99 @@
+//! The inventory's configuration: the shared sections and `[inventory]`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{self, Consumer, Load, Metrics, Nats, Telemetry};
+use crate::faults::Faults;
+use crate::service;
+
+/// The inventory's own settings (section `[inventory]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct Settings {
+    /// The KV bucket.
+    pub bucket: String,
+    /// Products seeded on first start: sku → units. Existing products are never overwritten.
+    pub catalogue: BTreeMap<String, u64>,
+    /// `inventory.stock.low` is published when available stock drops below this.
+    pub low_stock_threshold: u64,
+    /// Most operations folded into one write of a product record.
+    pub max_batch: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            bucket: "jetsaga_inventory".to_owned(),
+            catalogue: (1..=5).map(|i| (format!("sku-{i}"), 10_000_000)).collect(),
+            low_stock_threshold: 100,
+            max_batch: 256,
+        }
+    }
+}
+
+/// The configuration of `jetsaga-inventory`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct Config {
+    /// NATS connection.
+    pub nats: Nats,
+    /// The command consumer.
+    pub consumer: Consumer,
+    /// The metrics endpoint (default `127.0.0.1:9101`).
+    pub metrics: Metrics,
+    /// Logs and traces.
+    pub telemetry: Telemetry,
+    /// Injected failures.
+    pub faults: Faults,
+    /// Stock settings.
+    pub inventory: Settings,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nats: Nats::default(),
+            consumer: Consumer::default(),
+            metrics: Metrics::on_port(9101),
+            telemetry: Telemetry::default(),
+            faults: Faults::default(),
+            inventory: Settings::default(),
+        }
+    }
+}
+
+impl Load for Config {
+    fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+
+    fn validate(&self) -> Result<(), config::Error> {
+        self.nats.validate()?;
+        self.consumer.validate()?;
+        self.metrics.validate()?;
+        self.telemetry.validate()?;
+        self.faults.validate()?;
+        let s = &self.inventory;
+        if !service::is_key_safe(&s.bucket) || s.bucket.contains('.') {
+            return Err(config::Error::field(
+                "inventory.bucket",
+                "must be letters, digits, - or _",
+            ));
+        }
+        if let Some(sku) = s.catalogue.keys().find(|k| !service::is_key_safe(k)) {
+            return Err(config::Error::field(
+                "inventory.catalogue",
+                format!("sku {sku:?} must be letters, digits, -, _, = or /"),
+            ));
+        }
+        if s.max_batch == 0 {
+            return Err(config::Error::field(
+                "inventory.max-batch",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
