@@ -22,8 +22,12 @@ impl Inventory {
         let saga_id = checked_saga(ctx)?;
         // The input names the lines even if no reserve ever reached us.
         let input_lines = lines_of(ctx).unwrap_or_default();
+        // After a conflict, from the leader: a lagging copy would only conflict again.
+        let mut read = Read::Any;
         let lines = loop {
-            match self.read(saga_id, Read::Any).await? {
+            let known = self.read(saga_id, read).await?;
+            read = Read::Leader;
+            match known {
                 None => {
                     let released = Reservation {
                         status: Status::Released,
@@ -121,7 +125,8 @@ impl Inventory {
                             serde_json::json!({ "committed": record.items }),
                         ));
                     }
-                    read = Read::Any;
+                    // A conflict: a lagging copy would only conflict again.
+                    read = Read::Leader;
                 }
             }
         }
