@@ -74,11 +74,33 @@ async fn two_instances_never_oversell_and_stock_is_conserved() {
         .iter()
         .map(|(s, input)| command("inventory", "reserve", s, 1, input))
         .collect();
-    send_all(&js, "inventory", &reserves).await;
+    // Every other saga also gets a second attempt at the same time, which the other instance
+    // may run: the two race for the same holds near depletion.
+    let seconds: Vec<_> = sagas
+        .iter()
+        .step_by(2)
+        .map(|(s, input)| command("inventory", "reserve", s, 2, input))
+        .collect();
+    let mut interleaved = Vec::new();
+    for (i, first) in reserves.iter().enumerate() {
+        interleaved.push(first.clone());
+        if let Some(second) = seconds.get(i / 2).filter(|_| i % 2 == 0) {
+            interleaved.push(second.clone());
+        }
+    }
+    send_all(&js, "inventory", &interleaved).await;
     wait_until("every reserve is answered", WAIT, || async {
-        replies.all(&reserves)
+        replies.all(&interleaved)
     })
     .await;
+    for (first, second) in reserves.iter().step_by(2).zip(&seconds) {
+        assert_eq!(
+            code(&replies.of(first)),
+            code(&replies.of(second)),
+            "both attempts of {} answer what the reservation says",
+            first.saga_id
+        );
+    }
 
     let store = js.get_key_value("jetsaga_inventory").await.unwrap();
     let (products, _) = audit_inventory(&store, &initial).await;
