@@ -9,7 +9,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{Answer, ApiError, Handle};
+use crate::{ApiError, Handle, Started};
 
 /// The router for a running orchestrator.
 pub fn router(handle: Handle) -> Router {
@@ -84,23 +84,17 @@ async fn start(
 ) -> Result<Response, HttpError> {
     let body: StartBody = serde_json::from_slice(&body)
         .map_err(|e| HttpError::bad_request(format!("invalid start request: {e}")))?;
-    match handle.start(&saga_type, &body.key, body.input).await? {
-        Answer::Started { saga_id, created } => {
-            let status = if created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            Ok((
-                status,
-                axum::Json(json!({"saga_id": saga_id, "created": created})),
-            )
-                .into_response())
-        }
-        Answer::Applied { .. } => Err(HttpError::from(ApiError::Unavailable(
-            "unexpected answer".to_owned(),
-        ))),
-    }
+    let Started { saga_id, created } = handle.start(&saga_type, &body.key, body.input).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        axum::Json(json!({"saga_id": saga_id, "created": created})),
+    )
+        .into_response())
 }
 
 async fn healthz() -> Response {

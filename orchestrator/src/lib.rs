@@ -36,6 +36,7 @@ pub mod driver;
 pub mod http;
 pub mod metrics;
 pub mod provision;
+mod record;
 pub mod store;
 
 use std::future::Future;
@@ -50,11 +51,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use driver::{Answer, ApiError};
+pub use driver::{ApiError, Started};
 
 use crate::config::Config;
 use crate::definitions::Registry;
-use crate::driver::{Driver, Io, Origin, Request, Source, Work};
+use crate::driver::Source;
+use crate::driver::core::{Origin, Work};
+use crate::driver::executor::{Driver, Request};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -206,7 +209,7 @@ impl Service {
                     &js,
                     jetsaga_sagas::streams::REPLIES.name,
                     provision::REPLIES_CONSUMER,
-                    "saga.reply.>",
+                    jetsaga_sagas::protocol::subject::REPLIES,
                     settings,
                 )
                 .await?,
@@ -217,7 +220,7 @@ impl Service {
                     &js,
                     jetsaga_sagas::streams::STARTS.name,
                     provision::STARTS_CONSUMER,
-                    "saga.start.>",
+                    jetsaga_sagas::protocol::subject::STARTS,
                     settings,
                 )
                 .await?,
@@ -265,12 +268,7 @@ impl Service {
         ));
 
         let (request_tx, request_rx) = mpsc::channel(1024);
-        let io = Io {
-            js: js.clone(),
-            store: store.clone(),
-            metrics: metrics.clone(),
-        };
-        let driver = Driver::new(io, registry.clone());
+        let driver = Driver::new(js.clone(), store.clone(), metrics.clone(), registry.clone());
         let (driver_done_tx, driver_done) = oneshot::channel();
         let driver_token = token.clone();
         tracker.spawn(async move {
@@ -353,15 +351,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 }
 
 impl Handle {
-    async fn request(
+    async fn request<T>(
         &self,
-        saga_id: String,
-        work_of: impl FnOnce(Origin) -> Work,
-    ) -> Result<Answer, ApiError> {
+        work_of: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> Request,
+    ) -> Result<T, ApiError> {
         let (tx, rx) = oneshot::channel();
-        let work = work_of(Origin::Api(tx));
         self.requests
-            .send(Request { saga_id, work })
+            .send(work_of(tx))
             .await
             .map_err(|_| ApiError::ShuttingDown)?;
         rx.await.map_err(|_| ApiError::ShuttingDown)?
@@ -374,7 +370,7 @@ impl Handle {
         saga_type: &str,
         key: &str,
         input: serde_json::Value,
-    ) -> Result<Answer, ApiError> {
+    ) -> Result<Started, ApiError> {
         self.start_traced(saga_type, key, input, None).await
     }
 
@@ -385,7 +381,7 @@ impl Handle {
         key: &str,
         input: serde_json::Value,
         traceparent: Option<String>,
-    ) -> Result<Answer, ApiError> {
+    ) -> Result<Started, ApiError> {
         let def = self
             .registry
             .latest(saga_type)
@@ -398,12 +394,13 @@ impl Handle {
             .map_err(|e| ApiError::InvalidInput(e.0))?;
         let saga_id = driver::saga_id(&def.name, key);
         let key = key.to_owned();
-        self.request(saga_id, |origin| Work::Start {
+        self.request(|reply| Work::Start {
+            saga_id,
             def,
             key,
             input,
             traceparent,
-            origin,
+            origin: Origin::Api(reply),
         })
         .await
     }
@@ -422,13 +419,12 @@ impl Handle {
     }
 
     async fn operator(&self, saga_id: &str, input: Input) -> Result<Phase, ApiError> {
-        match self
-            .request(saga_id.to_owned(), |origin| Work::Input { input, origin })
-            .await?
-        {
-            Answer::Applied { phase } => Ok(phase),
-            Answer::Started { .. } => Err(ApiError::NotAllowed("unexpected answer".to_owned())),
-        }
+        self.request(|reply| Work::Input {
+            saga_id: saga_id.to_owned(),
+            input,
+            origin: Origin::Api(reply),
+        })
+        .await
     }
 
     /// The saga's current state, read from the journal.
@@ -437,7 +433,7 @@ impl Handle {
             .store
             .load(saga_id, false)
             .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+            .map_err(|e| ApiError::from(driver::Error::from(e)))?;
         Ok(stored.map(|s| s.record.saga))
     }
 
@@ -447,7 +443,7 @@ impl Handle {
             .store
             .history(saga_id)
             .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+            .map_err(|e| ApiError::from(driver::Error::from(e)))?;
         Ok(records.into_iter().map(|r| r.entry).collect())
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use async_nats::HeaderMap;
 use common::*;
-use jetsaga_orchestrator::{Answer, ApiError};
+use jetsaga_orchestrator::{ApiError, Started};
 use jetsaga_sagas::protocol::{self, Body, Outcome};
 use jetsaga_sagas::{Cause, Phase, State, StepStatus};
 use jetsaga_testkit::{NatsServer, wait_until};
@@ -53,10 +53,8 @@ retry = { initial-backoff = "50ms", max-backoff = "200ms" }
 "#;
 
 async fn start_fast(handle: &jetsaga_orchestrator::Handle, key: &str, card: &str) -> String {
-    match handle.start("fast-order", key, order(card)).await.unwrap() {
-        Answer::Started { saga_id, .. } => saga_id,
-        other => panic!("{other:?}"),
-    }
+    let Started { saga_id, .. } = handle.start("fast-order", key, order(card)).await.unwrap();
+    saga_id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,20 +146,15 @@ async fn same_key_starts_one_saga_over_api_and_subject() {
     let mut created = 0;
     let mut ids = Vec::new();
     for _ in 0..10 {
-        match handle
+        let Started {
+            saga_id,
+            created: c,
+        } = handle
             .start("order-creation", "the-key", order("tok_ok"))
             .await
-            .unwrap()
-        {
-            Answer::Started {
-                saga_id,
-                created: c,
-            } => {
-                created += usize::from(c);
-                ids.push(saga_id);
-            }
-            other => panic!("{other:?}"),
-        }
+            .unwrap();
+        created += usize::from(c);
+        ids.push(saga_id);
     }
     assert_eq!(created, 1);
     ids.dedup();

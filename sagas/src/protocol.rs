@@ -34,6 +34,16 @@ pub mod header {
     pub const DEAD_SUBJECT: &str = "Jetsaga-Dead-Subject";
     /// JetStream's de-duplication id.
     pub const MSG_ID: &str = "Nats-Msg-Id";
+    /// JetStream's optimistic concurrency: the append succeeds only if the
+    /// subject's last sequence is still this one (0: the subject is empty).
+    pub const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+    /// A message schedule (`@at <RFC 3339 time>`): the stream publishes the message
+    /// to [`SCHEDULE_TARGET`] when it is due.
+    pub const SCHEDULE: &str = "Nats-Schedule";
+    /// Where a scheduled message is delivered.
+    pub const SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
+    /// A per-message time to live (`1s`).
+    pub const TTL: &str = "Nats-TTL";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
 }
@@ -66,6 +76,39 @@ pub mod subject {
         format!("saga.event.{name}")
     }
 
+    /// The saga type a start subject names, if it is one.
+    pub fn start_type(subject: &str) -> Option<&str> {
+        subject.strip_prefix("saga.start.").filter(|t| !t.is_empty())
+    }
+
+    /// Where a saga's journal lives: one subject per saga.
+    pub fn journal(saga_id: &str) -> String {
+        format!("saga.journal.{saga_id}")
+    }
+
+    /// Where a saga's single timer is scheduled (one message per subject).
+    pub fn timer_set(saga_id: &str) -> String {
+        format!("saga.timer.set.{saga_id}")
+    }
+
+    /// Where a saga's timer fires.
+    pub fn timer_fire(saga_id: &str) -> String {
+        format!("saga.timer.fire.{saga_id}")
+    }
+
+    /// The saga a fired timer's subject names, if it is one.
+    pub fn fired_saga(subject: &str) -> Option<&str> {
+        subject
+            .strip_prefix("saga.timer.fire.")
+            .filter(|id| !id.is_empty())
+    }
+
+    /// Where dead letters from `source` go (e.g. `orchestrator.replies`,
+    /// `participant.inventory`).
+    pub fn dead_letter(source: &str) -> String {
+        format!("saga.dead.{source}")
+    }
+
     /// The subject all commands live under.
     pub const COMMANDS: &str = "saga.cmd.>";
     /// The subject all replies live under.
@@ -74,6 +117,26 @@ pub mod subject {
     pub const STARTS: &str = "saga.start.>";
     /// The subject all domain events live under.
     pub const EVENTS: &str = "saga.event.>";
+    /// The subject all journals live under.
+    pub const JOURNALS: &str = "saga.journal.>";
+    /// The subject all timers (schedules and firings) live under.
+    pub const TIMERS: &str = "saga.timer.>";
+    /// The subject fired timers arrive on.
+    pub const TIMERS_FIRED: &str = "saga.timer.fire.>";
+    /// The subject all dead letters live under.
+    pub const DEAD_LETTERS: &str = "saga.dead.>";
+}
+
+/// The namespace of saga ids derived from (type, key).
+const SAGA_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6a65_7473_6167_6100_8000_0000_0000_0001);
+
+/// The saga id a start key maps to: the same (type, key) always yields the same
+/// saga, on every instance.
+pub fn saga_id(saga_type: &str, key: &str) -> String {
+    // Length-prefixed so that no (type, key) pair can collide with another.
+    let name = format!("{}:{saga_type}{key}", saga_type.len());
+    uuid::Uuid::new_v5(&SAGA_ID_NAMESPACE, name.as_bytes()).to_string()
 }
 
 /// Which way a command goes.

@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use crate::protocol::subject;
+
 /// How a stream keeps its messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retention {
@@ -59,26 +61,26 @@ const fn spec(name: &'static str, subjects: &'static [&'static str], max_age: Du
 }
 
 /// Commands to participants: `saga.cmd.<participant>.<action>`.
-pub const COMMANDS: Spec = spec("JETSAGA_COMMANDS", &["saga.cmd.>"], WEEK);
+pub const COMMANDS: Spec = spec("JETSAGA_COMMANDS", &[subject::COMMANDS], WEEK);
 
 /// Replies from participants: `saga.reply.<participant>.<command id>`. The last
 /// message per subject is the participant's recorded reply (its idempotency record).
 pub const REPLIES: Spec = Spec {
     allow_direct: true,
-    ..spec("JETSAGA_REPLIES", &["saga.reply.>"], WEEK)
+    ..spec("JETSAGA_REPLIES", &[subject::REPLIES], WEEK)
 };
 
 /// Start requests: `saga.start.<saga type>`.
-pub const STARTS: Spec = spec("JETSAGA_STARTS", &["saga.start.>"], DAY);
+pub const STARTS: Spec = spec("JETSAGA_STARTS", &[subject::STARTS], DAY);
 
 /// Domain events: `saga.event.<name>`.
-pub const EVENTS: Spec = spec("JETSAGA_EVENTS", &["saga.event.>"], WEEK);
+pub const EVENTS: Spec = spec("JETSAGA_EVENTS", &[subject::EVENTS], WEEK);
 
 /// Saga journals: `saga.journal.<saga id>`; each message is one transition and
 /// carries the saga's state after it, so the last message is the current state.
 pub const JOURNAL: Spec = Spec {
     allow_direct: true,
-    ..spec("JETSAGA_JOURNAL", &["saga.journal.>"], WEEK)
+    ..spec("JETSAGA_JOURNAL", &[subject::JOURNALS], WEEK)
 };
 
 /// Durable timers: a schedule on `saga.timer.set.<saga id>` fires into
@@ -87,7 +89,7 @@ pub const TIMERS: Spec = Spec {
     allow_msg_schedules: true,
     allow_msg_ttl: true,
     max_msgs_per_subject: Some(1),
-    ..spec("JETSAGA_TIMERS", &["saga.timer.>"], WEEK)
+    ..spec("JETSAGA_TIMERS", &[subject::TIMERS], WEEK)
 };
 
 /// Dead letters: `saga.dead.<source>`, with the reason and original headers.
@@ -95,7 +97,7 @@ pub const DEAD_LETTERS: Spec = Spec {
     allow_direct: true,
     ..spec(
         "JETSAGA_DEAD_LETTERS",
-        &["saga.dead.>"],
+        &[subject::DEAD_LETTERS],
         Duration::from_secs(30 * 24 * 3600),
     )
 };
@@ -114,5 +116,5 @@ pub const ALL: [&Spec; 7] = [
 /// The dead-letter subject for messages that failed in `source`
 /// (e.g. `orchestrator.replies`, `participant.inventory`).
 pub fn dead_letter_subject(source: &str) -> String {
-    format!("saga.dead.{source}")
+    subject::dead_letter(source)
 }

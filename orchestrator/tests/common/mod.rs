@@ -11,7 +11,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use jetsaga_orchestrator::config::{Config, Storage};
-use jetsaga_orchestrator::{Answer, Handle, Running, Service};
+use jetsaga_orchestrator::{Handle, Running, Service, Started};
 use jetsaga_sagas::protocol::{self, Body, Command, Failure, Outcome, header};
 use jetsaga_sagas::{Phase, Saga};
 use jetsaga_testkit::{NatsServer, wait_until};
@@ -170,14 +170,11 @@ pub async fn publish_reply(js: &jetstream::Context, command: &Command, outcome: 
 }
 
 pub async fn start(handle: &Handle, key: &str, input: Value) -> String {
-    match handle
+    let Started { saga_id, .. } = handle
         .start("order-creation", key, input)
         .await
-        .expect("start accepted")
-    {
-        Answer::Started { saga_id, .. } => saga_id,
-        other => panic!("unexpected answer {other:?}"),
-    }
+        .expect("start accepted");
+    saga_id
 }
 
 pub async fn saga(handle: &Handle, id: &str) -> Saga {

@@ -20,7 +20,7 @@ use async_nats::{HeaderMap, StatusCode};
 use common::audit_inventory;
 use futures::StreamExt;
 use jetsaga_orchestrator::config::{Config as OrchestratorConfig, Storage};
-use jetsaga_orchestrator::{Answer, Handle, Running, Service, driver};
+use jetsaga_orchestrator::{Handle, Running, Service, Started, driver};
 use jetsaga_participants::{inventory, notification, payment};
 use jetsaga_sagas::Phase;
 use jetsaga_testkit::{NatsServer, wait_until};
@@ -49,7 +49,7 @@ async fn orchestrator(url: &str) -> Running {
 
 async fn start(handle: &Handle, key: &str, input: Value) -> String {
     match handle.start(SAGA_TYPE, key, input).await.unwrap() {
-        Answer::Started {
+        Started {
             saga_id,
             created: true,
         } => saga_id,
@@ -688,16 +688,11 @@ async fn an_inventory_written_from_the_protocol_alone_completes_order_sagas() {
         assert_eq!(phases[id], want, "saga {id}");
     }
     // The same key again, now through the API: the saga the start subject created.
-    match handle
+    let Started { saga_id, created } = handle
         .start(SAGA_TYPE, key, small_order(99, "tok_ok"))
         .await
-        .unwrap()
-    {
-        Answer::Started { saga_id, created } => {
-            assert_eq!((saga_id.as_str(), created), (from_subject.as_str(), false));
-        }
-        other => panic!("unexpected answer {other:?}"),
-    }
+        .unwrap();
+    assert_eq!((saga_id.as_str(), created), (from_subject.as_str(), false));
 
     // The lost acks are answered from the recorded replies before we look.
     let inventory = raw.inventory.clone();

@@ -1,0 +1,1091 @@
+//! The driver's scheduler, with no I/O: per-saga slots, queues, the cache and
+//! its eviction, and every decision about what to write and how to settle.
+//!
+//! The executor feeds it inputs ([`Core::handle_message`], [`Core::handle_input`])
+//! and the outcomes of the I/O it asked for ([`Core::handle_io_done`]), and takes
+//! the next requests with [`Core::poll_io`]. Time is passed in. What the executor
+//! settles and answers (JetStream messages, reply channels) is opaque here: its
+//! types come from [`Handles`], so tests drive the core with plain values.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use jetsaga_sagas::protocol::{self, Body};
+use jetsaga_sagas::{Action, Cause, Definition, Input, Phase, Rejected, Saga, Transition};
+
+use super::plan::{self, round_up};
+use super::{ApiError, Error, IDLE_EVICTION, IoErrorKind, Source, Started};
+use crate::definitions::Registry;
+use crate::metrics::Metrics;
+use crate::record::{Outbound, Record, Stored, rebuild};
+
+/// The executor's types for what the core hands back to be settled or answered.
+pub(crate) trait Handles {
+    /// A message to ack, nak or dead-letter.
+    type Message: std::fmt::Debug;
+    /// Where the answer to a start goes.
+    type StartReply: std::fmt::Debug;
+    /// Where the answer to an operator input goes.
+    type PhaseReply: std::fmt::Debug;
+}
+
+/// Where an input came from, and so how it is settled.
+#[derive(Debug)]
+pub(crate) enum Origin<M, R> {
+    /// A JetStream message: acked, nak'd or dead-lettered.
+    Message {
+        message: M,
+        source: Source,
+        /// How often it was delivered, if known.
+        delivered: Option<u64>,
+    },
+    /// A caller waiting for the answer.
+    Api(R),
+}
+
+/// One unit of work for one saga.
+#[derive(Debug)]
+pub(crate) enum Work<H: Handles> {
+    /// Start a saga (its id derives from type and key).
+    Start {
+        saga_id: String,
+        def: Arc<Definition>,
+        key: String,
+        input: serde_json::Value,
+        traceparent: Option<String>,
+        origin: Origin<H::Message, H::StartReply>,
+    },
+    /// Apply an input to an existing saga.
+    Input {
+        saga_id: String,
+        input: Input,
+        origin: Origin<H::Message, H::PhaseReply>,
+    },
+}
+
+impl<H: Handles> Work<H> {
+    fn saga_id(&self) -> &str {
+        match self {
+            Work::Start { saga_id, .. } | Work::Input { saga_id, .. } => saga_id,
+        }
+    }
+
+    /// Whether this input can be the first sign of a transition that was stored but
+    /// whose commands were never published (its process died in between). Such a
+    /// transition's own input is redelivered, and its timer fires; a first delivery
+    /// of a reply cannot be it (the reply answers a command that was published).
+    fn may_follow_an_interrupted_transition(&self) -> bool {
+        match self {
+            Work::Start { .. } => true,
+            Work::Input { input, origin, .. } => match origin {
+                Origin::Message { delivered, .. } => {
+                    *input == Input::Wake || delivered.is_none_or(|n| n > 1)
+                }
+                Origin::Api(_) => true,
+            },
+        }
+    }
+}
+
+/// A message as the core needs to see it.
+#[derive(Debug)]
+pub(crate) struct Incoming<'a, M> {
+    pub(crate) source: Source,
+    pub(crate) subject: &'a str,
+    pub(crate) payload: &'a [u8],
+    pub(crate) traceparent: Option<String>,
+    pub(crate) delivered: Option<u64>,
+    pub(crate) message: M,
+}
+
+/// An I/O request: what the executor must do next.
+#[derive(Debug)]
+pub(crate) enum Io<H: Handles> {
+    /// Read the saga's last record (from the stream leader after a conflict);
+    /// answered by [`Done::Loaded`].
+    Load { saga_id: String, leader: bool },
+    /// Publish a loaded record's effects again, marked as resent (it may follow
+    /// an interrupted transition); answered by [`Done::Published`].
+    Publish {
+        saga_id: String,
+        messages: Vec<Outbound>,
+    },
+    /// Write one transition; answered by [`Done::Written`].
+    Write { saga_id: String, write: Write },
+    /// Arm the saga's timer alone (a wake came early); answered by [`Done::TimerSet`].
+    SetTimer {
+        saga_id: String,
+        at: DateTime<Utc>,
+    },
+    /// Ack or nak a message.
+    Settle { message: H::Message, settle: Settle },
+    /// Copy a poison message to the dead-letter stream, then terminate it.
+    DeadLetter {
+        message: H::Message,
+        source: Source,
+        reason: String,
+    },
+    /// Answer a caller.
+    Answer(Answer<H>),
+}
+
+/// The writes of one transition, carried out in this order by one future: a
+/// stored non-terminal saga always has a timer that will wake it (and so finish
+/// its effects) even if the process dies right after the append.
+#[derive(Debug)]
+pub(crate) struct Write {
+    /// 1. A timer to arm first (it moves earlier).
+    pub(crate) set_timer: Option<DateTime<Utc>>,
+    /// 2. The record, appended if the journal is still at `expected`.
+    pub(crate) append: Append,
+    /// 3. Its commands and events.
+    pub(crate) publish: Vec<Outbound>,
+    /// 4. Whether to clear the timer (the saga needs none).
+    pub(crate) clear_timer: bool,
+}
+
+/// A journal append with optimistic concurrency.
+#[derive(Debug)]
+pub(crate) struct Append {
+    /// The encoded record.
+    pub(crate) body: Bytes,
+    /// The journal sequence it must follow (0: a new saga).
+    pub(crate) expected: u64,
+}
+
+/// How a message is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settle {
+    /// Done with it.
+    Ack,
+    /// Redeliver it after the delay.
+    Nak(Duration),
+    /// Never redeliver it (the core pairs this with a dead letter).
+    Term,
+}
+
+/// An answer to a caller, typed by the request.
+#[derive(Debug)]
+pub(crate) enum Answer<H: Handles> {
+    Started(H::StartReply, Result<Started, ApiError>),
+    Phase(H::PhaseReply, Result<Phase, ApiError>),
+}
+
+/// The outcome of an I/O request.
+#[derive(Debug)]
+pub(crate) enum Done {
+    Loaded {
+        saga_id: String,
+        result: Result<Option<Stored>, Error>,
+    },
+    Published {
+        saga_id: String,
+        result: Result<(), Error>,
+    },
+    /// The journal sequence of the appended record.
+    Written {
+        saga_id: String,
+        result: Result<u64, Error>,
+    },
+    TimerSet {
+        saga_id: String,
+        result: Result<(), Error>,
+    },
+}
+
+impl Done {
+    fn saga_id(&self) -> &str {
+        match self {
+            Done::Loaded { saga_id, .. }
+            | Done::Published { saga_id, .. }
+            | Done::Written { saga_id, .. }
+            | Done::TimerSet { saga_id, .. } => saga_id,
+        }
+    }
+}
+
+/// Why a message can never be applied: it is dead-lettered (a caller is refused).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Poison {
+    #[error(transparent)]
+    Decode(#[from] protocol::DecodeError),
+    #[error("reply names saga {reply} but its command id belongs to saga {command}")]
+    ForeignCommand { reply: String, command: String },
+    #[error("unexpected {consumer:?} subject {subject}")]
+    Subject { consumer: Source, subject: String },
+    #[error("unknown saga type \"{0}\"")]
+    UnknownType(String),
+    #[error("invalid Start: empty key")]
+    EmptyKey,
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("unknown saga {0}")]
+    UnknownSaga(String),
+    #[error("{0}")]
+    UnknownCommand(String),
+}
+
+impl Poison {
+    /// What a caller is told instead.
+    fn refusal(self) -> ApiError {
+        match self {
+            Poison::UnknownType(saga_type) => ApiError::UnknownType(saga_type),
+            Poison::UnknownSaga(saga_id) => ApiError::NotFound(saga_id),
+            Poison::UnknownCommand(reason) => ApiError::NotAllowed(reason),
+            Poison::InvalidInput(reason) => ApiError::InvalidInput(reason),
+            other @ (Poison::Decode(_)
+            | Poison::ForeignCommand { .. }
+            | Poison::Subject { .. }
+            | Poison::EmptyKey) => ApiError::InvalidInput(other.to_string()),
+        }
+    }
+}
+
+/// How a unit of work ended.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    /// Applied, ignored, or already there: the saga is in `phase`; `created`
+    /// when this work started it.
+    Done { phase: Phase, created: bool },
+    /// It can never apply, but is no poison (a timer of a saga that is gone, an
+    /// operator action the state does not allow).
+    Refused(ApiError),
+    /// Malformed, or contradicts the saga.
+    Poison(Poison),
+    /// I/O failed; it may work later.
+    Failed(Error),
+}
+
+/// The first redelivery delay after a transient failure.
+pub(crate) const NAK_BASE: Duration = Duration::from_secs(1);
+/// The longest redelivery delay.
+pub(crate) const NAK_MAX: Duration = Duration::from_secs(30);
+
+/// How a message whose work ended so is settled: the one place that decides.
+pub(crate) fn settlement(verdict: &Verdict, delivered: Option<u64>) -> Settle {
+    match verdict {
+        Verdict::Done { .. } | Verdict::Refused(_) => Settle::Ack,
+        Verdict::Poison(_) => Settle::Term,
+        Verdict::Failed(error) => Settle::Nak(backoff(error.kind(), delivered)),
+    }
+}
+
+/// The redelivery delay after a failure of this kind on this delivery: doubling
+/// from [`NAK_BASE`], up to [`NAK_MAX`]. A missing definition needs a deploy, so
+/// it waits the longest at once.
+pub(crate) fn backoff(kind: IoErrorKind, delivered: Option<u64>) -> Duration {
+    match kind {
+        IoErrorKind::NotLoaded => NAK_MAX,
+        IoErrorKind::Conflict
+        | IoErrorKind::Corrupt
+        | IoErrorKind::Timeout
+        | IoErrorKind::Unavailable => {
+            let doublings = delivered.unwrap_or(1).saturating_sub(1).min(16) as u32;
+            NAK_BASE.saturating_mul(1 << doublings).min(NAK_MAX)
+        }
+    }
+}
+
+/// What a slot holds.
+#[derive(Debug)]
+enum Entry<H: Handles> {
+    /// Not in memory: the next work loads it.
+    NotLoaded,
+    /// Work is in progress; further inputs queue.
+    CheckedOut(Running<H>),
+    /// Loaded: no such saga.
+    Missing,
+    /// Loaded: its last record.
+    Loaded(Box<Stored>),
+}
+
+/// What work starts from: a slot that is not checked out.
+#[derive(Debug)]
+enum Known {
+    NotLoaded,
+    Missing,
+    Loaded(Box<Stored>),
+}
+
+impl<H: Handles> From<Known> for Entry<H> {
+    fn from(known: Known) -> Self {
+        match known {
+            Known::NotLoaded => Entry::NotLoaded,
+            Known::Missing => Entry::Missing,
+            Known::Loaded(stored) => Entry::Loaded(stored),
+        }
+    }
+}
+
+/// Work in progress and the I/O it waits for.
+#[derive(Debug)]
+struct Running<H: Handles> {
+    work: Work<H>,
+    stage: Stage,
+}
+
+#[derive(Debug)]
+enum Stage {
+    /// Waits for [`Done::Loaded`].
+    Loading,
+    /// Waits for [`Done::Published`], then applies to `stored`.
+    Republishing(Box<Stored>),
+    /// Waits for [`Done::Written`] of `record`.
+    Writing(Box<Record>),
+    /// Waits for [`Done::TimerSet`]; `stored` already has the new timer.
+    Rearming(Box<Stored>),
+}
+
+#[derive(Debug)]
+struct Slot<H: Handles> {
+    entry: Entry<H>,
+    queue: VecDeque<Work<H>>,
+    /// When work last arrived; idle sagas leave memory (see [`Core::handle_tick`]).
+    touched: DateTime<Utc>,
+}
+
+/// The scheduler.
+pub(crate) struct Core<H: Handles> {
+    registry: Arc<Registry>,
+    metrics: Metrics,
+    slots: HashMap<String, Slot<H>>,
+    io: VecDeque<Io<H>>,
+    /// Set by [`Core::handle_shutdown`]: new work is refused.
+    stopping: bool,
+}
+
+impl<H: Handles> std::fmt::Debug for Core<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("sagas", &self.slots.len())
+            .field("pending_io", &self.io.len())
+            .finish()
+    }
+}
+
+impl<H: Handles> Core<H> {
+    pub(crate) fn new(registry: Arc<Registry>, metrics: Metrics) -> Self {
+        Self {
+            registry,
+            metrics,
+            slots: HashMap::new(),
+            io: VecDeque::new(),
+            stopping: false,
+        }
+    }
+
+    /// The next I/O request, if any.
+    pub(crate) fn poll_io(&mut self) -> Option<Io<H>> {
+        self.io.pop_front()
+    }
+
+    /// A message from one of the consumers.
+    pub(crate) fn handle_message(&mut self, now: DateTime<Utc>, incoming: Incoming<'_, H::Message>) {
+        let Incoming {
+            source,
+            subject,
+            payload,
+            traceparent,
+            delivered,
+            message,
+        } = incoming;
+        match self.decode(source, subject, payload) {
+            Ok(Decoded::Start {
+                saga_id,
+                def,
+                start,
+            }) => self.handle_input(now, Work::Start {
+                saga_id,
+                def,
+                key: start.key,
+                input: start.input,
+                traceparent,
+                origin: Origin::Message {
+                    message,
+                    source,
+                    delivered,
+                },
+            }),
+            Ok(Decoded::Input { saga_id, input }) => self.handle_input(now, Work::Input {
+                saga_id,
+                input,
+                origin: Origin::Message {
+                    message,
+                    source,
+                    delivered,
+                },
+            }),
+            Err(poison) => {
+                let origin: Origin<H::Message, H::PhaseReply> = Origin::Message {
+                    message,
+                    source,
+                    delivered,
+                };
+                self.settle(origin, Verdict::Poison(poison), Answer::Phase, |done| done.0);
+            }
+        }
+    }
+
+    fn decode(&self, source: Source, subject: &str, payload: &[u8]) -> Result<Decoded, Poison> {
+        let unexpected = || Poison::Subject {
+            consumer: source,
+            subject: subject.to_owned(),
+        };
+        match source {
+            Source::Replies => {
+                let reply = protocol::Reply::decode(payload)?;
+                let command = protocol::CommandId::parse(&reply.command_id)?;
+                if command.saga_id != reply.saga_id {
+                    return Err(Poison::ForeignCommand {
+                        reply: reply.saga_id,
+                        command: command.saga_id,
+                    });
+                }
+                Ok(Decoded::Input {
+                    saga_id: reply.saga_id,
+                    input: Input::Reply {
+                        command_id: reply.command_id,
+                        outcome: reply.outcome,
+                    },
+                })
+            }
+            Source::Starts => {
+                let saga_type = protocol::subject::start_type(subject).ok_or_else(unexpected)?;
+                let def = self
+                    .registry
+                    .latest(saga_type)
+                    .ok_or_else(|| Poison::UnknownType(saga_type.to_owned()))?
+                    .clone();
+                let start = protocol::Start::decode(payload)?;
+                if start.key.is_empty() {
+                    return Err(Poison::EmptyKey);
+                }
+                jetsaga_sagas::order::validate_input(def.input, &start.input)
+                    .map_err(|e| Poison::InvalidInput(e.0))?;
+                Ok(Decoded::Start {
+                    saga_id: protocol::saga_id(&def.name, &start.key),
+                    def,
+                    start,
+                })
+            }
+            Source::Timers => {
+                let saga_id = protocol::subject::fired_saga(subject).ok_or_else(unexpected)?;
+                Ok(Decoded::Input {
+                    saga_id: saga_id.to_owned(),
+                    input: Input::Wake,
+                })
+            }
+        }
+    }
+
+    /// Queues work for its saga, or starts it if the saga is idle.
+    pub(crate) fn handle_input(&mut self, now: DateTime<Utc>, work: Work<H>) {
+        if self.stopping {
+            return self.refuse(work);
+        }
+        let saga_id = work.saga_id().to_owned();
+        let slot = self.slots.entry(saga_id.clone()).or_insert_with(|| Slot {
+            entry: Entry::NotLoaded,
+            queue: VecDeque::new(),
+            touched: now,
+        });
+        slot.touched = now;
+        let known = match std::mem::replace(&mut slot.entry, Entry::NotLoaded) {
+            running @ Entry::CheckedOut(_) => {
+                slot.entry = running;
+                slot.queue.push_back(work);
+                return;
+            }
+            Entry::NotLoaded => Known::NotLoaded,
+            Entry::Missing => Known::Missing,
+            Entry::Loaded(stored) => Known::Loaded(stored),
+        };
+        self.run(now, &saga_id, work, known);
+    }
+
+    /// The outcome of an I/O request.
+    pub(crate) fn handle_io_done(&mut self, now: DateTime<Utc>, done: Done) {
+        let saga_id = done.saga_id().to_owned();
+        let Some(slot) = self.slots.get_mut(&saga_id) else {
+            tracing::error!(saga_id, "I/O finished for a saga with no slot");
+            return;
+        };
+        let Entry::CheckedOut(Running { work, stage }) =
+            std::mem::replace(&mut slot.entry, Entry::NotLoaded)
+        else {
+            tracing::error!(saga_id, "I/O finished for a saga that is not checked out");
+            return;
+        };
+        let known = match (stage, done) {
+            (Stage::Loading, Done::Loaded { result, .. }) => match result {
+                Ok(Some(stored)) if work.may_follow_an_interrupted_transition() => {
+                    // A record loaded from the journal may belong to a transition whose
+                    // effects were interrupted (a crash between persisting and
+                    // publishing): publishing them again is harmless (de-duplicated by
+                    // message id and, past the window, by the participants' command ids).
+                    let saga = &stored.record.saga;
+                    match self.registry.get(&saga.saga_type, saga.version) {
+                        Some(def) => {
+                            let messages = rebuild(&stored.record, def);
+                            self.check_out(&saga_id, work, Stage::Republishing(Box::new(stored)));
+                            self.io.push_back(Io::Publish {
+                                saga_id: saga_id.clone(),
+                                messages,
+                            });
+                            None
+                        }
+                        // Applying it fails the same way, and says why.
+                        None => self.apply(now, work, Some(Box::new(stored))),
+                    }
+                }
+                Ok(found) => self.apply(now, work, found.map(Box::new)),
+                Err(error) => Some(self.fail(work, error)),
+            },
+            (Stage::Republishing(stored), Done::Published { result, .. }) => match result {
+                Ok(()) => self.apply(now, work, Some(stored)),
+                Err(error) => Some(self.fail(work, error)),
+            },
+            (Stage::Writing(record), Done::Written { result, .. }) => match result {
+                Ok(seq) => {
+                    let phase = record.saga.phase();
+                    let created = matches!(work, Work::Start { .. });
+                    self.conclude(work, Verdict::Done { phase, created });
+                    Some(if !matches!(phase, Phase::Running | Phase::Compensating) {
+                        // Finished sagas leave memory; their state stays in the journal.
+                        Known::NotLoaded
+                    } else {
+                        Known::Loaded(Box::new(Stored {
+                            record: *record,
+                            seq,
+                        }))
+                    })
+                }
+                Err(error) if error.kind() == IoErrorKind::Conflict => {
+                    // Another instance was first: reload (from the leader, a replica
+                    // may lag) and apply the same input to what it wrote.
+                    self.metrics.conflicts.inc();
+                    self.load(&saga_id, work, true);
+                    None
+                }
+                Err(error) => Some(self.fail(work, error)),
+            },
+            (Stage::Rearming(stored), Done::TimerSet { result, .. }) => match result {
+                Ok(()) => {
+                    let phase = stored.record.saga.phase();
+                    self.conclude(work, Verdict::Done {
+                        phase,
+                        created: false,
+                    });
+                    Some(Known::Loaded(stored))
+                }
+                Err(error) => Some(self.fail(work, error)),
+            },
+            (stage, done) => {
+                tracing::error!(saga_id, ?stage, ?done, "I/O outcome does not match the work");
+                Some(self.fail(work, Error::Internal("I/O outcome does not match the work")))
+            }
+        };
+        if let Some(known) = known {
+            self.next(now, &saga_id, known);
+        }
+    }
+
+    /// Drops sagas idle in memory for [`IDLE_EVICTION`] and counts the rest by state.
+    pub(crate) fn handle_tick(&mut self, now: DateTime<Utc>) {
+        let idle = chrono::Duration::from_std(IDLE_EVICTION).unwrap_or(chrono::Duration::MAX);
+        self.slots.retain(|_, slot| {
+            matches!(slot.entry, Entry::CheckedOut(_))
+                || !slot.queue.is_empty()
+                || now - slot.touched < idle
+        });
+        let mut counts = [0i64; Phase::ALL.len()];
+        for slot in self.slots.values() {
+            if let Entry::Loaded(stored) = &slot.entry
+                && let Some(i) = Phase::ALL.iter().position(|p| *p == stored.record.saga.phase())
+            {
+                counts[i] += 1;
+            }
+        }
+        for (phase, count) in Phase::ALL.iter().zip(counts) {
+            self.metrics
+                .in_flight
+                .with_label_values(&[phase.as_str()])
+                .set(count);
+        }
+    }
+
+    /// Stops taking queued work: callers are told the orchestrator is stopping;
+    /// queued messages are left unsettled, so JetStream redelivers them (to this
+    /// or another instance). Work in progress finishes.
+    pub(crate) fn handle_shutdown(&mut self) {
+        self.stopping = true;
+        let queued: Vec<_> = self
+            .slots
+            .values_mut()
+            .flat_map(|slot| slot.queue.drain(..))
+            .collect();
+        for work in queued {
+            self.refuse(work);
+        }
+    }
+
+    fn refuse(&mut self, work: Work<H>) {
+        let answer = match work {
+            Work::Start {
+                origin: Origin::Api(reply),
+                ..
+            } => Answer::Started(reply, Err(ApiError::ShuttingDown)),
+            Work::Input {
+                origin: Origin::Api(reply),
+                ..
+            } => Answer::Phase(reply, Err(ApiError::ShuttingDown)),
+            Work::Start {
+                origin: Origin::Message { .. },
+                ..
+            }
+            | Work::Input {
+                origin: Origin::Message { .. },
+                ..
+            } => return,
+        };
+        self.io.push_back(Io::Answer(answer));
+    }
+
+    /// Whether a saga is in memory (queued, in progress or cached).
+    #[cfg(test)]
+    pub(crate) fn holds(&self, saga_id: &str) -> bool {
+        self.slots.contains_key(saga_id)
+    }
+
+    /// Runs work on an idle saga, then whatever queued behind it and finishes
+    /// without I/O.
+    fn run(&mut self, now: DateTime<Utc>, saga_id: &str, work: Work<H>, known: Known) {
+        if let Some(known) = self.begin(now, work, known) {
+            self.next(now, saga_id, known);
+        }
+    }
+
+    /// The saga's current work is over: run the queued work that finishes
+    /// without I/O, until one needs I/O or the queue is empty.
+    fn next(&mut self, now: DateTime<Utc>, saga_id: &str, mut known: Known) {
+        loop {
+            let Some(slot) = self.slots.get_mut(saga_id) else {
+                return;
+            };
+            let Some(work) = slot.queue.pop_front() else {
+                // Only loaded sagas stay in memory: "missing" may stop being true
+                // (another instance starts it), so it is not worth keeping.
+                match known {
+                    Known::Loaded(stored) => slot.entry = Entry::Loaded(stored),
+                    Known::NotLoaded | Known::Missing => {
+                        self.slots.remove(saga_id);
+                    }
+                }
+                return;
+            };
+            match self.begin(now, work, known) {
+                Some(after) => known = after,
+                None => return,
+            }
+        }
+    }
+
+    /// Starts work; `Some` when it finished at once (with what is known after it),
+    /// `None` when it is checked out waiting for I/O.
+    fn begin(&mut self, now: DateTime<Utc>, work: Work<H>, known: Known) -> Option<Known> {
+        match known {
+            Known::NotLoaded => {
+                let saga_id = work.saga_id().to_owned();
+                self.load(&saga_id, work, false);
+                None
+            }
+            Known::Missing => self.apply(now, work, None),
+            Known::Loaded(stored) => self.apply(now, work, Some(stored)),
+        }
+    }
+
+    fn load(&mut self, saga_id: &str, work: Work<H>, leader: bool) {
+        self.check_out(saga_id, work, Stage::Loading);
+        self.io.push_back(Io::Load {
+            saga_id: saga_id.to_owned(),
+            leader,
+        });
+    }
+
+    fn check_out(&mut self, saga_id: &str, work: Work<H>, stage: Stage) {
+        if let Some(slot) = self.slots.get_mut(saga_id) {
+            slot.entry = Entry::CheckedOut(Running { work, stage });
+        }
+    }
+
+    /// Applies work to a loaded saga (`None`: there is no such saga).
+    fn apply(
+        &mut self,
+        now: DateTime<Utc>,
+        work: Work<H>,
+        stored: Option<Box<Stored>>,
+    ) -> Option<Known> {
+        match (&work, stored) {
+            (Work::Start { .. }, Some(stored)) => {
+                let phase = stored.record.saga.phase();
+                self.conclude(work, Verdict::Done {
+                    phase,
+                    created: false,
+                });
+                Some(Known::Loaded(stored))
+            }
+            (
+                Work::Start {
+                    saga_id,
+                    def,
+                    key,
+                    input,
+                    traceparent,
+                    ..
+                },
+                None,
+            ) => {
+                let def = def.clone();
+                let started = Saga::start(
+                    &def,
+                    saga_id.clone(),
+                    key.clone(),
+                    input.clone(),
+                    traceparent.clone(),
+                    now,
+                );
+                match started {
+                    Ok((saga, transition)) => {
+                        self.metrics.started.with_label_values(&[&def.name]).inc();
+                        self.write(&def, saga, transition, None, 0, work)
+                    }
+                    Err(invalid) => {
+                        self.conclude(work, Verdict::Poison(Poison::InvalidInput(invalid.0)));
+                        Some(Known::Missing)
+                    }
+                }
+            }
+            (Work::Input { saga_id, input, .. }, None) => {
+                let verdict = if matches!(input, Input::Reply { .. }) {
+                    Verdict::Poison(Poison::UnknownSaga(saga_id.clone()))
+                } else {
+                    // A timer for a saga that no longer exists (retention) is simply dropped.
+                    Verdict::Refused(ApiError::NotFound(saga_id.clone()))
+                };
+                self.conclude(work, verdict);
+                Some(Known::Missing)
+            }
+            (Work::Input { input, .. }, Some(stored)) => {
+                let input = input.clone();
+                self.apply_input(now, work, input, stored)
+            }
+        }
+    }
+
+    fn apply_input(
+        &mut self,
+        now: DateTime<Utc>,
+        work: Work<H>,
+        input: Input,
+        stored: Box<Stored>,
+    ) -> Option<Known> {
+        let saga_type = &stored.record.saga.saga_type;
+        let version = stored.record.saga.version;
+        let Some(def) = self.registry.get(saga_type, version).cloned() else {
+            let error = Error::NotLoaded {
+                saga_type: saga_type.clone(),
+                version,
+            };
+            tracing::error!(saga_id = work.saga_id(), %error);
+            self.conclude(work, Verdict::Failed(error));
+            return Some(Known::Loaded(stored));
+        };
+        let mut saga = stored.record.saga.clone();
+        let mut timer_at = stored.record.timer_at;
+        if input == Input::Wake {
+            // The timer that fired is gone: whatever comes next must arm a new one.
+            timer_at = None;
+        }
+        match saga.apply(&def, input.clone(), now) {
+            Ok(transition) => self.write(&def, saga, transition, timer_at, stored.seq, work),
+            Err(Rejected::NotDue | Rejected::Finished) if input == Input::Wake => {
+                // An early or stale timer: re-arm for what is really due.
+                let mut stored = stored;
+                let next = saga.next_timer(&def).map(round_up);
+                stored.record.timer_at = next;
+                match next {
+                    Some(at) => {
+                        let saga_id = work.saga_id().to_owned();
+                        self.check_out(&saga_id, work, Stage::Rearming(stored));
+                        self.io.push_back(Io::SetTimer { saga_id, at });
+                        None
+                    }
+                    None => {
+                        let phase = stored.record.saga.phase();
+                        self.conclude(work, Verdict::Done {
+                            phase,
+                            created: false,
+                        });
+                        Some(Known::Loaded(stored))
+                    }
+                }
+            }
+            Err(rejected @ (Rejected::Duplicate | Rejected::Stale | Rejected::Finished))
+                if matches!(input, Input::Reply { .. }) =>
+            {
+                // Late and duplicate replies change nothing but are journaled.
+                self.metrics.duplicates.inc();
+                let entry = saga.ignored_entry(&input, &rejected, now);
+                let record = Record {
+                    entry,
+                    saga,
+                    effects: Vec::new(),
+                    timer_at,
+                };
+                let write = Pending {
+                    record,
+                    set_timer: None,
+                    publish: Vec::new(),
+                    clear_timer: false,
+                    expected: stored.seq,
+                };
+                self.start_write(write, work, Known::Loaded(stored))
+            }
+            Err(Rejected::UnknownCommand(reason)) => {
+                self.conclude(work, Verdict::Poison(Poison::UnknownCommand(reason)));
+                Some(Known::Loaded(stored))
+            }
+            Err(rejected) => {
+                let reason = match rejected {
+                    Rejected::Finished => {
+                        format!("the saga is already {}", stored.record.saga.phase().as_str())
+                    }
+                    other => other.to_string(),
+                };
+                self.conclude(work, Verdict::Refused(ApiError::NotAllowed(reason)));
+                Some(Known::Loaded(stored))
+            }
+        }
+    }
+
+    /// Turns a transition into its writes and starts them.
+    fn write(
+        &mut self,
+        def: &Definition,
+        saga: Saga,
+        transition: Transition,
+        armed: Option<DateTime<Utc>>,
+        expected: u64,
+        work: Work<H>,
+    ) -> Option<Known> {
+        self.observe(def, &saga, &transition);
+        let plan = plan::plan(&transition.actions, armed, saga.traceparent.as_deref());
+        let record = Record {
+            entry: transition.entry,
+            saga,
+            effects: plan.effects,
+            timer_at: plan.timer_at,
+        };
+        let write = Pending {
+            record,
+            set_timer: plan.set_timer,
+            publish: plan.messages,
+            clear_timer: plan.clear_timer,
+            expected,
+        };
+        self.start_write(write, work, Known::NotLoaded)
+    }
+
+    /// Encodes the record and asks for the write; `failed` is what stays known if
+    /// the record cannot even be encoded.
+    fn start_write(&mut self, write: Pending, work: Work<H>, failed: Known) -> Option<Known> {
+        let body = match write.record.encode() {
+            Ok(body) => body,
+            Err(e) => {
+                let error = Error::Store(crate::store::Error::Encode(e));
+                self.conclude(work, Verdict::Failed(error));
+                return Some(failed);
+            }
+        };
+        let saga_id = work.saga_id().to_owned();
+        self.check_out(&saga_id, work, Stage::Writing(Box::new(write.record)));
+        self.io.push_back(Io::Write {
+            saga_id,
+            write: Write {
+                set_timer: write.set_timer,
+                append: Append {
+                    body,
+                    expected: write.expected,
+                },
+                publish: write.publish,
+                clear_timer: write.clear_timer,
+            },
+        });
+        None
+    }
+
+    /// Counts a transition in the metrics.
+    fn observe(&self, def: &Definition, saga: &Saga, transition: &Transition) {
+        let metrics = &self.metrics;
+        let entry = &transition.entry;
+        for action in &transition.actions {
+            match action {
+                Action::Send { command, .. } if command.compensation => metrics
+                    .compensations
+                    .with_label_values(&[&saga.saga_type, &command.step])
+                    .inc(),
+                Action::Finish { phase } => {
+                    metrics
+                        .finished
+                        .with_label_values(&[&saga.saga_type, phase.as_str()])
+                        .inc();
+                    metrics
+                        .saga_duration
+                        .with_label_values(&[&saga.saga_type, phase.as_str()])
+                        .observe(seconds(saga.created_at, entry.at));
+                }
+                Action::Send { .. }
+                | Action::Publish { .. }
+                | Action::SetTimer { .. }
+                | Action::ClearTimer => {}
+            }
+        }
+        metrics
+            .transitions
+            .with_label_values(&[&saga.saga_type, cause_label(entry.cause)])
+            .inc();
+        let Some(step) = &entry.step else {
+            return;
+        };
+        match entry.cause {
+            Cause::StepTimeout => metrics
+                .timeouts
+                .with_label_values(&[&saga.saga_type, step])
+                .inc(),
+            Cause::RetryDue => metrics
+                .retries
+                .with_label_values(&[&saga.saga_type, step])
+                .inc(),
+            Cause::ReplyOk => {
+                if let Some(record) = def.step_index(step).map(|i| &saga.steps[i])
+                    && let Some(started) = record.started_at
+                {
+                    metrics
+                        .step_duration
+                        .with_label_values(&[&saga.saga_type, step])
+                        .observe(seconds(started, entry.at));
+                }
+            }
+            Cause::Start
+            | Cause::ReplyFailed
+            | Cause::Deadline
+            | Cause::OperatorRetry
+            | Cause::OperatorAbort
+            | Cause::Ignored => {}
+        }
+    }
+
+    fn fail(&mut self, work: Work<H>, error: Error) -> Known {
+        tracing::warn!(saga_id = work.saga_id(), error = %error, source = ?std::error::Error::source(&error), "saga work failed; it will be retried");
+        self.conclude(work, Verdict::Failed(error));
+        Known::NotLoaded
+    }
+
+    /// Settles the origin of finished work.
+    fn conclude(&mut self, work: Work<H>, verdict: Verdict) {
+        match work {
+            Work::Start {
+                saga_id, origin, ..
+            } => self.settle(origin, verdict, Answer::Started, |(_, created)| Started {
+                saga_id,
+                created,
+            }),
+            Work::Input { origin, .. } => {
+                self.settle(origin, verdict, Answer::Phase, |(phase, _)| phase);
+            }
+        }
+    }
+
+    fn settle<R, T>(
+        &mut self,
+        origin: Origin<H::Message, R>,
+        verdict: Verdict,
+        answer: fn(R, Result<T, ApiError>) -> Answer<H>,
+        done: impl FnOnce((Phase, bool)) -> T,
+    ) {
+        match origin {
+            Origin::Message {
+                message,
+                source,
+                delivered,
+            } => match (settlement(&verdict, delivered), verdict) {
+                (Settle::Term, Verdict::Poison(poison)) => {
+                    let reason = poison.to_string();
+                    tracing::warn!(source = source.dead_letter_source(), %reason, "dead-lettering a poison message");
+                    self.metrics
+                        .dead_letters
+                        .with_label_values(&[source.dead_letter_source()])
+                        .inc();
+                    self.io.push_back(Io::DeadLetter {
+                        message,
+                        source,
+                        reason,
+                    });
+                }
+                (settle, _) => self.io.push_back(Io::Settle { message, settle }),
+            },
+            Origin::Api(reply) => {
+                let result = match verdict {
+                    Verdict::Done { phase, created } => Ok(done((phase, created))),
+                    Verdict::Refused(refusal) => Err(refusal),
+                    Verdict::Poison(poison) => Err(poison.refusal()),
+                    Verdict::Failed(error) => Err(ApiError::from(error)),
+                };
+                self.io.push_back(Io::Answer(answer(reply, result)));
+            }
+        }
+    }
+}
+
+/// A decoded message.
+enum Decoded {
+    Start {
+        saga_id: String,
+        def: Arc<Definition>,
+        start: protocol::Start,
+    },
+    Input {
+        saga_id: String,
+        input: Input,
+    },
+}
+
+/// A transition's writes before the record is encoded.
+struct Pending {
+    record: Record,
+    set_timer: Option<DateTime<Utc>>,
+    publish: Vec<Outbound>,
+    clear_timer: bool,
+    expected: u64,
+}
+
+fn seconds(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
+    (to - from).num_milliseconds().max(0) as f64 / 1000.0
+}
+
+fn cause_label(cause: Cause) -> &'static str {
+    match cause {
+        Cause::Start => "start",
+        Cause::ReplyOk => "reply_ok",
+        Cause::ReplyFailed => "reply_failed",
+        Cause::StepTimeout => "step_timeout",
+        Cause::RetryDue => "retry_due",
+        Cause::Deadline => "deadline",
+        Cause::OperatorRetry => "operator_retry",
+        Cause::OperatorAbort => "operator_abort",
+        Cause::Ignored => "ignored",
+    }
+}

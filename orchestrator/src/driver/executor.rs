@@ -1,0 +1,323 @@
+//! The thin executor: one task that owns the [`Core`], feeds it messages,
+//! requests and I/O outcomes, and carries out its I/O requests with async-nats.
+//!
+//! Every request that touches the network becomes a future in one
+//! `FuturesUnordered`, so thousands are in flight while the task itself never
+//! waits on the network; the core's state is owned by this task alone, no locks.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use jetsaga_sagas::Phase;
+use jetsaga_sagas::protocol::{header, subject};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::core::{Answer, Core, Done, Handles, Incoming, Io, Settle, Write};
+use super::{ApiError, Error, Source, Started};
+use crate::dead;
+use crate::metrics::Metrics;
+use crate::record::Outbound;
+use crate::store::Store;
+
+/// The executor's side of what the core settles and answers.
+#[derive(Debug)]
+pub(crate) struct Nats;
+
+impl Handles for Nats {
+    type Message = Box<jetstream::Message>;
+    type StartReply = oneshot::Sender<Result<Started, ApiError>>;
+    type PhaseReply = oneshot::Sender<Result<Phase, ApiError>>;
+}
+
+/// A request from a [`crate::Handle`].
+pub(crate) type Request = super::core::Work<Nats>;
+
+/// The driver task's state.
+pub(crate) struct Driver {
+    core: Core<Nats>,
+    js: jetstream::Context,
+    store: Store,
+    inflight: FuturesUnordered<BoxFuture<'static, Option<Done>>>,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("core", &self.core)
+            .field("inflight", &self.inflight.len())
+            .finish()
+    }
+}
+
+impl Driver {
+    pub(crate) fn new(
+        js: jetstream::Context,
+        store: Store,
+        metrics: Metrics,
+        registry: std::sync::Arc<crate::definitions::Registry>,
+    ) -> Self {
+        Self {
+            core: Core::new(registry, metrics),
+            js,
+            store,
+            inflight: FuturesUnordered::new(),
+        }
+    }
+
+    /// Runs until `token` is cancelled, then finishes the work in flight.
+    pub(crate) async fn run(
+        mut self,
+        mut messages: mpsc::Receiver<(Source, jetstream::Message)>,
+        mut requests: mpsc::Receiver<Request>,
+        token: CancellationToken,
+    ) {
+        let mut gauges = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                biased;
+                Some(done) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    if let Some(done) = done {
+                        self.core.handle_io_done(Utc::now(), done);
+                    }
+                }
+                _ = gauges.tick() => self.core.handle_tick(Utc::now()),
+                Some((source, message)) = messages.recv() => self.handle_message(source, message),
+                Some(request) = requests.recv() => self.core.handle_input(Utc::now(), request),
+                () = token.cancelled() => break,
+            }
+            self.perform();
+        }
+        // Stop taking new work; what is queued behind busy sagas is left unacked and
+        // JetStream redelivers it (to this or another instance).
+        requests.close();
+        messages.close();
+        self.core.handle_shutdown();
+        self.perform();
+        while let Some(done) = self.inflight.next().await {
+            if let Some(done) = done {
+                self.core.handle_io_done(Utc::now(), done);
+            }
+            self.perform();
+        }
+        while let Ok(request) = requests.try_recv() {
+            self.core.handle_input(Utc::now(), request);
+        }
+        self.perform();
+    }
+
+    fn handle_message(&mut self, source: Source, message: jetstream::Message) {
+        let message = Box::new(message);
+        let delivered = message
+            .info()
+            .ok()
+            .and_then(|info| u64::try_from(info.delivered).ok());
+        let traceparent = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(header::TRACEPARENT))
+            .map(|v| v.as_str().to_owned());
+        let subject = message.subject.clone();
+        let payload = message.payload.clone();
+        self.core.handle_message(Utc::now(), Incoming {
+            source,
+            subject: &subject,
+            payload: &payload,
+            traceparent,
+            delivered,
+            message,
+        });
+    }
+
+    /// Carries out every request the core has.
+    fn perform(&mut self) {
+        while let Some(io) = self.core.poll_io() {
+            match io {
+                Io::Load { saga_id, leader } => {
+                    let store = self.store.clone();
+                    self.inflight.push(
+                        async move {
+                            let result = store.load(&saga_id, leader).await.map_err(Error::from);
+                            Some(Done::Loaded { saga_id, result })
+                        }
+                        .boxed(),
+                    );
+                }
+                Io::Publish { saga_id, messages } => {
+                    let js = self.js.clone();
+                    self.inflight.push(
+                        async move {
+                            let result = publish_effects(&js, &messages, true).await;
+                            Some(Done::Published { saga_id, result })
+                        }
+                        .boxed(),
+                    );
+                }
+                Io::Write { saga_id, write } => {
+                    let js = self.js.clone();
+                    let store = self.store.clone();
+                    self.inflight.push(
+                        async move {
+                            let result = perform_write(&js, &store, &saga_id, write).await;
+                            Some(Done::Written { saga_id, result })
+                        }
+                        .boxed(),
+                    );
+                }
+                Io::SetTimer { saga_id, at } => {
+                    let js = self.js.clone();
+                    self.inflight.push(
+                        async move {
+                            let result = set_timer(&js, &saga_id, at).await;
+                            Some(Done::TimerSet { saga_id, result })
+                        }
+                        .boxed(),
+                    );
+                }
+                Io::Settle { message, settle } => {
+                    let kind = match settle {
+                        Settle::Ack => AckKind::Ack,
+                        Settle::Nak(delay) => AckKind::Nak(Some(delay)),
+                        Settle::Term => AckKind::Term,
+                    };
+                    self.inflight.push(
+                        async move {
+                            if let Err(e) = message.ack_with(kind).await {
+                                tracing::warn!(error = %e, "ack failed; the message will be redelivered");
+                            }
+                            None
+                        }
+                        .boxed(),
+                    );
+                }
+                Io::DeadLetter {
+                    message,
+                    source,
+                    reason,
+                } => {
+                    let js = self.js.clone();
+                    self.inflight.push(
+                        async move {
+                            dead::publish_and_term(
+                                &js,
+                                source.dead_letter_source(),
+                                *message,
+                                &reason,
+                            )
+                            .await;
+                            None
+                        }
+                        .boxed(),
+                    );
+                }
+                Io::Answer(Answer::Started(reply, result)) => {
+                    let _ = reply.send(result);
+                }
+                Io::Answer(Answer::Phase(reply, result)) => {
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+}
+
+/// The writes of one transition, in the order that keeps it crash-safe.
+async fn perform_write(
+    js: &jetstream::Context,
+    store: &Store,
+    saga_id: &str,
+    write: Write,
+) -> Result<u64, Error> {
+    if let Some(at) = write.set_timer {
+        set_timer(js, saga_id, at).await?;
+    }
+    let seq = store
+        .append_encoded(saga_id, write.append.body, write.append.expected)
+        .await?;
+    // The record is stored: if what follows fails, the effects are published
+    // again when the saga is next loaded (the input is redelivered or its timer fires).
+    publish_effects(js, &write.publish, false).await?;
+    if write.clear_timer {
+        clear_timer(js, saga_id).await?;
+    }
+    Ok(seq)
+}
+
+/// Publishes commands and events and waits for JetStream to store them all.
+/// `resent` marks a recovery re-publish, so participants check their records.
+async fn publish_effects(
+    js: &jetstream::Context,
+    effects: &[Outbound],
+    resent: bool,
+) -> Result<(), Error> {
+    let mut acks = Vec::with_capacity(effects.len());
+    for effect in effects {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::MSG_ID, effect.msg_id.as_str());
+        for (name, value) in &effect.headers {
+            headers.insert(*name, value.as_str());
+        }
+        if resent {
+            headers.insert(header::RESENT, "true");
+        }
+        let failed = |source| Error::Publish {
+            subject: effect.subject.clone(),
+            source,
+        };
+        let ack = js
+            .publish_with_headers(effect.subject.clone(), headers, effect.body.clone())
+            .await
+            .map_err(failed)?;
+        acks.push((ack, failed));
+    }
+    for (ack, failed) in acks {
+        ack.await.map_err(failed)?;
+    }
+    Ok(())
+}
+
+/// Schedules the saga's single timer at `at`, replacing any armed one.
+async fn set_timer(js: &jetstream::Context, saga_id: &str, at: DateTime<Utc>) -> Result<(), Error> {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::SCHEDULE,
+        format!("@at {}", at.format("%Y-%m-%dT%H:%M:%S%.3fZ")).as_str(),
+    );
+    headers.insert(
+        header::SCHEDULE_TARGET,
+        subject::timer_fire(saga_id).as_str(),
+    );
+    headers.insert(header::SAGA_ID, saga_id);
+    publish_timer(js, saga_id, headers).await
+}
+
+/// Cancels the saga's timer: a plain message replaces the schedule (one message
+/// per subject) and expires by itself.
+async fn clear_timer(js: &jetstream::Context, saga_id: &str) -> Result<(), Error> {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::TTL, "1s");
+    publish_timer(js, saga_id, headers).await
+}
+
+async fn publish_timer(
+    js: &jetstream::Context,
+    saga_id: &str,
+    headers: HeaderMap,
+) -> Result<(), Error> {
+    let failed = |source| Error::Timer {
+        saga_id: saga_id.to_owned(),
+        source,
+    };
+    js.publish_with_headers(subject::timer_set(saga_id), headers, Bytes::new())
+        .await
+        .map_err(failed)?
+        .await
+        .map_err(failed)?;
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! The journal's record format and the messages a record implies, with no I/O.
+//!
+//! Every transition appends one [`Record`] to the saga's journal subject: the
+//! journal entry, the saga after it, the effects it caused and the armed timer.
+//! The effects are kept by reference, so a transition interrupted after its
+//! record was stored is completed later from the record alone ([`rebuild`]).
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use jetsaga_sagas::protocol::{Body, header};
+use jetsaga_sagas::{Action, Definition, Entry, Saga};
+use serde::{Deserialize, Serialize};
+
+/// A command or event a transition published, recorded by reference so that a
+/// transition interrupted after its record was stored can be completed later
+/// (the body is rebuilt from the saga, see [`outbound`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Effect {
+    /// A command, by id.
+    Command {
+        /// Its command id.
+        id: String,
+    },
+    /// A domain event.
+    Event {
+        /// Its name.
+        name: String,
+        /// When it occurred.
+        at: DateTime<Utc>,
+    },
+}
+
+/// A message ready to publish.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// Where it goes.
+    pub subject: String,
+    /// Its `Nats-Msg-Id`, for JetStream de-duplication.
+    pub msg_id: String,
+    /// Further headers (saga id, step, attempt, command id, trace context).
+    pub headers: Vec<(&'static str, String)>,
+    /// The JSON body.
+    pub body: Bytes,
+}
+
+/// One message of the journal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    /// What happened.
+    pub entry: Entry,
+    /// The saga after it.
+    pub saga: Saga,
+    /// What it caused to be published.
+    #[serde(default)]
+    pub effects: Vec<Effect>,
+    /// The saga's armed timer after it, if any.
+    #[serde(default)]
+    pub timer_at: Option<DateTime<Utc>>,
+}
+
+/// A record with its stream sequence (the CAS token for the next append).
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// The record.
+    pub record: Record,
+    /// Its sequence in the journal stream.
+    pub seq: u64,
+}
+
+impl Record {
+    /// The record as it is stored.
+    pub fn encode(&self) -> Result<Bytes, serde_json::Error> {
+        serde_json::to_vec(self).map(Bytes::from)
+    }
+
+    /// A stored record.
+    pub fn decode(payload: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(payload)
+    }
+}
+
+/// The message an action publishes and the effect that records it; `None` for
+/// actions that publish nothing (timers, finish).
+pub fn outbound(action: &Action, traceparent: Option<&str>) -> Option<(Effect, Outbound)> {
+    let trace = traceparent.map(|tp| (header::TRACEPARENT, tp.to_owned()));
+    match action {
+        Action::Send { subject, command } => {
+            let mut headers = vec![
+                (header::SAGA_ID, command.saga_id.clone()),
+                (header::SAGA_TYPE, command.saga_type.clone()),
+                (header::STEP, command.step.clone()),
+                (header::ATTEMPT, command.attempt.to_string()),
+                (header::COMMAND_ID, command.command_id.clone()),
+            ];
+            headers.extend(trace);
+            let effect = Effect::Command {
+                id: command.command_id.clone(),
+            };
+            let message = Outbound {
+                subject: subject.clone(),
+                msg_id: command.command_id.clone(),
+                headers,
+                body: Bytes::from(command.encode()),
+            };
+            Some((effect, message))
+        }
+        Action::Publish { subject, event } => {
+            let mut headers = vec![
+                (header::SAGA_ID, event.saga_id.clone()),
+                (header::SAGA_TYPE, event.saga_type.clone()),
+            ];
+            headers.extend(trace);
+            let effect = Effect::Event {
+                name: event.event.clone(),
+                at: event.occurred_at,
+            };
+            let message = Outbound {
+                msg_id: format!("{}:{}", event.saga_id, event.event),
+                subject: subject.clone(),
+                headers,
+                body: Bytes::from(event.encode()),
+            };
+            Some((effect, message))
+        }
+        Action::SetTimer { .. } | Action::ClearTimer | Action::Finish { .. } => None,
+    }
+}
+
+/// The messages of a stored record's effects, rebuilt from its saga.
+pub fn rebuild(record: &Record, def: &Definition) -> Vec<Outbound> {
+    let saga = &record.saga;
+    record
+        .effects
+        .iter()
+        .filter_map(|effect| match effect {
+            Effect::Command { id } => saga.resend(def, id),
+            Effect::Event { name, at } => Some(saga.event(name, *at)),
+        })
+        .filter_map(|action| outbound(&action, saga.traceparent.as_deref()).map(|(_, m)| m))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recorded_effects_rebuild_the_same_messages() {
+        let def = Definition::parse("order.toml", crate::definitions::ORDER_CREATION).unwrap();
+        let input = serde_json::json!({"customer_id": "c", "email": "a@b.co",
+            "items": [{"sku": "sku-1", "quantity": 1}], "amount_cents": 10, "currency": "EUR",
+            "card_token": "tok_decline"});
+        let now = Utc::now();
+        let (mut saga, _) = Saga::start(
+            &def,
+            "s1".into(),
+            "k".into(),
+            input,
+            Some("00-a-b-01".into()),
+            now,
+        )
+        .unwrap();
+        let reserve = jetsaga_sagas::Input::Reply {
+            command_id: "s1:reserve-stock:do:1".into(),
+            outcome: jetsaga_sagas::protocol::Outcome::Ok {
+                result: serde_json::Value::Null,
+            },
+        };
+        saga.apply(&def, reserve, now).unwrap();
+        let decline = jetsaga_sagas::Input::Reply {
+            command_id: "s1:take-payment:do:1".into(),
+            outcome: jetsaga_sagas::protocol::Outcome::Failed {
+                error: jetsaga_sagas::protocol::Failure::new("card_declined", "no", false),
+            },
+        };
+        let transition = saga.apply(&def, decline, now).unwrap();
+        let (effects, messages): (Vec<_>, Vec<_>) = transition
+            .actions
+            .iter()
+            .filter_map(|a| outbound(a, saga.traceparent.as_deref()))
+            .unzip();
+        assert_eq!(
+            effects,
+            vec![Effect::Command {
+                id: "s1:reserve-stock:undo:1".into()
+            }]
+        );
+        let record = Record {
+            entry: transition.entry,
+            saga,
+            effects,
+            timer_at: None,
+        };
+        let stored = Record::decode(&record.encode().unwrap()).unwrap();
+        let rebuilt = rebuild(&stored, &def);
+        assert_eq!(rebuilt.len(), messages.len());
+        for (a, b) in rebuilt.iter().zip(&messages) {
+            assert_eq!(
+                (&a.subject, &a.msg_id, &a.headers, &a.body),
+                (&b.subject, &b.msg_id, &b.headers, &b.body)
+            );
+        }
+    }
+}
