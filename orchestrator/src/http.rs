@@ -106,7 +106,7 @@ async fn readyz(State(handle): State<Handle>) -> Response {
         Ok(()) => axum::Json(json!({"status": "ready"})).into_response(),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "not ready", "reason": reason})),
+            axum::Json(json!({"status": "not ready", "reason": reason.to_string()})),
         )
             .into_response(),
     }

@@ -458,15 +458,26 @@ impl Handle {
     }
 
     /// Whether NATS is connected and the streams are in place.
-    pub fn readiness(&self) -> Result<(), String> {
+    pub fn readiness(&self) -> Result<(), NotReady> {
         if !self.ready.load(Ordering::SeqCst) {
-            return Err("shutting down or not provisioned".to_owned());
+            return Err(NotReady::Stopping);
         }
         match self.client.connection_state() {
             async_nats::connection::State::Connected => Ok(()),
-            other => Err(format!("NATS connection is {other:?}")),
+            other => Err(NotReady::Disconnected(other)),
         }
     }
+}
+
+/// Why the orchestrator is not ready.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    /// It is shutting down, or not provisioned yet.
+    #[error("shutting down or not provisioned")]
+    Stopping,
+    /// The NATS connection is not up.
+    #[error("NATS connection is {0:?}")]
+    Disconnected(async_nats::connection::State),
 }
 
 /// Pulls one consumer's messages into the driver's channel until cancelled.

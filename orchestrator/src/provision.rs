@@ -18,7 +18,7 @@ pub const STARTS_CONSUMER: &str = "orchestrator-starts";
 /// Durable consumer of fired timers.
 pub const TIMERS_CONSUMER: &str = "orchestrator-timers";
 /// The subject fired timers arrive on.
-pub const TIMER_FIRED: &str = "saga.timer.fire.>";
+pub const TIMER_FIRED: &str = jetsaga_sagas::protocol::subject::TIMERS_FIRED;
 
 /// Why provisioning failed.
 #[derive(Debug, thiserror::Error)]

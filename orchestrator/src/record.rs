@@ -141,26 +141,42 @@ pub fn rebuild(record: &Record, def: &Definition) -> Vec<Outbound> {
         .collect()
 }
 
+/// A started order-creation saga, for the tests of this crate.
+#[cfg(test)]
+pub(crate) fn started_order(
+    saga_id: &str,
+    card: &str,
+    traceparent: Option<&str>,
+    now: DateTime<Utc>,
+) -> (std::sync::Arc<Definition>, Saga, jetsaga_sagas::Transition) {
+    let def = crate::definitions::Registry::builtin()
+        .latest("order-creation")
+        .cloned()
+        .expect("the built-in definition");
+    let input = serde_json::json!({"customer_id": "c", "email": "a@b.co",
+        "items": [{"sku": "sku-1", "quantity": 1}], "amount_cents": 10, "currency": "EUR",
+        "card_token": card});
+    let key = format!("key-of-{saga_id}");
+    let (saga, transition) = Saga::start(
+        &def,
+        saga_id.to_owned(),
+        key,
+        input,
+        traceparent.map(str::to_owned),
+        now,
+    )
+    .expect("a valid order");
+    (def, saga, transition)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn recorded_effects_rebuild_the_same_messages() {
-        let def = Definition::parse("order.toml", crate::definitions::ORDER_CREATION).unwrap();
-        let input = serde_json::json!({"customer_id": "c", "email": "a@b.co",
-            "items": [{"sku": "sku-1", "quantity": 1}], "amount_cents": 10, "currency": "EUR",
-            "card_token": "tok_decline"});
         let now = Utc::now();
-        let (mut saga, _) = Saga::start(
-            &def,
-            "s1".into(),
-            "k".into(),
-            input,
-            Some("00-a-b-01".into()),
-            now,
-        )
-        .unwrap();
+        let (def, mut saga, _) = started_order("s1", "tok_decline", Some("00-a-b-01"), now);
         let reserve = jetsaga_sagas::Input::Reply {
             command_id: "s1:reserve-stock:do:1".into(),
             outcome: jetsaga_sagas::protocol::Outcome::Ok {

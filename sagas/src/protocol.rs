@@ -78,7 +78,9 @@ pub mod subject {
 
     /// The saga type a start subject names, if it is one.
     pub fn start_type(subject: &str) -> Option<&str> {
-        subject.strip_prefix("saga.start.").filter(|t| !t.is_empty())
+        subject
+            .strip_prefix("saga.start.")
+            .filter(|t| !t.is_empty())
     }
 
     /// Where a saga's journal lives: one subject per saga.

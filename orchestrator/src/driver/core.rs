@@ -116,10 +116,7 @@ pub(crate) enum Io<H: Handles> {
     /// Write one transition; answered by [`Done::Written`].
     Write { saga_id: String, write: Write },
     /// Arm the saga's timer alone (a wake came early); answered by [`Done::TimerSet`].
-    SetTimer {
-        saga_id: String,
-        at: DateTime<Utc>,
-    },
+    SetTimer { saga_id: String, at: DateTime<Utc> },
     /// Ack or nak a message.
     Settle { message: H::Message, settle: Settle },
     /// Copy a poison message to the dead-letter stream, then terminate it.
@@ -383,7 +380,11 @@ impl<H: Handles> Core<H> {
     }
 
     /// A message from one of the consumers.
-    pub(crate) fn handle_message(&mut self, now: DateTime<Utc>, incoming: Incoming<'_, H::Message>) {
+    pub(crate) fn handle_message(
+        &mut self,
+        now: DateTime<Utc>,
+        incoming: Incoming<'_, H::Message>,
+    ) {
         let Incoming {
             source,
             subject,
@@ -397,34 +398,42 @@ impl<H: Handles> Core<H> {
                 saga_id,
                 def,
                 start,
-            }) => self.handle_input(now, Work::Start {
-                saga_id,
-                def,
-                key: start.key,
-                input: start.input,
-                traceparent,
-                origin: Origin::Message {
-                    message,
-                    source,
-                    delivered,
+            }) => self.handle_input(
+                now,
+                Work::Start {
+                    saga_id,
+                    def,
+                    key: start.key,
+                    input: start.input,
+                    traceparent,
+                    origin: Origin::Message {
+                        message,
+                        source,
+                        delivered,
+                    },
                 },
-            }),
-            Ok(Decoded::Input { saga_id, input }) => self.handle_input(now, Work::Input {
-                saga_id,
-                input,
-                origin: Origin::Message {
-                    message,
-                    source,
-                    delivered,
+            ),
+            Ok(Decoded::Input { saga_id, input }) => self.handle_input(
+                now,
+                Work::Input {
+                    saga_id,
+                    input,
+                    origin: Origin::Message {
+                        message,
+                        source,
+                        delivered,
+                    },
                 },
-            }),
+            ),
             Err(poison) => {
                 let origin: Origin<H::Message, H::PhaseReply> = Origin::Message {
                     message,
                     source,
                     delivered,
                 };
-                self.settle(origin, Verdict::Poison(poison), Answer::Phase, |done| done.0);
+                self.settle(origin, Verdict::Poison(poison), Answer::Phase, |done| {
+                    done.0
+                });
             }
         }
     }
@@ -575,16 +584,24 @@ impl<H: Handles> Core<H> {
             (Stage::Rearming(stored), Done::TimerSet { result, .. }) => match result {
                 Ok(()) => {
                     let phase = stored.record.saga.phase();
-                    self.conclude(work, Verdict::Done {
-                        phase,
-                        created: false,
-                    });
+                    self.conclude(
+                        work,
+                        Verdict::Done {
+                            phase,
+                            created: false,
+                        },
+                    );
                     Some(Known::Loaded(stored))
                 }
                 Err(error) => Some(self.fail(work, error)),
             },
             (stage, done) => {
-                tracing::error!(saga_id, ?stage, ?done, "I/O outcome does not match the work");
+                tracing::error!(
+                    saga_id,
+                    ?stage,
+                    ?done,
+                    "I/O outcome does not match the work"
+                );
                 Some(self.fail(work, Error::Internal("I/O outcome does not match the work")))
             }
         };
@@ -604,7 +621,9 @@ impl<H: Handles> Core<H> {
         let mut counts = [0i64; Phase::ALL.len()];
         for slot in self.slots.values() {
             if let Entry::Loaded(stored) = &slot.entry
-                && let Some(i) = Phase::ALL.iter().position(|p| *p == stored.record.saga.phase())
+                && let Some(i) = Phase::ALL
+                    .iter()
+                    .position(|p| *p == stored.record.saga.phase())
             {
                 counts[i] += 1;
             }
@@ -731,10 +750,13 @@ impl<H: Handles> Core<H> {
         match (&work, stored) {
             (Work::Start { .. }, Some(stored)) => {
                 let phase = stored.record.saga.phase();
-                self.conclude(work, Verdict::Done {
-                    phase,
-                    created: false,
-                });
+                self.conclude(
+                    work,
+                    Verdict::Done {
+                        phase,
+                        created: false,
+                    },
+                );
                 Some(Known::Loaded(stored))
             }
             (
@@ -825,10 +847,13 @@ impl<H: Handles> Core<H> {
                     }
                     None => {
                         let phase = stored.record.saga.phase();
-                        self.conclude(work, Verdict::Done {
-                            phase,
-                            created: false,
-                        });
+                        self.conclude(
+                            work,
+                            Verdict::Done {
+                                phase,
+                                created: false,
+                            },
+                        );
                         Some(Known::Loaded(stored))
                     }
                 }
@@ -861,7 +886,10 @@ impl<H: Handles> Core<H> {
             Err(rejected) => {
                 let reason = match rejected {
                     Rejected::Finished => {
-                        format!("the saga is already {}", stored.record.saga.phase().as_str())
+                        format!(
+                            "the saga is already {}",
+                            stored.record.saga.phase().as_str()
+                        )
                     }
                     other => other.to_string(),
                 };
@@ -1089,3 +1117,6 @@ fn cause_label(cause: Cause) -> &'static str {
         Cause::Ignored => "ignored",
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -125,14 +125,17 @@ impl Driver {
             .map(|v| v.as_str().to_owned());
         let subject = message.subject.clone();
         let payload = message.payload.clone();
-        self.core.handle_message(Utc::now(), Incoming {
-            source,
-            subject: &subject,
-            payload: &payload,
-            traceparent,
-            delivered,
-            message,
-        });
+        self.core.handle_message(
+            Utc::now(),
+            Incoming {
+                source,
+                subject: &subject,
+                payload: &payload,
+                traceparent,
+                delivered,
+                message,
+            },
+        );
     }
 
     /// Carries out every request the core has.
@@ -141,44 +144,31 @@ impl Driver {
             match io {
                 Io::Load { saga_id, leader } => {
                     let store = self.store.clone();
-                    self.inflight.push(
-                        async move {
-                            let result = store.load(&saga_id, leader).await.map_err(Error::from);
-                            Some(Done::Loaded { saga_id, result })
-                        }
-                        .boxed(),
-                    );
+                    self.spawn(async move {
+                        let result = store.load(&saga_id, leader).await.map_err(Error::from);
+                        Done::Loaded { saga_id, result }
+                    });
                 }
                 Io::Publish { saga_id, messages } => {
                     let js = self.js.clone();
-                    self.inflight.push(
-                        async move {
-                            let result = publish_effects(&js, &messages, true).await;
-                            Some(Done::Published { saga_id, result })
-                        }
-                        .boxed(),
-                    );
+                    self.spawn(async move {
+                        let result = publish_effects(&js, &messages, true).await;
+                        Done::Published { saga_id, result }
+                    });
                 }
                 Io::Write { saga_id, write } => {
-                    let js = self.js.clone();
-                    let store = self.store.clone();
-                    self.inflight.push(
-                        async move {
-                            let result = perform_write(&js, &store, &saga_id, write).await;
-                            Some(Done::Written { saga_id, result })
-                        }
-                        .boxed(),
-                    );
+                    let (js, store) = (self.js.clone(), self.store.clone());
+                    self.spawn(async move {
+                        let result = perform_write(&js, &store, &saga_id, write).await;
+                        Done::Written { saga_id, result }
+                    });
                 }
                 Io::SetTimer { saga_id, at } => {
                     let js = self.js.clone();
-                    self.inflight.push(
-                        async move {
-                            let result = set_timer(&js, &saga_id, at).await;
-                            Some(Done::TimerSet { saga_id, result })
-                        }
-                        .boxed(),
-                    );
+                    self.spawn(async move {
+                        let result = set_timer(&js, &saga_id, at).await;
+                        Done::TimerSet { saga_id, result }
+                    });
                 }
                 Io::Settle { message, settle } => {
                     let kind = match settle {
@@ -224,6 +214,13 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+impl Driver {
+    /// Runs I/O whose outcome the core waits for.
+    fn spawn(&mut self, io: impl Future<Output = Done> + Send + 'static) {
+        self.inflight.push(io.map(Some).boxed());
     }
 }
 

@@ -68,7 +68,7 @@ pub(crate) fn round_up(at: DateTime<Utc>) -> DateTime<Utc> {
 
 #[cfg(test)]
 mod tests {
-    use jetsaga_sagas::{Definition, Phase, Saga};
+    use jetsaga_sagas::Phase;
 
     use super::*;
 
@@ -118,9 +118,12 @@ mod tests {
 
         // Clearing: a write only if a timer is armed.
         let p = plan(
-            &[Action::ClearTimer, Action::Finish {
-                phase: Phase::Completed,
-            }],
+            &[
+                Action::ClearTimer,
+                Action::Finish {
+                    phase: Phase::Completed,
+                },
+            ],
             Some(t1),
             None,
         );
@@ -133,21 +136,8 @@ mod tests {
 
     #[test]
     fn commands_and_events_become_effects_and_messages_in_order() {
-        let def =
-            Definition::parse("order.toml", crate::definitions::ORDER_CREATION).unwrap();
-        let input = serde_json::json!({"customer_id": "c", "email": "a@b.co",
-            "items": [{"sku": "sku-1", "quantity": 1}], "amount_cents": 10, "currency": "EUR",
-            "card_token": "tok_ok"});
         let now = at("2026-01-01T00:00:00Z");
-        let (saga, start) = Saga::start(
-            &def,
-            "s1".into(),
-            "k".into(),
-            input,
-            Some("00-a-b-01".into()),
-            now,
-        )
-        .unwrap();
+        let (_, saga, start) = crate::record::started_order("s1", "tok_ok", Some("00-a-b-01"), now);
         let event = saga.event("order.created", now);
         let mut actions = start.actions.clone();
         actions.push(event);
@@ -166,12 +156,9 @@ mod tests {
         );
         assert_eq!(p.messages.len(), 2);
         assert_eq!(p.messages[0].msg_id, "s1:reserve-stock:do:1");
-        assert!(
-            p.messages[0]
-                .headers
-                .iter()
-                .any(|(name, value)| *name == jetsaga_sagas::protocol::header::TRACEPARENT && value == "00-a-b-01")
-        );
+        assert!(p.messages[0].headers.iter().any(|(name, value)| *name
+            == jetsaga_sagas::protocol::header::TRACEPARENT
+            && value == "00-a-b-01"));
         assert!(p.set_timer.is_some(), "the step timeout is armed");
     }
 }

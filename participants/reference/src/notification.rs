@@ -207,7 +207,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     let consumer = stream
         .create_consumer(consumer::pull::Config {
             durable_name: Some(s.consumer.clone()),
-            filter_subject: "saga.event.order.>".to_owned(),
+            filter_subject: jetsaga_sagas::protocol::subject::event("order.>"),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: s.ack_wait,
             max_deliver: s.max_deliver,

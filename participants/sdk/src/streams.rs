@@ -95,7 +95,10 @@ mod tests {
     fn specs_map_one_to_one() {
         let replies = config(&specs::REPLIES, 3, stream::StorageType::File);
         assert_eq!(replies.name, "JETSAGA_REPLIES");
-        assert_eq!(replies.subjects, vec!["saga.reply.>".to_owned()]);
+        assert_eq!(
+            replies.subjects,
+            vec![jetsaga_sagas::protocol::subject::REPLIES.to_owned()]
+        );
         assert!(replies.allow_direct);
         assert_eq!(replies.num_replicas, 3);
         assert_eq!(replies.max_age, specs::REPLIES.max_age);

@@ -1,0 +1,715 @@
+//! The scheduler driven with plain values: every input and I/O outcome is fed
+//! by hand and each test asserts on the I/O requests that come out, in order.
+
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use chrono::Duration as Ms;
+use jetsaga_sagas::protocol::{Outcome, Reply, Start, VERSION};
+use serde_json::{Value, json};
+
+use super::*;
+use crate::store;
+
+/// Messages and callers are numbered; the number says who is settled.
+#[derive(Debug)]
+struct Test;
+
+impl Handles for Test {
+    type Message = u32;
+    type StartReply = u32;
+    type PhaseReply = u32;
+}
+
+const TYPE: &str = "order-creation";
+
+fn t0() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_767_225_600, 0).unwrap()
+}
+
+fn at(ms: i64) -> DateTime<Utc> {
+    t0() + Ms::milliseconds(ms)
+}
+
+fn order(card: &str) -> Value {
+    json!({"customer_id": "c-1", "email": "ana@example.com",
+        "items": [{"sku": "sku-1", "quantity": 1}], "amount_cents": 100,
+        "currency": "EUR", "card_token": card})
+}
+
+fn core() -> Core<Test> {
+    Core::new(
+        Arc::new(Registry::builtin()),
+        Metrics::new().expect("metrics"),
+    )
+}
+
+fn def() -> Arc<Definition> {
+    Registry::builtin().latest(TYPE).unwrap().clone()
+}
+
+fn drain(core: &mut Core<Test>) -> Vec<Io<Test>> {
+    std::iter::from_fn(|| core.poll_io()).collect()
+}
+
+fn api_start(key: &str, caller: u32) -> Work<Test> {
+    Work::Start {
+        saga_id: protocol::saga_id(TYPE, key),
+        def: def(),
+        key: key.to_owned(),
+        input: order("tok_ok"),
+        traceparent: None,
+        origin: Origin::Api(caller),
+    }
+}
+
+fn api_input(saga_id: &str, input: Input, caller: u32) -> Work<Test> {
+    Work::Input {
+        saga_id: saga_id.to_owned(),
+        input,
+        origin: Origin::Api(caller),
+    }
+}
+
+fn reply_ok(saga_id: &str, step: &str) -> Vec<u8> {
+    Reply {
+        protocol: VERSION,
+        command_id: format!("{saga_id}:{step}:do:1"),
+        saga_id: saga_id.to_owned(),
+        outcome: Outcome::Ok { result: json!({}) },
+    }
+    .encode()
+}
+
+fn message(
+    core: &mut Core<Test>,
+    now: DateTime<Utc>,
+    source: Source,
+    subject: &str,
+    payload: &[u8],
+    delivered: u64,
+    id: u32,
+) {
+    core.handle_message(
+        now,
+        Incoming {
+            source,
+            subject,
+            payload,
+            traceparent: None,
+            delivered: Some(delivered),
+            message: id,
+        },
+    );
+}
+
+/// A saga as another writer stored it: started, at journal sequence `seq`.
+fn stored(key: &str, seq: u64) -> Stored {
+    let saga_id = protocol::saga_id(TYPE, key);
+    let (_, saga, transition) = crate::record::started_order(&saga_id, "tok_ok", None, t0());
+    let plan = plan::plan(&transition.actions, None, None);
+    Stored {
+        record: Record {
+            entry: transition.entry,
+            saga,
+            effects: plan.effects,
+            timer_at: plan.timer_at,
+        },
+        seq,
+    }
+}
+
+/// The reply "reserved" to the saga's first command, as message `id`.
+fn reserved(core: &mut Core<Test>, now: DateTime<Utc>, saga_id: &str, delivered: u64, id: u32) {
+    let subject = protocol::subject::reply("inventory", &format!("{saga_id}:reserve-stock:do:1"));
+    let body = reply_ok(saga_id, "reserve-stock");
+    message(core, now, Source::Replies, &subject, &body, delivered, id);
+}
+
+fn timed_out() -> Error {
+    Error::Store(store::Error::Append(PublishError::new(
+        PublishErrorKind::TimedOut,
+    )))
+}
+
+fn conflict() -> Error {
+    Error::Store(store::Error::Conflict)
+}
+
+#[track_caller]
+fn assert_load(io: &Io<Test>, want_id: &str, want_leader: bool) {
+    match io {
+        Io::Load { saga_id, leader } => {
+            assert_eq!((saga_id.as_str(), *leader), (want_id, want_leader))
+        }
+        other => panic!("expected a load of {want_id}, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn assert_write<'a>(io: &'a Io<Test>, want_id: &str, want_expected: u64) -> &'a Write {
+    match io {
+        Io::Write { saga_id, write } => {
+            assert_eq!(
+                (saga_id.as_str(), write.append.expected),
+                (want_id, want_expected)
+            );
+            write
+        }
+        other => panic!("expected a write of {want_id}, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn assert_settled(io: &Io<Test>, want_message: u32, want: Settle) {
+    match io {
+        Io::Settle { message, settle } => assert_eq!((*message, *settle), (want_message, want)),
+        other => panic!("expected message {want_message} settled {want:?}, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn assert_dead_letter(io: &Io<Test>, want_message: u32, want_source: Source, reason_has: &str) {
+    match io {
+        Io::DeadLetter {
+            message,
+            source,
+            reason,
+        } => {
+            assert_eq!((*message, *source), (want_message, want_source));
+            assert!(reason.contains(reason_has), "{reason}");
+        }
+        other => panic!("expected a dead letter of {want_message}, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn started(io: Io<Test>) -> (u32, Result<Started, ApiError>) {
+    match io {
+        Io::Answer(Answer::Started(caller, result)) => (caller, result),
+        other => panic!("expected a start answer, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn phase(io: Io<Test>) -> (u32, Result<Phase, ApiError>) {
+    match io {
+        Io::Answer(Answer::Phase(caller, result)) => (caller, result),
+        other => panic!("expected a phase answer, got {other:?}"),
+    }
+}
+
+#[test]
+fn one_saga_at_a_time_in_arrival_order_while_others_proceed() {
+    let mut core = core();
+    let a = protocol::saga_id(TYPE, "a");
+    let b = protocol::saga_id(TYPE, "b");
+
+    // A start loads the saga; a second start for the key and a start of another
+    // saga arrive while the load is out: the first queues, the second proceeds.
+    core.handle_input(at(0), api_start("a", 1));
+    core.handle_input(at(1), api_start("a", 2));
+    core.handle_input(at(2), api_start("b", 3));
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 2, "{io:?}");
+    assert_load(&io[0], &a, false);
+    assert_load(&io[1], &b, false);
+
+    // Not there: the start writes the first record (timer, record, command).
+    core.handle_io_done(
+        at(3),
+        Done::Loaded {
+            saga_id: a.clone(),
+            result: Ok(None),
+        },
+    );
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 1, "{io:?}");
+    let write = assert_write(&io[0], &a, 0);
+    assert!(
+        write.set_timer.is_some(),
+        "the step timeout is armed before the append"
+    );
+    assert_eq!(write.publish.len(), 1);
+    assert_eq!(write.publish[0].msg_id, format!("{a}:reserve-stock:do:1"));
+    assert!(!write.clear_timer);
+
+    // A slow append: the reply to the first command queues behind it, nothing moves.
+    reserved(&mut core, at(4), &a, 1, 10);
+    assert!(drain(&mut core).is_empty());
+
+    // The append is stored: the first caller hears "created", the queued start is
+    // answered from memory ("already there"), and the reply is applied to the
+    // stored record without a load.
+    core.handle_io_done(
+        at(5),
+        Done::Written {
+            saga_id: a.clone(),
+            result: Ok(7),
+        },
+    );
+    let mut io = drain(&mut core).into_iter();
+    assert_eq!(
+        started(io.next().unwrap()),
+        (
+            1,
+            Ok(Started {
+                saga_id: a.clone(),
+                created: true
+            })
+        )
+    );
+    assert_eq!(
+        started(io.next().unwrap()),
+        (
+            2,
+            Ok(Started {
+                saga_id: a.clone(),
+                created: false
+            })
+        )
+    );
+    let next = io.next().unwrap();
+    let write = assert_write(&next, &a, 7);
+    assert_eq!(write.publish[0].msg_id, format!("{a}:take-payment:do:1"));
+    assert!(io.next().is_none());
+
+    // Only now is the reply acked.
+    core.handle_io_done(
+        at(6),
+        Done::Written {
+            saga_id: a.clone(),
+            result: Ok(8),
+        },
+    );
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 1, "{io:?}");
+    assert_settled(&io[0], 10, Settle::Ack);
+    assert!(core.holds(&a), "a running saga stays cached");
+}
+
+#[test]
+fn a_conflict_reloads_from_the_leader_and_applies_the_input_again() {
+    let mut core = core();
+    let saga = stored("c", 5);
+    let id = saga.record.saga.id.clone();
+    reserved(&mut core, at(0), &id, 1, 20);
+    assert_load(&drain(&mut core)[0], &id, false);
+    core.handle_io_done(
+        at(1),
+        Done::Loaded {
+            saga_id: id.clone(),
+            result: Ok(Some(saga.clone())),
+        },
+    );
+    let io = drain(&mut core);
+    assert_write(&io[0], &id, 5);
+
+    // Another instance appended first.
+    core.handle_io_done(
+        at(2),
+        Done::Written {
+            saga_id: id.clone(),
+            result: Err(conflict()),
+        },
+    );
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 1, "{io:?}");
+    assert_load(&io[0], &id, true);
+    assert_eq!(core.metrics.conflicts.get(), 1);
+
+    // What it wrote is the base now: the same reply is applied on top of it.
+    let mut theirs = saga;
+    theirs.seq = 9;
+    core.handle_io_done(
+        at(3),
+        Done::Loaded {
+            saga_id: id.clone(),
+            result: Ok(Some(theirs)),
+        },
+    );
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 1, "{io:?}");
+    assert_write(&io[0], &id, 9);
+    core.handle_io_done(
+        at(4),
+        Done::Written {
+            saga_id: id.clone(),
+            result: Ok(10),
+        },
+    );
+    assert_settled(&drain(&mut core)[0], 20, Settle::Ack);
+}
+
+#[test]
+fn idle_sagas_are_evicted_and_reloaded() {
+    let mut core = core();
+    let id = protocol::saga_id(TYPE, "e");
+    core.handle_input(at(0), api_start("e", 1));
+    drain(&mut core);
+    core.handle_io_done(
+        at(1),
+        Done::Loaded {
+            saga_id: id.clone(),
+            result: Ok(None),
+        },
+    );
+    drain(&mut core);
+    core.handle_io_done(
+        at(2),
+        Done::Written {
+            saga_id: id.clone(),
+            result: Ok(1),
+        },
+    );
+    drain(&mut core);
+
+    let idle = i64::try_from(IDLE_EVICTION.as_millis()).unwrap();
+    core.handle_tick(at(idle - 1));
+    assert!(core.holds(&id), "not idle long enough");
+    core.handle_tick(at(idle + 1));
+    assert!(!core.holds(&id), "evicted");
+
+    // The next input loads it again.
+    core.handle_input(at(idle + 2), api_input(&id, Input::Retry, 2));
+    assert_load(&drain(&mut core)[0], &id, false);
+
+    // A saga with work in progress is never evicted.
+    core.handle_tick(at(10 * idle));
+    assert!(core.holds(&id));
+}
+
+#[test]
+fn settle_decisions_follow_the_outcome() {
+    let done = Verdict::Done {
+        phase: Phase::Running,
+        created: false,
+    };
+    assert_eq!(settlement(&done, Some(1)), Settle::Ack);
+    let refused = Verdict::Refused(ApiError::NotFound("s".into()));
+    assert_eq!(settlement(&refused, Some(1)), Settle::Ack);
+    let poison = Verdict::Poison(Poison::UnknownSaga("s".into()));
+    assert_eq!(settlement(&poison, Some(1)), Settle::Term);
+
+    // A transient failure backs off with the delivery count, capped.
+    let failed = Verdict::Failed(timed_out());
+    let delays: Vec<_> = [None, Some(1), Some(2), Some(3), Some(5), Some(6), Some(100)]
+        .into_iter()
+        .map(|n| settlement(&failed, n))
+        .collect();
+    let secs = |s| Settle::Nak(std::time::Duration::from_secs(s));
+    assert_eq!(
+        delays,
+        vec![
+            secs(1),
+            secs(1),
+            secs(2),
+            secs(4),
+            secs(16),
+            secs(30),
+            secs(30)
+        ]
+    );
+    // A missing definition needs a deploy: the longest wait at once.
+    let missing = Verdict::Failed(Error::NotLoaded {
+        saga_type: TYPE.into(),
+        version: 9,
+    });
+    assert_eq!(settlement(&missing, Some(1)), Settle::Nak(NAK_MAX));
+}
+
+#[test]
+fn poison_is_dead_lettered_and_callers_are_refused() {
+    let mut core = core();
+    // Undecodable, a foreign command id, an unknown saga type, an invalid input.
+    message(
+        &mut core,
+        at(0),
+        Source::Replies,
+        "saga.reply.x.y",
+        b"not json",
+        1,
+        1,
+    );
+    let foreign = Reply {
+        protocol: VERSION,
+        command_id: "other:reserve-stock:do:1".into(),
+        saga_id: "mine".into(),
+        outcome: Outcome::Ok { result: json!({}) },
+    };
+    message(
+        &mut core,
+        at(0),
+        Source::Replies,
+        "saga.reply.x.y",
+        &foreign.encode(),
+        1,
+        2,
+    );
+    let start = Start {
+        protocol: VERSION,
+        key: "k".into(),
+        input: order("tok_ok"),
+    };
+    let start_subject = protocol::subject::start("no-such-saga");
+    message(
+        &mut core,
+        at(0),
+        Source::Starts,
+        &start_subject,
+        &start.encode(),
+        1,
+        3,
+    );
+    let bad = Start {
+        protocol: VERSION,
+        key: "k".into(),
+        input: json!({"customer_id": "x"}),
+    };
+    let start_subject = protocol::subject::start(TYPE);
+    message(
+        &mut core,
+        at(0),
+        Source::Starts,
+        &start_subject,
+        &bad.encode(),
+        1,
+        4,
+    );
+    message(
+        &mut core,
+        at(0),
+        Source::Timers,
+        "saga.timer.fire.",
+        b"",
+        1,
+        5,
+    );
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 5, "{io:?}");
+    assert_dead_letter(&io[0], 1, Source::Replies, "invalid Reply");
+    assert_dead_letter(&io[1], 2, Source::Replies, "belongs to saga other");
+    assert_dead_letter(
+        &io[2],
+        3,
+        Source::Starts,
+        "unknown saga type \"no-such-saga\"",
+    );
+    assert_dead_letter(&io[3], 4, Source::Starts, "email");
+    assert_dead_letter(&io[4], 5, Source::Timers, "subject");
+    assert_eq!(
+        core.metrics
+            .dead_letters
+            .with_label_values(&[Source::Starts.dead_letter_source()])
+            .get(),
+        2
+    );
+
+    // A reply for a saga that does not exist is poison; a timer for one (its
+    // journal expired) is acked; a caller hears "not found".
+    let gone = protocol::saga_id(TYPE, "gone");
+    reserved(&mut core, at(1), &gone, 1, 6);
+    message(
+        &mut core,
+        at(1),
+        Source::Timers,
+        &protocol::subject::timer_fire(&gone),
+        b"",
+        1,
+        7,
+    );
+    core.handle_input(at(1), api_input(&gone, Input::Retry, 8));
+    assert_load(&drain(&mut core)[0], &gone, false);
+    core.handle_io_done(
+        at(2),
+        Done::Loaded {
+            saga_id: gone.clone(),
+            result: Ok(None),
+        },
+    );
+    let mut io = drain(&mut core).into_iter();
+    assert_dead_letter(
+        &io.next().unwrap(),
+        6,
+        Source::Replies,
+        &format!("unknown saga {gone}"),
+    );
+    assert_settled(&io.next().unwrap(), 7, Settle::Ack);
+    assert_eq!(
+        phase(io.next().unwrap()),
+        (8, Err(ApiError::NotFound(gone.clone())))
+    );
+    assert!(io.next().is_none());
+    assert!(!core.holds(&gone), "a missing saga is not kept");
+}
+
+#[test]
+fn failures_nak_messages_with_backoff_and_tell_callers_the_kind() {
+    let mut core = core();
+    let saga = stored("f", 3);
+    let id = saga.record.saga.id.clone();
+    reserved(&mut core, at(0), &id, 3, 1);
+    core.handle_input(at(0), api_input(&id, Input::Retry, 2));
+    drain(&mut core);
+    core.handle_io_done(
+        at(1),
+        Done::Loaded {
+            saga_id: id.clone(),
+            result: Err(timed_out()),
+        },
+    );
+    // The reply (third delivery) is nak'd for 4 s; the caller queued behind it
+    // loads again, so it is not failed by someone else's error.
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 2, "{io:?}");
+    assert_settled(&io[0], 1, Settle::Nak(std::time::Duration::from_secs(4)));
+    assert_load(&io[1], &id, false);
+    core.handle_io_done(
+        at(2),
+        Done::Loaded {
+            saga_id: id.clone(),
+            result: Err(timed_out()),
+        },
+    );
+    let (caller, result) = phase(drain(&mut core).pop().unwrap());
+    assert_eq!(caller, 2);
+    let error = result.unwrap_err();
+    assert_eq!(error.kind(), crate::driver::ErrorKind::Timeout);
+    assert!(!core.holds(&id));
+}
+
+#[test]
+fn a_redelivered_input_republishes_the_recorded_effects_first() {
+    let mut core = core();
+    let saga = stored("r", 4);
+    let id = saga.record.saga.id.clone();
+    reserved(&mut core, at(0), &id, 2, 1);
+    drain(&mut core);
+    core.handle_io_done(
+        at(1),
+        Done::Loaded {
+            saga_id: id.clone(),
+            result: Ok(Some(saga)),
+        },
+    );
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 1, "{io:?}");
+    match &io[0] {
+        Io::Publish { saga_id, messages } => {
+            assert_eq!(saga_id, &id);
+            assert_eq!(messages.len(), 1);
+            assert_eq!(messages[0].msg_id, format!("{id}:reserve-stock:do:1"));
+        }
+        other => panic!("expected a re-publish, got {other:?}"),
+    }
+    core.handle_io_done(
+        at(2),
+        Done::Published {
+            saga_id: id.clone(),
+            result: Ok(()),
+        },
+    );
+    assert_write(&drain(&mut core)[0], &id, 4);
+}
+
+#[test]
+fn an_early_wake_rearms_and_a_late_reply_is_journaled_only() {
+    let mut core = core();
+    let saga = stored("w", 2);
+    let id = saga.record.saga.id.clone();
+    let armed = saga.record.timer_at.unwrap();
+    // The timer fires before the step timeout: nothing is due, the timer is re-armed.
+    message(
+        &mut core,
+        at(0),
+        Source::Timers,
+        &protocol::subject::timer_fire(&id),
+        b"",
+        1,
+        1,
+    );
+    drain(&mut core);
+    core.handle_io_done(
+        at(1),
+        Done::Loaded {
+            saga_id: id.clone(),
+            result: Ok(Some(saga)),
+        },
+    );
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 1, "{io:?}");
+    match &io[0] {
+        Io::SetTimer { saga_id, at } => assert_eq!((saga_id, *at), (&id, armed)),
+        other => panic!("expected a re-arm, got {other:?}"),
+    }
+    core.handle_io_done(
+        at(2),
+        Done::TimerSet {
+            saga_id: id.clone(),
+            result: Ok(()),
+        },
+    );
+    assert_settled(&drain(&mut core)[0], 1, Settle::Ack);
+
+    // The same reply twice: first applied, then the duplicate is journaled with
+    // no effects and acked.
+    reserved(&mut core, at(3), &id, 1, 2);
+    reserved(&mut core, at(3), &id, 1, 3);
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 1, "the duplicate queues: {io:?}");
+    core.handle_io_done(
+        at(4),
+        Done::Written {
+            saga_id: id.clone(),
+            result: Ok(3),
+        },
+    );
+    let io = drain(&mut core);
+    assert_settled(&io[0], 2, Settle::Ack);
+    let write = assert_write(&io[1], &id, 3);
+    assert!(write.publish.is_empty() && write.set_timer.is_none() && !write.clear_timer);
+    core.handle_io_done(
+        at(5),
+        Done::Written {
+            saga_id: id.clone(),
+            result: Ok(4),
+        },
+    );
+    assert_settled(&drain(&mut core)[0], 3, Settle::Ack);
+    assert_eq!(core.metrics.duplicates.get(), 1);
+
+    // An operator action the state does not allow is refused, nothing written.
+    core.handle_input(at(6), api_input(&id, Input::Retry, 4));
+    let (caller, result) = phase(drain(&mut core).pop().unwrap());
+    assert_eq!(caller, 4);
+    assert!(matches!(result, Err(ApiError::NotAllowed(_))), "{result:?}");
+}
+
+#[test]
+fn shutdown_refuses_queued_and_new_callers_and_leaves_messages_unsettled() {
+    let mut core = core();
+    let id = protocol::saga_id(TYPE, "s");
+    core.handle_input(at(0), api_start("s", 1));
+    core.handle_input(at(0), api_start("s", 2));
+    let subject = protocol::subject::timer_fire(&id);
+    message(&mut core, at(0), Source::Timers, &subject, b"", 1, 3);
+    drain(&mut core);
+    core.handle_shutdown();
+    core.handle_input(at(1), api_input(&id, Input::Retry, 4));
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 2, "{io:?}");
+    let mut io = io.into_iter();
+    assert_eq!(
+        started(io.next().unwrap()),
+        (2, Err(ApiError::ShuttingDown))
+    );
+    assert_eq!(phase(io.next().unwrap()), (4, Err(ApiError::ShuttingDown)));
+
+    // Work in progress finishes.
+    core.handle_io_done(
+        at(2),
+        Done::Loaded {
+            saga_id: id.clone(),
+            result: Ok(None),
+        },
+    );
+    assert_write(&drain(&mut core)[0], &id, 0);
+}
