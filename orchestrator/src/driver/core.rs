@@ -176,7 +176,7 @@ pub(crate) enum Answer<H: Handles> {
 pub(crate) enum Done {
     Loaded {
         saga_id: String,
-        result: Result<Option<Stored>, Error>,
+        result: Result<Option<Box<Stored>>, Error>,
     },
     Published {
         saga_id: String,
@@ -539,7 +539,7 @@ impl<H: Handles> Core<H> {
                     match self.registry.get(&saga.saga_type, saga.version) {
                         Some(def) => {
                             let messages = rebuild(&stored.record, def);
-                            self.check_out(&saga_id, work, Stage::Republishing(Box::new(stored)));
+                            self.check_out(&saga_id, work, Stage::Republishing(stored));
                             self.io.push_back(Io::Publish {
                                 saga_id: saga_id.clone(),
                                 messages,
@@ -547,10 +547,10 @@ impl<H: Handles> Core<H> {
                             None
                         }
                         // Applying it fails the same way, and says why.
-                        None => self.apply(now, work, Some(Box::new(stored))),
+                        None => self.apply(now, work, Some(stored)),
                     }
                 }
-                Ok(found) => self.apply(now, work, found.map(Box::new)),
+                Ok(found) => self.apply(now, work, found),
                 Err(error) => Some(self.fail(work, error)),
             },
             (Stage::Republishing(stored), Done::Published { result, .. }) => match result {
@@ -582,17 +582,7 @@ impl<H: Handles> Core<H> {
                 Err(error) => Some(self.fail(work, error)),
             },
             (Stage::Rearming(stored), Done::TimerSet { result, .. }) => match result {
-                Ok(()) => {
-                    let phase = stored.record.saga.phase();
-                    self.conclude(
-                        work,
-                        Verdict::Done {
-                            phase,
-                            created: false,
-                        },
-                    );
-                    Some(Known::Loaded(stored))
-                }
+                Ok(()) => Some(self.unchanged(work, stored)),
                 Err(error) => Some(self.fail(work, error)),
             },
             (stage, done) => {
@@ -748,17 +738,7 @@ impl<H: Handles> Core<H> {
         stored: Option<Box<Stored>>,
     ) -> Option<Known> {
         match (&work, stored) {
-            (Work::Start { .. }, Some(stored)) => {
-                let phase = stored.record.saga.phase();
-                self.conclude(
-                    work,
-                    Verdict::Done {
-                        phase,
-                        created: false,
-                    },
-                );
-                Some(Known::Loaded(stored))
-            }
+            (Work::Start { .. }, Some(stored)) => Some(self.unchanged(work, stored)),
             (
                 Work::Start {
                     saga_id,
@@ -845,17 +825,7 @@ impl<H: Handles> Core<H> {
                         self.io.push_back(Io::SetTimer { saga_id, at });
                         None
                     }
-                    None => {
-                        let phase = stored.record.saga.phase();
-                        self.conclude(
-                            work,
-                            Verdict::Done {
-                                phase,
-                                created: false,
-                            },
-                        );
-                        Some(Known::Loaded(stored))
-                    }
+                    None => Some(self.unchanged(work, stored)),
                 }
             }
             Err(rejected @ (Rejected::Duplicate | Rejected::Stale | Rejected::Finished))
@@ -1014,6 +984,19 @@ impl<H: Handles> Core<H> {
             | Cause::OperatorAbort
             | Cause::Ignored => {}
         }
+    }
+
+    /// Work done without a write: the saga stays as stored.
+    fn unchanged(&mut self, work: Work<H>, stored: Box<Stored>) -> Known {
+        let phase = stored.record.saga.phase();
+        self.conclude(
+            work,
+            Verdict::Done {
+                phase,
+                created: false,
+            },
+        );
+        Known::Loaded(stored)
     }
 
     fn fail(&mut self, work: Work<H>, error: Error) -> Known {

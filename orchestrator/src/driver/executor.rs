@@ -145,7 +145,8 @@ impl Driver {
                 Io::Load { saga_id, leader } => {
                     let store = self.store.clone();
                     self.spawn(async move {
-                        let result = store.load(&saga_id, leader).await.map_err(Error::from);
+                        let result = store.load(&saga_id, leader).await;
+                        let result = result.map(|found| found.map(Box::new)).map_err(Error::from);
                         Done::Loaded { saga_id, result }
                     });
                 }

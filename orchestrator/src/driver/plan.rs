@@ -139,7 +139,7 @@ mod tests {
         let now = at("2026-01-01T00:00:00Z");
         let (_, saga, start) = crate::record::started_order("s1", "tok_ok", Some("00-a-b-01"), now);
         let event = saga.event("order.created", now);
-        let mut actions = start.actions.clone();
+        let mut actions = start.actions;
         actions.push(event);
         let p = plan(&actions, None, saga.traceparent.as_deref());
         assert_eq!(

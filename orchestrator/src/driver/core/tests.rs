@@ -124,6 +124,22 @@ fn reserved(core: &mut Core<Test>, now: DateTime<Utc>, saga_id: &str, delivered:
     message(core, now, Source::Replies, &subject, &body, delivered, id);
 }
 
+fn loaded(
+    core: &mut Core<Test>,
+    now: DateTime<Utc>,
+    saga_id: &str,
+    result: Result<Option<Stored>, Error>,
+) {
+    let saga_id = saga_id.to_owned();
+    let result = result.map(|found| found.map(Box::new));
+    core.handle_io_done(now, Done::Loaded { saga_id, result });
+}
+
+fn written(core: &mut Core<Test>, now: DateTime<Utc>, saga_id: &str, result: Result<u64, Error>) {
+    let saga_id = saga_id.to_owned();
+    core.handle_io_done(now, Done::Written { saga_id, result });
+}
+
 fn timed_out() -> Error {
     Error::Store(store::Error::Append(PublishError::new(
         PublishErrorKind::TimedOut,
@@ -214,13 +230,7 @@ fn one_saga_at_a_time_in_arrival_order_while_others_proceed() {
     assert_load(&io[1], &b, false);
 
     // Not there: the start writes the first record (timer, record, command).
-    core.handle_io_done(
-        at(3),
-        Done::Loaded {
-            saga_id: a.clone(),
-            result: Ok(None),
-        },
-    );
+    loaded(&mut core, at(3), &a, Ok(None));
     let io = drain(&mut core);
     assert_eq!(io.len(), 1, "{io:?}");
     let write = assert_write(&io[0], &a, 0);
@@ -239,13 +249,7 @@ fn one_saga_at_a_time_in_arrival_order_while_others_proceed() {
     // The append is stored: the first caller hears "created", the queued start is
     // answered from memory ("already there"), and the reply is applied to the
     // stored record without a load.
-    core.handle_io_done(
-        at(5),
-        Done::Written {
-            saga_id: a.clone(),
-            result: Ok(7),
-        },
-    );
+    written(&mut core, at(5), &a, Ok(7));
     let mut io = drain(&mut core).into_iter();
     assert_eq!(
         started(io.next().unwrap()),
@@ -273,13 +277,7 @@ fn one_saga_at_a_time_in_arrival_order_while_others_proceed() {
     assert!(io.next().is_none());
 
     // Only now is the reply acked.
-    core.handle_io_done(
-        at(6),
-        Done::Written {
-            saga_id: a.clone(),
-            result: Ok(8),
-        },
-    );
+    written(&mut core, at(6), &a, Ok(8));
     let io = drain(&mut core);
     assert_eq!(io.len(), 1, "{io:?}");
     assert_settled(&io[0], 10, Settle::Ack);
@@ -293,24 +291,12 @@ fn a_conflict_reloads_from_the_leader_and_applies_the_input_again() {
     let id = saga.record.saga.id.clone();
     reserved(&mut core, at(0), &id, 1, 20);
     assert_load(&drain(&mut core)[0], &id, false);
-    core.handle_io_done(
-        at(1),
-        Done::Loaded {
-            saga_id: id.clone(),
-            result: Ok(Some(saga.clone())),
-        },
-    );
+    loaded(&mut core, at(1), &id, Ok(Some(saga.clone())));
     let io = drain(&mut core);
     assert_write(&io[0], &id, 5);
 
     // Another instance appended first.
-    core.handle_io_done(
-        at(2),
-        Done::Written {
-            saga_id: id.clone(),
-            result: Err(conflict()),
-        },
-    );
+    written(&mut core, at(2), &id, Err(conflict()));
     let io = drain(&mut core);
     assert_eq!(io.len(), 1, "{io:?}");
     assert_load(&io[0], &id, true);
@@ -319,23 +305,11 @@ fn a_conflict_reloads_from_the_leader_and_applies_the_input_again() {
     // What it wrote is the base now: the same reply is applied on top of it.
     let mut theirs = saga;
     theirs.seq = 9;
-    core.handle_io_done(
-        at(3),
-        Done::Loaded {
-            saga_id: id.clone(),
-            result: Ok(Some(theirs)),
-        },
-    );
+    loaded(&mut core, at(3), &id, Ok(Some(theirs)));
     let io = drain(&mut core);
     assert_eq!(io.len(), 1, "{io:?}");
     assert_write(&io[0], &id, 9);
-    core.handle_io_done(
-        at(4),
-        Done::Written {
-            saga_id: id.clone(),
-            result: Ok(10),
-        },
-    );
+    written(&mut core, at(4), &id, Ok(10));
     assert_settled(&drain(&mut core)[0], 20, Settle::Ack);
 }
 
@@ -345,21 +319,9 @@ fn idle_sagas_are_evicted_and_reloaded() {
     let id = protocol::saga_id(TYPE, "e");
     core.handle_input(at(0), api_start("e", 1));
     drain(&mut core);
-    core.handle_io_done(
-        at(1),
-        Done::Loaded {
-            saga_id: id.clone(),
-            result: Ok(None),
-        },
-    );
+    loaded(&mut core, at(1), &id, Ok(None));
     drain(&mut core);
-    core.handle_io_done(
-        at(2),
-        Done::Written {
-            saga_id: id.clone(),
-            result: Ok(1),
-        },
-    );
+    written(&mut core, at(2), &id, Ok(1));
     drain(&mut core);
 
     let idle = i64::try_from(IDLE_EVICTION.as_millis()).unwrap();
@@ -518,13 +480,7 @@ fn poison_is_dead_lettered_and_callers_are_refused() {
     );
     core.handle_input(at(1), api_input(&gone, Input::Retry, 8));
     assert_load(&drain(&mut core)[0], &gone, false);
-    core.handle_io_done(
-        at(2),
-        Done::Loaded {
-            saga_id: gone.clone(),
-            result: Ok(None),
-        },
-    );
+    loaded(&mut core, at(2), &gone, Ok(None));
     let mut io = drain(&mut core).into_iter();
     assert_dead_letter(
         &io.next().unwrap(),
@@ -544,31 +500,18 @@ fn poison_is_dead_lettered_and_callers_are_refused() {
 #[test]
 fn failures_nak_messages_with_backoff_and_tell_callers_the_kind() {
     let mut core = core();
-    let saga = stored("f", 3);
-    let id = saga.record.saga.id.clone();
+    let id = protocol::saga_id(TYPE, "f");
     reserved(&mut core, at(0), &id, 3, 1);
     core.handle_input(at(0), api_input(&id, Input::Retry, 2));
     drain(&mut core);
-    core.handle_io_done(
-        at(1),
-        Done::Loaded {
-            saga_id: id.clone(),
-            result: Err(timed_out()),
-        },
-    );
+    loaded(&mut core, at(1), &id, Err(timed_out()));
     // The reply (third delivery) is nak'd for 4 s; the caller queued behind it
     // loads again, so it is not failed by someone else's error.
     let io = drain(&mut core);
     assert_eq!(io.len(), 2, "{io:?}");
     assert_settled(&io[0], 1, Settle::Nak(std::time::Duration::from_secs(4)));
     assert_load(&io[1], &id, false);
-    core.handle_io_done(
-        at(2),
-        Done::Loaded {
-            saga_id: id.clone(),
-            result: Err(timed_out()),
-        },
-    );
+    loaded(&mut core, at(2), &id, Err(timed_out()));
     let (caller, result) = phase(drain(&mut core).pop().unwrap());
     assert_eq!(caller, 2);
     let error = result.unwrap_err();
@@ -583,13 +526,7 @@ fn a_redelivered_input_republishes_the_recorded_effects_first() {
     let id = saga.record.saga.id.clone();
     reserved(&mut core, at(0), &id, 2, 1);
     drain(&mut core);
-    core.handle_io_done(
-        at(1),
-        Done::Loaded {
-            saga_id: id.clone(),
-            result: Ok(Some(saga)),
-        },
-    );
+    loaded(&mut core, at(1), &id, Ok(Some(saga)));
     let io = drain(&mut core);
     assert_eq!(io.len(), 1, "{io:?}");
     match &io[0] {
@@ -627,13 +564,7 @@ fn an_early_wake_rearms_and_a_late_reply_is_journaled_only() {
         1,
     );
     drain(&mut core);
-    core.handle_io_done(
-        at(1),
-        Done::Loaded {
-            saga_id: id.clone(),
-            result: Ok(Some(saga)),
-        },
-    );
+    loaded(&mut core, at(1), &id, Ok(Some(saga)));
     let io = drain(&mut core);
     assert_eq!(io.len(), 1, "{io:?}");
     match &io[0] {
@@ -655,24 +586,12 @@ fn an_early_wake_rearms_and_a_late_reply_is_journaled_only() {
     reserved(&mut core, at(3), &id, 1, 3);
     let io = drain(&mut core);
     assert_eq!(io.len(), 1, "the duplicate queues: {io:?}");
-    core.handle_io_done(
-        at(4),
-        Done::Written {
-            saga_id: id.clone(),
-            result: Ok(3),
-        },
-    );
+    written(&mut core, at(4), &id, Ok(3));
     let io = drain(&mut core);
     assert_settled(&io[0], 2, Settle::Ack);
     let write = assert_write(&io[1], &id, 3);
     assert!(write.publish.is_empty() && write.set_timer.is_none() && !write.clear_timer);
-    core.handle_io_done(
-        at(5),
-        Done::Written {
-            saga_id: id.clone(),
-            result: Ok(4),
-        },
-    );
+    written(&mut core, at(5), &id, Ok(4));
     assert_settled(&drain(&mut core)[0], 3, Settle::Ack);
     assert_eq!(core.metrics.duplicates.get(), 1);
 
@@ -704,12 +623,6 @@ fn shutdown_refuses_queued_and_new_callers_and_leaves_messages_unsettled() {
     assert_eq!(phase(io.next().unwrap()), (4, Err(ApiError::ShuttingDown)));
 
     // Work in progress finishes.
-    core.handle_io_done(
-        at(2),
-        Done::Loaded {
-            saga_id: id.clone(),
-            result: Ok(None),
-        },
-    );
+    loaded(&mut core, at(2), &id, Ok(None));
     assert_write(&drain(&mut core)[0], &id, 0);
 }
