@@ -565,6 +565,16 @@ fn an_early_wake_rearms_and_a_late_reply_is_journaled_only() {
     );
     drain(&mut core);
     loaded(&mut core, at(1), &id, Ok(Some(saga)));
+    // A wake may follow an interrupted transition: its effects go out again first.
+    let io = drain(&mut core);
+    assert!(matches!(&io[..], [Io::Publish { .. }]), "{io:?}");
+    core.handle_io_done(
+        at(1),
+        Done::Published {
+            saga_id: id.clone(),
+            result: Ok(()),
+        },
+    );
     let io = drain(&mut core);
     assert_eq!(io.len(), 1, "{io:?}");
     match &io[0] {
