@@ -412,6 +412,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn saga_ids_are_stable_and_subjects_parse_back() {
+        assert_eq!(
+            saga_id("order-creation", "k1"),
+            saga_id("order-creation", "k1")
+        );
+        assert_ne!(
+            saga_id("order-creation", "k1"),
+            saga_id("order-creation", "k2")
+        );
+        assert_ne!(saga_id("a", "b\nc"), saga_id("a\nb", "c"));
+        // The id of a key must never change: journals are found by it.
+        assert_eq!(
+            saga_id("order-creation", "k1"),
+            "81fbf41b-3d1f-5ddd-9fa6-3bc6905554aa"
+        );
+
+        assert_eq!(subject::start_type(&subject::start("order")), Some("order"));
+        assert_eq!(subject::start_type("saga.start."), None);
+        assert_eq!(subject::start_type("saga.reply.x"), None);
+        assert_eq!(
+            subject::fired_saga(&subject::timer_fire("s-1")),
+            Some("s-1")
+        );
+        assert_eq!(subject::fired_saga("saga.timer.fire."), None);
+        assert_eq!(subject::timer_set("s-1"), "saga.timer.set.s-1");
+        assert_eq!(subject::journal("s-1"), "saga.journal.s-1");
+        assert_eq!(
+            subject::dead_letter("orchestrator.replies"),
+            "saga.dead.orchestrator.replies"
+        );
+    }
+
+    #[test]
     fn command_ids_round_trip_and_reject_garbage() {
         let id = CommandId {
             saga_id: "0194-ab".into(),
