@@ -5,7 +5,8 @@
 //! - [`definitions`]: the saga definitions it knows, by name and version.
 //! - [`provision`]: creates and checks streams and consumers.
 //! - [`store`]: the journal stream: saga state and history, with optimistic concurrency.
-//! - [`driver`]: the loop that applies inputs to sagas and carries out the effects.
+//! - [`driver`]: applies inputs to sagas: a pure scheduler core and the executor
+//!   that carries out its I/O.
 //! - [`http`]: health, readiness and metrics over HTTP.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`bench`]: the load generator behind `jetsaga bench`.
