@@ -50,7 +50,8 @@ impl From<ApiError> for HttpError {
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         if status.is_server_error() {
-            tracing::warn!(%error, "request failed");
+            let cause = std::error::Error::source(&error).map(ToString::to_string);
+            tracing::warn!(%error, ?cause, "request failed");
         }
         Self {
             status,
