@@ -285,7 +285,7 @@ pub async fn run(options: Options) -> Result<Report, Error> {
     let closed = matches!(options.load, Load::Closed { .. });
 
     let mut events = client
-        .subscribe("saga.event.>")
+        .subscribe(jetsaga_sagas::protocol::subject::EVENTS)
         .await
         .map_err(|e| Error::Io(format!("subscribe to events: {e}")))?;
     client.flush().await.map_err(|e| Error::Io(e.to_string()))?;
