@@ -1,5 +1,6 @@
 //! One `nats-server` with JetStream, in its own temporary directory.
 
+use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -82,6 +83,8 @@ pub struct NatsServer {
     config_file: PathBuf,
     log_file: PathBuf,
     store_dir: PathBuf,
+    /// A given configuration file (see [`NatsServer::try_start_with_file`]) instead of a generated one.
+    given: Option<Given>,
     child: Option<Child>,
     // Dropped last: the process must be gone before its directory is removed.
     dir: TempDir,
@@ -145,6 +148,50 @@ impl NatsServer {
         }
     }
 
+    /// Starts `nats-server -c file` (e.g. a configuration the project ships) with `env` added to
+    /// its environment, and waits until it accepts clients.
+    ///
+    /// Command-line flags override the file so the server stays private to the test: it listens
+    /// on a free `127.0.0.1` port (`-a`, `-p`), serves monitoring on another free port (`-m`) and
+    /// keeps JetStream in the temporary directory (`-sd`; the file must therefore not set
+    /// `store_dir` itself). [`restart`](Self::restart) and `Drop` behave as for
+    /// [`start`](Self::start).
+    ///
+    /// # Errors
+    ///
+    /// As for [`try_start_with`](Self::try_start_with); a file the server refuses gives
+    /// [`Error::Exited`] with its message.
+    pub fn try_start_with_file(
+        file: impl AsRef<Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, Error> {
+        let mut server = Self::configured(&Options::default(), free_port()?)?;
+        server.config_file = file.as_ref().to_owned();
+        server.given = Some(Given {
+            env: env.into_iter().collect(),
+            monitor_port: free_port()?,
+        });
+        let mut attempt = 1;
+        loop {
+            match server.spawn_and_wait() {
+                Err(Error::PortInUse { .. }) if attempt < START_ATTEMPTS => {
+                    attempt += 1;
+                    server.port = free_port()?;
+                    if let Some(given) = server.given.as_mut() {
+                        given.monitor_port = free_port()?;
+                    }
+                }
+                Err(e) => return Err(e),
+                Ok(()) => return Ok(server),
+            }
+        }
+    }
+
+    /// The monitoring port (`/varz`, `/jsz`) of a server started from a file, on `127.0.0.1`.
+    pub fn monitor_port(&self) -> Option<u16> {
+        self.given.as_ref().map(|g| g.monitor_port)
+    }
+
     /// The client URL, `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
@@ -165,7 +212,7 @@ impl NatsServer {
         self.dir.path()
     }
 
-    /// The generated configuration file the server runs with.
+    /// The configuration file the server runs with (generated, or the one given).
     pub fn config_file(&self) -> &Path {
         &self.config_file
     }
@@ -273,6 +320,7 @@ impl NatsServer {
             config_file: dir.path().join("nats-server.conf"),
             log_file: dir.path().join("nats-server.log"),
             store_dir: dir.path().join("js"),
+            given: None,
             child: None,
             dir,
         };
@@ -291,9 +339,21 @@ impl NatsServer {
             "--- jetsaga-testkit: starting nats-server on port {} ---",
             self.port
         )?;
-        let child = Command::new(&self.bin)
-            .arg("-c")
-            .arg(&self.config_file)
+        let mut command = Command::new(&self.bin);
+        command.arg("-c").arg(&self.config_file);
+        if let Some(given) = &self.given {
+            let flags: [(&str, OsString); 4] = [
+                ("-a", "127.0.0.1".into()),
+                ("-p", self.port.to_string().into()),
+                ("-m", given.monitor_port.to_string().into()),
+                ("-sd", self.store_dir.clone().into()),
+            ];
+            for (flag, value) in flags {
+                command.arg(flag).arg(value);
+            }
+            command.envs(given.env.iter().map(|(k, v)| (k, v)));
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -365,6 +425,13 @@ impl NatsServer {
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
     }
+}
+
+/// What a server started from a given file adds to its command line and environment.
+#[derive(Debug)]
+struct Given {
+    env: Vec<(String, String)>,
+    monitor_port: u16,
 }
 
 impl Drop for NatsServer {
