@@ -4,6 +4,8 @@
 # JetStream-enabled nats-server, the orchestrator and the three reference
 # participants, runs a batch of demo orders, prints where to look, and keeps
 # everything running until Ctrl-C (then stops exactly the processes it started).
+# When Prometheus is installed (deploy/install-prometheus.sh) it is started too, on
+# 127.0.0.1:9090, with deploy/prometheus/prometheus.local.yml and the shipped alert rules.
 #
 #   deploy/run-local.sh                 run and keep running
 #   deploy/run-local.sh --sync-always   nats-server fsyncs every write (durable; slower)
@@ -35,6 +37,13 @@ http="127.0.0.1:8080"
 state="$root/.tools/run"
 logs="$state/logs"
 mkdir -p "$logs"
+
+prom_port="${JETSAGA_LOCAL_PROMETHEUS_PORT:-9090}"
+prometheus_bin="$(command -v prometheus || true)"
+if [[ -n "$prometheus_bin" ]] && (exec 3<>"/dev/tcp/127.0.0.1/$prom_port") 2>/dev/null; then
+  echo "run-local: port $prom_port is taken; not starting Prometheus" >&2
+  prometheus_bin=""
+fi
 
 for port in "$nats_port" 8080 9101 9102 9103; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
@@ -111,6 +120,17 @@ for port in 9101 9102 9103; do
   done
 done
 
+prom_line="  Prometheus      not installed (deploy/install-prometheus.sh installs it)"
+if [[ -n "$prometheus_bin" ]]; then
+  echo "==> prometheus on http://127.0.0.1:$prom_port"
+  cp deploy/prometheus/prometheus.local.yml deploy/prometheus/alerts.yml "$state/"
+  "$prometheus_bin" --config.file="$state/prometheus.local.yml" --storage.tsdb.path="$state/prometheus-data" \
+    --web.listen-address="127.0.0.1:$prom_port" >"$logs/prometheus.log" 2>&1 &
+  pids+=($!)
+  echo $! > "$state/prometheus.pid"
+  prom_line="  Prometheus      http://127.0.0.1:$prom_port (alerts: /alerts; dashboards' queries: deploy/grafana/dashboards)"
+fi
+
 if $demo; then
   echo "==> demo: 100 orders, 10 % declined"
   "$bin/jetsaga" bench --nats "$JETSAGA_NATS__URL" --sagas 100 --concurrency 20 --timeout 30s
@@ -122,7 +142,8 @@ jetsaga is running:
   HTTP API        http://$http  (POST /v1/sagas/order-creation, /healthz, /readyz)
   metrics         http://$http/metrics
   participants    http://127.0.0.1:9101/metrics (inventory), :9102 (payment), :9103 (notification)
-  NATS            nats://127.0.0.1:$nats_port (monitoring http://127.0.0.1:8222)
+  NATS            nats://127.0.0.1:$nats_port (monitoring http://127.0.0.1:8222/varz, /jsz)
+$prom_line
   logs            $logs (process ids in $state/*.pid)
   load test       $bin/jetsaga bench --sagas 20000 --concurrency 512
 INFO

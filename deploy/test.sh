@@ -50,6 +50,16 @@ else
     cargo test --no-fail-fast "${runner_args[@]}" || status=$?
 fi
 
+# Deployment files (deploy/check-deploy.sh) and the Grafana dashboards' queries against a real
+# Prometheus scraping a running system (deploy/check-dashboards.sh). Skipped when a package
+# selection (-p) is given. JETSAGA_SKIP_DEPLOY_CHECKS=1 skips them.
+if ((${#packages[@]} == 0)) && [[ "${JETSAGA_SKIP_DEPLOY_CHECKS:-}" != 1 ]]; then
+    echo "== deploy/check-deploy.sh"
+    bash "${script_dir}/check-deploy.sh" || status=$?
+    echo "== deploy/check-dashboards.sh"
+    bash "${script_dir}/check-dashboards.sh" || status=$?
+fi
+
 if ((status != 0)); then
     echo "FAILED (exit ${status})" >&2
 fi
