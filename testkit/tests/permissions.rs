@@ -339,4 +339,17 @@ async fn shipped_users_run_order_sagas_and_nothing_more() {
         );
     }
     assert!(admin.get_stream("JETSAGA_COMMANDS").await.is_ok());
+
+    // Without a password, or with another user's, nobody gets in.
+    assert!(async_nats::connect(server.url()).await.is_err());
+    let wrong = async_nats::ConnectOptions::with_user_and_password(
+        "inventory".to_owned(),
+        password("payment"),
+    )
+    .connect(server.url())
+    .await;
+    assert!(
+        wrong.is_err(),
+        "inventory logged in with payment's password"
+    );
 }
