@@ -1,66 +1,466 @@
 #!/usr/bin/env bash
-# Measures jetsaga with its own load generator: starts the whole system from an
-# empty store (deploy/run-local.sh --fresh), runs `jetsaga bench` with the given
-# arguments three times, prints each result and the medians, then stops
-# everything it started.
+# Measures jetsaga with its own load generator (`jetsaga bench`) on a system started by
+# deploy/run-local.sh, and stops everything it started (checked by process id) at the end.
+# Every run reports, besides throughput and latency, the CPU time each process spent per saga
+# (utime + stime from /proc/<pid>/stat of nats-server, the orchestrator and each participant).
 #
-#   deploy/bench.sh --sagas 20000 --concurrency 512            saturation
-#   deploy/bench.sh --rate 500 --duration 30s                  latency at a fixed rate
-#   deploy/bench.sh --sync-always --sagas 5000 --concurrency 256
-#   RUNS=5 deploy/bench.sh ...                                 more runs
+#   deploy/bench.sh [BENCH ARGS]                   RUNS (default 3) runs on one fresh system, medians
+#       deploy/bench.sh --sagas 20000 --concurrency 512
+#       deploy/bench.sh --rate 500 --duration 30s
+#   deploy/bench.sh --growth N [--step S] [--idle SECS] [BENCH ARGS]
+#                                                  one store, `--sagas S` (default 100000) again and
+#                                                  again until N sagas; per step: throughput, RSS,
+#                                                  subjects, messages, bytes and disk; SECS idle
+#                                                  before a last reading (the server frees memory
+#                                                  only at its 2-minute forced GC: use >= 150)
+#   deploy/bench.sh --compare REV [BENCH ARGS]     builds REV (release, in .tools/compare/<commit>),
+#                                                  runs base and current alternately, RUNS each, each
+#                                                  on a fresh system; medians and current/base ratios
+#
+# Options of every mode: --sync-always (nats-server fsyncs every write), --json (one JSON object
+# with every figure on the last line). Other arguments go to `jetsaga bench`. Exits non-zero with
+# a message when the system does not start, a process dies, or a run has unfinished, failed or
+# mismatched sagas.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 runs="${RUNS:-3}"
+state="$root/.tools/run"
+export JETSAGA_LOCAL_NATS_PORT="${JETSAGA_LOCAL_NATS_PORT:-4222}"
+export JETSAGA_LOCAL_MONITOR_PORT="${JETSAGA_LOCAL_MONITOR_PORT:-8222}"
+nats_url="nats://127.0.0.1:$JETSAGA_LOCAL_NATS_PORT"
+monitor_url="http://127.0.0.1:$JETSAGA_LOCAL_MONITOR_PORT"
+# The processes whose CPU and memory are measured, by their pid file in $state.
+processes=(nats-server orchestrator inventory payment notification)
+clk_tck="$(getconf CLK_TCK)"
+
+die() {
+  echo "bench: $*" >&2
+  exit 1
+}
+whole() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 needs a whole number, not '$2'"; }
+
+mode=runs
+growth_total=0
+step=100000
+idle=0
+compare_rev=""
+json=false
 system_args=(--no-demo --fresh)
 bench_args=()
-for arg in "$@"; do
-  case "$arg" in
+growth_only=()
+while (($#)); do
+  case "$1" in
+    --growth | --step | --idle | --compare)
+      (($# >= 2)) || die "$1 needs a value"
+      case "$1" in
+        --growth) mode=growth; whole "$1" "$2"; growth_total="$2" ;;
+        --step) whole "$1" "$2"; step="$2"; growth_only+=("$1") ;;
+        --idle) whole "$1" "$2"; idle="$2"; growth_only+=("$1") ;;
+        --compare) mode=compare; compare_rev="$2" ;;
+      esac
+      shift ;;
+    --json) json=true ;;
     --sync-always) system_args+=(--sync-always) ;;
-    *) bench_args+=("$arg") ;;
+    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
+    *) bench_args+=("$1") ;;
   esac
+  shift
 done
+whole RUNS "$runs"
+((runs >= 1)) || die "RUNS must be at least 1"
+if [[ $mode == growth ]]; then
+  ((growth_total >= 1 && step >= 1)) || die "--growth and --step need at least 1 saga"
+  for arg in "${bench_args[@]}"; do
+    case "$arg" in
+      --sagas | --rate | --duration) die "--growth sets the sagas per step itself (--step); drop $arg" ;;
+    esac
+  done
+fi
+if [[ $compare_rev != "" && $growth_total != 0 ]]; then die "--growth and --compare do not combine"; fi
+if [[ $mode != growth ]] && ((${#growth_only[@]})); then die "${growth_only[0]} only goes with --growth"; fi
 
-log="$root/.tools/run/bench-system.log"
-mkdir -p "$root/.tools/run"
-deploy/run-local.sh "${system_args[@]}" >"$log" 2>&1 &
-system=$!
-stop() {
-  kill -TERM "$system" 2>/dev/null || true
-  wait "$system" 2>/dev/null || true
+work="$(mktemp -d)"
+system=""
+finish() {
+  local status=$?
+  trap - EXIT INT TERM
+  stop_system || status=1
+  for port in "$JETSAGA_LOCAL_NATS_PORT" "$JETSAGA_LOCAL_MONITOR_PORT" 8080 9101 9102 9103; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "bench: warning: 127.0.0.1:$port still accepts connections (not a process this run started)" >&2
+    fi
+  done
+  rm -rf "$work"
+  exit "$status"
 }
-trap stop EXIT INT TERM
+trap finish EXIT
+trap 'exit 130' INT TERM
 
-for _ in $(seq 1 3000); do
-  grep -q "jetsaga is running" "$log" 2>/dev/null && break
-  if ! kill -0 "$system" 2>/dev/null; then
-    echo "bench: the system did not start:" >&2
-    cat "$log" >&2
-    exit 1
+# The number crunching: `py COMMAND ARGS…` (standard library only).
+read -r -d '' PY <<'PY' || true
+import json, os, statistics, sys, urllib.request
+
+PROCESSES = os.environ["BENCH_PROCESSES"].split()
+CLK_TCK = int(os.environ["BENCH_CLK_TCK"])
+MB = 1024 * 1024
+
+def fail(message):
+    sys.exit("bench: " + message)
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+def proc_reading(name, state):
+    """CPU seconds (utime + stime) and VmRSS bytes of the process named by state/NAME.pid."""
+    try:
+        with open(os.path.join(state, name + ".pid")) as f:
+            pid = int(f.read().strip())
+        with open("/proc/%d/stat" % pid) as f:
+            # The command name in field 2 may hold spaces: split after its closing parenthesis.
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/%d/status" % pid) as f:
+            rss = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+    except (OSError, ValueError, StopIteration) as e:
+        fail("%s is not running (%s); see .tools/run/logs/%s.log" % (name, e, name))
+    # fields[0] is field 3 of stat (state): utime is field 14, stime field 15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK, rss
+
+def streams(monitor):
+    try:
+        with urllib.request.urlopen(monitor + "/jsz?streams=true", timeout=30) as r:
+            jsz = json.load(r)
+    except OSError as e:
+        fail("cannot read %s/jsz: %s" % (monitor, e))
+    out = {}
+    for account in jsz.get("account_details") or []:
+        for s in account.get("stream_detail") or []:
+            st = s.get("state", {})
+            out[s["name"]] = {"subjects": st.get("num_subjects", 0),
+                              "messages": st.get("messages", 0), "bytes": st.get("bytes", 0)}
+    return dict(sorted(out.items()))
+
+def disk_bytes(path):
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+            except OSError:
+                pass  # a block file removed while we walk
+    return total
+
+def snapshot(state, monitor=None, store=None):
+    """Usage: snapshot STATE [MONITOR_URL STORE_DIR] -> JSON of CPU, RSS (and streams, disk)."""
+    cpu, rss = {}, {}
+    for name in PROCESSES:
+        cpu[name], rss[name] = proc_reading(name, state)
+    out = {"cpu_s": cpu, "rss_bytes": rss}
+    if monitor:
+        out["streams"] = streams(monitor)
+        out["disk_bytes"] = disk_bytes(store)
+    print(json.dumps(out))
+
+def record(label, before, after, output, loadgen_cpu, dest):
+    """Joins the snapshots around a run with the bench's JSON line into one record."""
+    before, after = load(before), load(after)
+    report = None
+    with open(output) as f:
+        for line in f:
+            if line.strip().startswith("{"):
+                report = json.loads(line)
+    if report is None:
+        fail("%s: the bench printed no JSON report" % label)
+    n = max(report["sagas"], 1)
+    cpu = {p: (after["cpu_s"][p] - before["cpu_s"][p]) * 1e6 / n for p in PROCESSES}
+    cpu["total"] = sum(cpu.values())
+    user, system = (float(x) for x in loadgen_cpu.split())
+    rec = {"label": label, "report": report, "cpu_us_per_saga": cpu,
+           "loadgen_cpu_us_per_saga": (user + system) * 1e6 / n,
+           "rss_bytes": after["rss_bytes"]}
+    for key in ("streams", "disk_bytes"):
+        if key in after:
+            rec[key] = after[key]
+    with open(dest, "w") as f:
+        json.dump(rec, f)
+    print(label + ": " + line_of(rec))
+
+def cpu_text(cpu, loadgen):
+    parts = ", ".join("%s %.0f" % (p, cpu[p]) for p in PROCESSES)
+    return "CPU µs/saga: %s = total %.0f (load generator %.0f)" % (parts, cpu["total"], loadgen)
+
+def line_of(r):
+    rep, l = r["report"], r["report"]["latency_ms"]
+    return ("%.0f sagas/s (offered %.0f/s), latency ms p50 %.1f p90 %.1f p99 %.1f max %.1f; %s"
+            % (rep["throughput_per_s"], rep["offered_per_s"], l["p50"], l["p90"], l["p99"], l["max"],
+               cpu_text(r["cpu_us_per_saga"], r["loadgen_cpu_us_per_saga"])))
+
+def median_of(records):
+    med = lambda f: statistics.median(f(r) for r in records)
+    lat = lambda k: med(lambda r: r["report"]["latency_ms"][k])
+    return {
+        "runs": len(records),
+        "throughput_per_s": med(lambda r: r["report"]["throughput_per_s"]),
+        "offered_per_s": med(lambda r: r["report"]["offered_per_s"]),
+        "latency_ms": {k: lat(k) for k in ("p50", "p90", "p99", "max")},
+        "cpu_us_per_saga": {p: med(lambda r: r["cpu_us_per_saga"][p]) for p in PROCESSES + ["total"]},
+        "loadgen_cpu_us_per_saga": med(lambda r: r["loadgen_cpu_us_per_saga"]),
+    }
+
+def median_line(m):
+    l = m["latency_ms"]
+    return ("median of %d runs: throughput %.0f sagas/s, offered %.0f/s, p50 %.1f ms, p90 %.1f ms, "
+            "p99 %.1f ms, max %.1f ms; %s" % (m["runs"], m["throughput_per_s"], m["offered_per_s"],
+            l["p50"], l["p90"], l["p99"], l["max"], cpu_text(m["cpu_us_per_saga"],
+            m["loadgen_cpu_us_per_saga"])))
+
+def medians(as_json, *files):
+    records = [load(f) for f in files]
+    m = median_of(records)
+    print(median_line(m))
+    if as_json == "true":
+        print(json.dumps({"mode": "runs", "runs": records, "median": m}))
+
+def growth_row(file, stored, first):
+    r = load(file)
+    rep, rss = r["report"], r["rss_bytes"]
+    subjects = sum(s["subjects"] for s in r["streams"].values())
+    if first == "true":
+        print("%6s %10s %9s %8s %11s %11s %10s %10s %9s %9s %9s" % ("step", "stored", "sagas/s",
+              "p99 ms", "CPU µs/saga", "nats RSS MB", "orch RSS MB", "subjects", "subj/saga",
+              "disk MB", "disk/saga"))
+    stored = int(stored)
+    print("%6s %10d %9.0f %8.1f %11.0f %11.1f %11.1f %10d %9.2f %9.1f %8.0fB" % (
+        r["label"], stored, rep["throughput_per_s"], rep["latency_ms"]["p99"],
+        r["cpu_us_per_saga"]["total"], rss["nats-server"] / MB, rss["orchestrator"] / MB, subjects,
+        subjects / stored, r["disk_bytes"] / MB, r["disk_bytes"] / stored))
+    for name, s in r["streams"].items():
+        print("%6s   %-24s %10d subjects %10d messages %10.1f MB" % ("", name, s["subjects"],
+              s["messages"], s["bytes"] / MB))
+    sys.stdout.flush()
+
+def growth_summary(as_json, idle_s, idle_file, *files):
+    steps = [load(f) for f in files]
+    stored, total = [], 0
+    for s in steps:
+        total += s["report"]["sagas"]
+        stored.append(total)
+        s["stored"] = total
+        s["subjects_total"] = sum(x["subjects"] for x in s["streams"].values())
+    first, last = steps[0], steps[-1]
+    summary = {"stored": total, "steps": len(steps),
+               "subjects_per_saga": last["subjects_total"] / total,
+               "disk_bytes_per_saga": last["disk_bytes"] / total}
+    print("summary over %d steps, %d sagas stored:" % (len(steps), total))
+    if len(steps) >= 2:
+        d = stored[-1] - stored[0]
+        growth = {p: (last["rss_bytes"][p] - first["rss_bytes"][p]) / d for p in ("nats-server", "orchestrator")}
+        share = 100 * last["report"]["throughput_per_s"] / first["report"]["throughput_per_s"]
+        orch = 100 * (last["rss_bytes"]["orchestrator"] / first["rss_bytes"]["orchestrator"] - 1)
+        summary.update({"rss_growth_bytes_per_saga": growth, "last_step_throughput_pct_of_first": share,
+                        "orchestrator_rss_change_pct": orch})
+        print("  nats-server RSS %.1f MB -> %.1f MB from %d to %d sagas stored: %+.0f bytes per saga" % (
+            first["rss_bytes"]["nats-server"] / MB, last["rss_bytes"]["nats-server"] / MB, stored[0],
+            stored[-1], growth["nats-server"]))
+        print("  throughput of the last step: %.0f %% of the first (%.0f -> %.0f sagas/s)" % (
+            share, first["report"]["throughput_per_s"], last["report"]["throughput_per_s"]))
+        print("  orchestrator RSS %.1f MB -> %.1f MB (%+.1f %%)" % (
+            first["rss_bytes"]["orchestrator"] / MB, last["rss_bytes"]["orchestrator"] / MB, orch))
+    else:
+        print("  one step only: no growth figures (use a --step below --growth)")
+    print("  at the end: %.2f subjects and %.0f bytes of disk per stored saga" % (
+        summary["subjects_per_saga"], summary["disk_bytes_per_saga"]))
+    idle = None
+    if idle_file != "-":
+        idle = load(idle_file)
+        idle["idle_s"] = int(idle_s)
+        n, o = idle["rss_bytes"]["nats-server"], idle["rss_bytes"]["orchestrator"]
+        summary["after_idle"] = {"idle_s": int(idle_s), "nats_rss_bytes": n, "orchestrator_rss_bytes": o,
+                                 "nats_rss_bytes_per_saga": n / total}
+        print("  after %s s idle: nats-server RSS %.1f MB (%.0f bytes per stored saga), orchestrator RSS %.1f MB"
+              % (idle_s, n / MB, n / total, o / MB))
+    if as_json == "true":
+        print(json.dumps({"mode": "growth", "steps": steps, "idle": idle, "summary": summary}))
+
+def compare(as_json, base_name, current_name, *files):
+    split = files.index("--")
+    sides = {"base": [load(f) for f in files[:split]], "current": [load(f) for f in files[split + 1:]]}
+    med = {k: median_of(v) for k, v in sides.items()}
+    rows = [("throughput sagas/s", lambda m: m["throughput_per_s"]),
+            ("p50 ms", lambda m: m["latency_ms"]["p50"]),
+            ("p99 ms", lambda m: m["latency_ms"]["p99"]),
+            ("CPU µs/saga total", lambda m: m["cpu_us_per_saga"]["total"])]
+    rows += [("  " + p, (lambda p: lambda m: m["cpu_us_per_saga"][p])(p)) for p in PROCESSES]
+    rows += [("  (load generator)", lambda m: m["loadgen_cpu_us_per_saga"])]
+    b, c = med["base"], med["current"]
+    print("medians of %d runs each (throughput: higher is better; latency and CPU: lower)" % b["runs"])
+    print("%-22s %16s %16s %13s" % ("", "base " + base_name, "current " + current_name, "current/base"))
+    ratio = {}
+    for name, f in rows:
+        r = f(c) / f(b) if f(b) else float("nan")
+        ratio[name.strip()] = r
+        print("%-22s %16.1f %16.1f %13.3f" % (name, f(b), f(c), r))
+    if as_json == "true":
+        print(json.dumps({"mode": "compare", "base": {"rev": base_name, "runs": sides["base"], "median": b},
+                          "current": {"rev": current_name, "runs": sides["current"], "median": c},
+                          "ratio": ratio}))
+
+commands = {"snapshot": snapshot, "record": record, "medians": medians, "growth-row": growth_row,
+            "growth-summary": growth_summary, "compare": compare}
+commands[sys.argv[1]](*sys.argv[2:])
+PY
+py() { BENCH_PROCESSES="${processes[*]}" BENCH_CLK_TCK="$clk_tck" python3 -c "$PY" "$@"; }
+
+# start_system [BIN_DIR]: a fresh system (run-local.sh) running the binaries in BIN_DIR
+# (default: run-local.sh builds and runs this tree's).
+start_system() {
+  local log="$state/bench-system.log"
+  mkdir -p "$state"
+  for name in "${processes[@]}"; do rm -f "$state/$name.pid"; done
+  touch "$work/started"
+  JETSAGA_BIN_DIR="${1:-}" deploy/run-local.sh "${system_args[@]}" >"$log" 2>&1 &
+  system=$!
+  for _ in $(seq 1 3000); do
+    grep -q "jetsaga is running" "$log" 2>/dev/null && return 0
+    if ! kill -0 "$system" 2>/dev/null; then
+      wait "$system" 2>/dev/null || true
+      system=""
+      tail -n 30 "$log" >&2
+      die "the system did not start (log: .tools/run/bench-system.log)"
+    fi
+    sleep 0.2
+  done
+  die "the system was not up after 10 minutes (log: .tools/run/bench-system.log)"
+}
+
+# stop_system: stops run-local.sh (which stops its processes), then makes sure every process
+# it wrote a pid file for is gone; fails if one had to be killed.
+stop_system() {
+  [[ -n "$system" ]] || return 0
+  local pids=() pid left=() status=0
+  while read -r file; do pids+=("$(cat "$file")"); done \
+    < <(find "$state" -maxdepth 1 -name '*.pid' -newer "$work/started")
+  kill -TERM "$system" 2>/dev/null || true
+  for _ in $(seq 1 300); do kill -0 "$system" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$system" 2>/dev/null; then
+    echo "bench: run-local.sh did not stop within 30 s; killing it" >&2
+    kill -KILL "$system" 2>/dev/null || true
+    status=1
   fi
-  sleep 0.2
-done
+  wait "$system" 2>/dev/null || true
+  system=""
+  for pid in "${pids[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then left+=("$pid"); fi
+  done
+  if ((${#left[@]})); then
+    echo "bench: still running after the system stopped: pids ${left[*]}; killing them" >&2
+    kill -KILL "${left[@]}" 2>/dev/null || true
+    status=1
+  fi
+  return "$status"
+}
 
-results=()
-for run in $(seq 1 "$runs"); do
-  echo "==> run $run/$runs: jetsaga bench ${bench_args[*]}"
-  line="$("$root/target/release/jetsaga" bench "${bench_args[@]}" --json 2>/dev/null | tail -n 1)"
-  echo "$line"
-  results+=("$line")
-done
+# run_bench LABEL BIN_DIR [EXTRA BENCH ARGS]: one `jetsaga bench` run (the load generator from
+# BIN_DIR) with CPU readings around it; writes $work/LABEL.json and prints its line.
+run_bench() {
+  local label="$1" bin_dir="$2"
+  shift 2
+  local out="$work/$label.out" timing="$work/$label.time" rc=0
+  py snapshot "$state" >"$work/$label.before"
+  local TIMEFORMAT='%3U %3S'
+  { time "$bin_dir/jetsaga" bench --nats "$nats_url" "${bench_args[@]}" "$@" --json \
+    >"$out" 2>&1; } 2>"$timing" || rc=$?
+  if [[ $mode == growth ]]; then
+    py snapshot "$state" "$monitor_url" "$state/nats-data" >"$work/$label.after"
+  else
+    py snapshot "$state" >"$work/$label.after"
+  fi
+  if ((rc != 0)); then
+    grep -v '^{' "$out" >&2 || true
+    die "$label: jetsaga bench failed (exit $rc); system log .tools/run/bench-system.log, process logs .tools/run/logs"
+  fi
+  py record "$label" "$work/$label.before" "$work/$label.after" "$out" "$(cat "$timing")" "$work/$label.json"
+}
 
-printf '%s\n' "${results[@]}" | python3 -c '
-import json, statistics, sys
-rows = [json.loads(l) for l in sys.stdin if l.strip().startswith("{")]
-if not rows:
-    sys.exit("bench: no results")
-med = lambda f: statistics.median(f(r) for r in rows)
-print("median of %d runs: throughput %.0f sagas/s, offered %.0f/s, p50 %.1f ms, p90 %.1f ms, p99 %.1f ms, max %.1f ms" % (
-    len(rows), med(lambda r: r["throughput_per_s"]), med(lambda r: r["offered_per_s"]),
-    med(lambda r: r["latency_ms"]["p50"]), med(lambda r: r["latency_ms"]["p90"]),
-    med(lambda r: r["latency_ms"]["p99"]), med(lambda r: r["latency_ms"]["max"])))
-bad = [r for r in rows if r["unfinished"] or r["failed"] or r["compensated"] != r["declined"]]
-if bad:
-    sys.exit("bench: %d runs had unfinished, failed or mismatched sagas" % len(bad))
-'
+case "$mode" in
+  runs)
+    start_system "${JETSAGA_BIN_DIR:-}"
+    bin_dir="${JETSAGA_BIN_DIR:-$root/target/release}"
+    files=()
+    for run in $(seq 1 "$runs"); do
+      echo "==> run $run/$runs: jetsaga bench ${bench_args[*]}"
+      run_bench "run-$run" "$bin_dir"
+      files+=("$work/run-$run.json")
+    done
+    py medians "$json" "${files[@]}"
+    ;;
+
+  growth)
+    start_system "${JETSAGA_BIN_DIR:-}"
+    bin_dir="${JETSAGA_BIN_DIR:-$root/target/release}"
+    echo "==> growth: $growth_total sagas on one store, $step per step: jetsaga bench --sagas $step ${bench_args[*]}"
+    files=()
+    stored=0
+    first=true
+    while ((stored < growth_total)); do
+      n=$((growth_total - stored < step ? growth_total - stored : step))
+      k=$((${#files[@]} + 1))
+      run_bench "$k" "$bin_dir" --sagas "$n" >/dev/null
+      stored=$((stored + n))
+      files+=("$work/$k.json")
+      py growth-row "$work/$k.json" "$stored" "$first"
+      first=false
+    done
+    idle_file=-
+    if ((idle > 0)); then
+      echo "==> idle for $idle s before the last reading"
+      sleep "$idle"
+      idle_file="$work/idle.json"
+      py snapshot "$state" "$monitor_url" "$state/nats-data" >"$idle_file"
+    fi
+    py growth-summary "$json" "$idle" "$idle_file" "${files[@]}"
+    ;;
+
+  compare)
+    base_commit="$(git rev-parse --verify --quiet "$compare_rev^{commit}")" \
+      || die "--compare: '$compare_rev' is not a revision of this repository"
+    base_name="$(git rev-parse --short=10 "$base_commit")"
+    current_name="$(git rev-parse --short=10 HEAD)"
+    if [[ -n "$(git status --porcelain --untracked-files=no)" ]]; then current_name="$current_name+changes"; fi
+    base_tree="$root/.tools/compare/$base_name"
+    if [[ ! -e "$base_tree" ]]; then
+      echo "==> checking out $compare_rev ($base_name) in .tools/compare/$base_name"
+      git worktree add --detach "$base_tree" "$base_commit" >&2
+      if [[ -d target/release/deps && ! -e "$base_tree/target" ]]; then
+        # Seed its target dir with this tree's compiled dependencies (same versions rebuild
+        # nothing); the workspace's own crates are rebuilt from the base sources.
+        mkdir -p "$base_tree/target/release"
+        cp -a target/release/deps target/release/build target/release/.fingerprint "$base_tree/target/release/"
+      fi
+    fi
+    [[ "$(git -C "$base_tree" rev-parse HEAD)" == "$base_commit" ]] \
+      || die ".tools/compare/$base_name is not a checkout of $base_commit; remove it (git worktree remove)"
+    echo "==> building base $base_name (release, .tools/compare/$base_name/target)"
+    (cd "$base_tree" && cargo build --release --bins)
+    echo "==> building current $current_name (release)"
+    cargo build --release --bins --quiet
+    # One load generator for both sides (this tree's): the instrument stays the same, and the
+    # base's may not know newer bench arguments.
+    loadgen_dir="$root/target/release"
+    base_files=()
+    current_files=()
+    for run in $(seq 1 "$runs"); do
+      for side in base current; do
+        if [[ $side == base ]]; then dir="$base_tree/target/release"; else dir="$root/target/release"; fi
+        echo "==> run $run/$runs, $side: jetsaga bench ${bench_args[*]}"
+        start_system "$dir"
+        run_bench "$side-$run" "$loadgen_dir"
+        stop_system || die "the $side system did not stop cleanly"
+        if [[ $side == base ]]; then base_files+=("$work/$side-$run.json"); else current_files+=("$work/$side-$run.json"); fi
+      done
+    done
+    py compare "$json" "$base_name" "$current_name" "${base_files[@]}" -- "${current_files[@]}"
+    ;;
+esac

@@ -12,6 +12,7 @@
 #   deploy/run-local.sh --no-demo       skip the demo orders
 #   deploy/run-local.sh --demo-only     run the demo, then stop everything and exit
 #   deploy/run-local.sh --fresh         start from an empty JetStream store
+#   JETSAGA_BIN_DIR=DIR deploy/run-local.sh   run the binaries in DIR (no build), e.g. another revision's
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,12 +28,13 @@ for arg in "$@"; do
     --no-demo) demo=false ;;
     --fresh) fresh=true ;;
     --demo-only) keep=false ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "run-local: unknown argument '$arg'" >&2; exit 64 ;;
   esac
 done
 
 nats_port="${JETSAGA_LOCAL_NATS_PORT:-4222}"
+monitor_port="${JETSAGA_LOCAL_MONITOR_PORT:-8222}"
 http="127.0.0.1:8080"
 state="$root/.tools/run"
 logs="$state/logs"
@@ -45,7 +47,7 @@ if [[ -n "$prometheus_bin" ]] && (exec 3<>"/dev/tcp/127.0.0.1/$prom_port") 2>/de
   prometheus_bin=""
 fi
 
-for port in "$nats_port" 8080 9101 9102 9103; do
+for port in "$nats_port" "$monitor_port" 8080 9101 9102 9103; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "run-local: port $port on 127.0.0.1 is already in use; stop whatever listens there first" >&2
     exit 1
@@ -53,9 +55,14 @@ for port in "$nats_port" 8080 9101 9102 9103; do
 done
 
 nats_bin="$("$root/deploy/install-nats-server.sh" | tail -n 1)"
-echo "==> building release binaries"
-cargo build --release --bins --quiet
-bin="$root/target/release"
+if [[ -n "${JETSAGA_BIN_DIR:-}" ]]; then
+  bin="$(cd "$JETSAGA_BIN_DIR" && pwd)"
+  echo "==> using the binaries in $bin"
+else
+  echo "==> building release binaries"
+  cargo build --release --bins --quiet
+  bin="$root/target/release"
+fi
 
 pids=()
 cleanup() {
@@ -75,14 +82,14 @@ sync_line=""
 if $sync_always; then sync_line="  sync_interval: always"; fi
 cat > "$state/nats.conf" <<CONF
 listen: 127.0.0.1:$nats_port
-http: 127.0.0.1:8222
+http: 127.0.0.1:$monitor_port
 jetstream {
   store_dir: "$state/nats-data"
 $sync_line
 }
 CONF
 
-echo "==> nats-server on 127.0.0.1:$nats_port (store $state/nats-data)"
+echo "==> nats-server on 127.0.0.1:$nats_port (store $state/nats-data, monitoring http://127.0.0.1:$monitor_port)"
 "$nats_bin" -c "$state/nats.conf" >"$logs/nats-server.log" 2>&1 &
 pids+=($!)
 echo $! > "$state/nats-server.pid"
