@@ -228,16 +228,17 @@ def growth_row(file, stored, first):
     rep, rss = r["report"], r["rss_bytes"]
     subjects = sum(s["subjects"] for s in r["streams"].values())
     if first == "true":
-        print("%6s %10s %9s %8s %11s %11s %10s %10s %9s %9s %9s" % ("step", "stored", "sagas/s",
-              "p99 ms", "CPU µs/saga", "nats RSS MB", "orch RSS MB", "subjects", "subj/saga",
-              "disk MB", "disk/saga"))
+        print("%5s %9s %8s %8s %22s %12s %12s %10s %9s %9s %9s" % ("step", "stored", "sagas/s",
+              "p99 ms", "CPU µs/saga total/nats", "nats RSS MB", "orch RSS MB", "subjects",
+              "subj/saga", "disk MB", "disk/saga"))
     stored = int(stored)
-    print("%6s %10d %9.0f %8.1f %11.0f %11.1f %11.1f %10d %9.2f %9.1f %8.0fB" % (
+    print("%5s %9d %8.0f %8.1f %16.0f/%5.0f %12.1f %12.1f %10d %9.2f %9.1f %8.0fB" % (
         r["label"], stored, rep["throughput_per_s"], rep["latency_ms"]["p99"],
-        r["cpu_us_per_saga"]["total"], rss["nats-server"] / MB, rss["orchestrator"] / MB, subjects,
+        r["cpu_us_per_saga"]["total"], r["cpu_us_per_saga"]["nats-server"],
+        rss["nats-server"] / MB, rss["orchestrator"] / MB, subjects,
         subjects / stored, r["disk_bytes"] / MB, r["disk_bytes"] / stored))
     for name, s in r["streams"].items():
-        print("%6s   %-24s %10d subjects %10d messages %10.1f MB" % ("", name, s["subjects"],
+        print("%5s   %-24s %10d subjects %10d messages %10.1f MB" % ("", name, s["subjects"],
               s["messages"], s["bytes"] / MB))
     sys.stdout.flush()
 
