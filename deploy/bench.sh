@@ -297,12 +297,12 @@ def compare(as_json, base_name, current_name, *files):
     rows += [("  (load generator)", lambda m: m["loadgen_cpu_us_per_saga"])]
     b, c = med["base"], med["current"]
     print("medians of %d runs each (throughput: higher is better; latency and CPU: lower)" % b["runs"])
-    print("%-22s %16s %16s %13s" % ("", "base " + base_name, "current " + current_name, "current/base"))
+    print("%-22s %20s %20s %13s" % ("", "base " + base_name, "current " + current_name, "current/base"))
     ratio = {}
     for name, f in rows:
         r = f(c) / f(b) if f(b) else float("nan")
         ratio[name.strip()] = r
-        print("%-22s %16.1f %16.1f %13.3f" % (name, f(b), f(c), r))
+        print("%-22s %20.1f %20.1f %13.3f" % (name, f(b), f(c), r))
     if as_json == "true":
         print(json.dumps({"mode": "compare", "base": {"rev": base_name, "runs": sides["base"], "median": b},
                           "current": {"rev": current_name, "runs": sides["current"], "median": c},
