@@ -83,9 +83,14 @@ if [[ $mode != growth ]] && ((${#growth_only[@]})); then die "${growth_only[0]} 
 
 work="$(mktemp -d)"
 system=""
+loadgen=""
 finish() {
   local status=$?
   trap - EXIT INT TERM
+  if [[ -n "$loadgen" ]]; then
+    kill -TERM "$loadgen" 2>/dev/null || true
+    wait "$loadgen" 2>/dev/null || true
+  fi
   stop_system || status=1
   for port in "$JETSAGA_LOCAL_NATS_PORT" "$JETSAGA_LOCAL_MONITOR_PORT" 8080 9101 9102 9103; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
@@ -100,7 +105,7 @@ trap 'exit 130' INT TERM
 
 # The number crunching: `py COMMAND ARGS…` (standard library only).
 read -r -d '' PY <<'PY' || true
-import json, os, statistics, sys, urllib.request
+import json, os, re, statistics, sys, urllib.request
 
 PROCESSES = os.environ["BENCH_PROCESSES"].split()
 CLK_TCK = int(os.environ["BENCH_CLK_TCK"])
@@ -163,7 +168,13 @@ def snapshot(state, monitor=None, store=None):
         out["disk_bytes"] = disk_bytes(store)
     print(json.dumps(out))
 
-def record(label, before, after, output, loadgen_cpu, dest):
+def children_cpu_s(times_output):
+    """CPU seconds of the children waited for, from the second line of bash's `times`."""
+    with open(times_output) as f:
+        line = f.read().splitlines()[1]
+    return sum(int(m) * 60 + float(s) for m, s in re.findall(r"(\d+)m([\d.]+)s", line))
+
+def record(label, before, after, output, times_before, times_after, dest):
     """Joins the snapshots around a run with the bench's JSON line into one record."""
     before, after = load(before), load(after)
     report = None
@@ -176,9 +187,9 @@ def record(label, before, after, output, loadgen_cpu, dest):
     n = max(report["sagas"], 1)
     cpu = {p: (after["cpu_s"][p] - before["cpu_s"][p]) * 1e6 / n for p in PROCESSES}
     cpu["total"] = sum(cpu.values())
-    user, system = (float(x) for x in loadgen_cpu.split())
+    loadgen = children_cpu_s(times_after) - children_cpu_s(times_before)
     rec = {"label": label, "report": report, "cpu_us_per_saga": cpu,
-           "loadgen_cpu_us_per_saga": (user + system) * 1e6 / n,
+           "loadgen_cpu_us_per_saga": loadgen * 1e6 / n,
            "rss_bytes": after["rss_bytes"]}
     for key in ("streams", "disk_bytes"):
         if key in after:
@@ -320,6 +331,7 @@ start_system() {
   local log="$state/bench-system.log"
   mkdir -p "$state"
   for name in "${processes[@]}"; do rm -f "$state/$name.pid"; done
+  : >"$log" # before the start: the last system's log also says "jetsaga is running"
   touch "$work/started"
   JETSAGA_BIN_DIR="${1:-}" deploy/run-local.sh "${system_args[@]}" >"$log" 2>&1 &
   system=$!
@@ -368,11 +380,16 @@ stop_system() {
 run_bench() {
   local label="$1" bin_dir="$2"
   shift 2
-  local out="$work/$label.out" timing="$work/$label.time" rc=0
+  local out="$work/$label.out" rc=0
   py snapshot "$state" >"$work/$label.before"
-  local TIMEFORMAT='%3U %3S'
-  { time "$bin_dir/jetsaga" bench --nats "$nats_url" "${bench_args[@]}" "$@" --json \
-    >"$out" 2>&1; } 2>"$timing" || rc=$?
+  # `times` (in this shell) sums the CPU of the children waited for: the difference is the
+  # load generator's. It runs in the background so that a signal stops bench.sh at once.
+  times >"$work/$label.times-before"
+  "$bin_dir/jetsaga" bench --nats "$nats_url" "${bench_args[@]}" "$@" --json >"$out" 2>&1 &
+  loadgen=$!
+  wait "$loadgen" || rc=$?
+  loadgen=""
+  times >"$work/$label.times-after"
   if [[ $mode == growth ]]; then
     py snapshot "$state" "$monitor_url" "$state/nats-data" >"$work/$label.after"
   else
@@ -382,7 +399,8 @@ run_bench() {
     grep -v '^{' "$out" >&2 || true
     die "$label: jetsaga bench failed (exit $rc); system log .tools/run/bench-system.log, process logs .tools/run/logs"
   fi
-  py record "$label" "$work/$label.before" "$work/$label.after" "$out" "$(cat "$timing")" "$work/$label.json"
+  py record "$label" "$work/$label.before" "$work/$label.after" "$out" \
+    "$work/$label.times-before" "$work/$label.times-after" "$work/$label.json"
 }
 
 case "$mode" in
@@ -417,7 +435,7 @@ case "$mode" in
     idle_file=-
     if ((idle > 0)); then
       echo "==> idle for $idle s before the last reading"
-      sleep "$idle"
+      for ((i = 0; i < idle; i++)); do sleep 1; done # in steps: a signal stops it at once
       idle_file="$work/idle.json"
       py snapshot "$state" "$monitor_url" "$state/nats-data" >"$idle_file"
     fi
