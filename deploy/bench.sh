@@ -92,7 +92,8 @@ finish() {
     wait "$loadgen" 2>/dev/null || true
   fi
   stop_system || status=1
-  for port in "$JETSAGA_LOCAL_NATS_PORT" "$JETSAGA_LOCAL_MONITOR_PORT" 8080 9101 9102 9103; do
+  for port in "$JETSAGA_LOCAL_NATS_PORT" "$JETSAGA_LOCAL_MONITOR_PORT" 8080 9101 9102 9103 \
+    "${JETSAGA_LOCAL_PROMETHEUS_PORT:-9090}"; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
       echo "bench: warning: 127.0.0.1:$port still accepts connections (not a process this run started)" >&2
     fi
