@@ -1,0 +1,129 @@
+//! The `[telemetry]` section and its setup: `tracing` logs to stderr (text or JSON, with a
+//! filter) and, when an endpoint is configured, OTLP/gRPC trace export.
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use serde::{Deserialize, Serialize};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::config;
+
+/// Logs and traces: the same `[telemetry]` section in every binary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct Telemetry {
+    /// OTLP/gRPC endpoint for traces (e.g. `http://127.0.0.1:4317`); empty: no export.
+    pub otlp_endpoint: String,
+    /// `text` or `json` log lines.
+    pub log_format: String,
+    /// Log filter (`RUST_LOG` syntax), e.g. `info` or `jetsaga_participant=debug`.
+    pub log_filter: String,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            log_format: "text".to_owned(),
+            log_filter: "info".to_owned(),
+        }
+    }
+}
+
+impl Telemetry {
+    /// Checks the section.
+    ///
+    /// # Errors
+    ///
+    /// Naming the invalid field.
+    pub fn validate(&self) -> Result<(), config::Error> {
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(config::Error::field(
+                "telemetry.log-format",
+                "must be \"text\" or \"json\"",
+            ));
+        }
+        if let Err(e) = EnvFilter::try_new(&self.log_filter) {
+            return Err(config::Error::field("telemetry.log-filter", e.to_string()));
+        }
+        Ok(())
+    }
+}
+
+/// Why telemetry could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The log filter does not parse.
+    #[error("telemetry.log-filter: {0}")]
+    Filter(#[from] tracing_subscriber::filter::ParseError),
+    /// The OTLP exporter cannot be built from the endpoint.
+    #[error("telemetry.otlp-endpoint: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    /// A global subscriber is already installed.
+    #[error("logging: {0}")]
+    Install(#[from] tracing_subscriber::util::TryInitError),
+}
+
+/// Flushes traces when dropped (at the end of `main`).
+#[derive(Debug)]
+pub struct Guard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+/// Installs the global subscriber for `service`, and the W3C trace-context propagator.
+///
+/// # Errors
+///
+/// [`Error`] naming the setting that cannot be used.
+pub fn init(service: &'static str, config: &Telemetry) -> Result<Guard, Error> {
+    let filter = EnvFilter::try_new(&config.log_filter)?;
+    let fmt = match config.log_format.as_str() {
+        "json" => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        _ => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    let provider = if config.otlp_endpoint.is_empty() {
+        None
+    } else {
+        use opentelemetry_otlp::WithExportConfig;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(config.otlp_endpoint.clone())
+            .build()?;
+        let resource = opentelemetry_sdk::Resource::builder()
+            .with_service_name(service)
+            .build();
+        Some(
+            SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(resource)
+                .build(),
+        )
+    };
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init()?;
+    Ok(Guard { provider })
+}
