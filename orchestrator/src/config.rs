@@ -7,29 +7,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Why a configuration was refused; the message names the field.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: String,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The file, or an environment override, does not fit the schema.
-    #[error("invalid config: {0}")]
-    Parse(String),
-    /// A value is out of range.
-    #[error("invalid config: {field}: {problem}")]
-    Invalid {
-        /// `section.key` of the field.
-        field: &'static str,
-        /// What is wrong.
-        problem: String,
-    },
-}
+pub use jetsaga_runtime::config::{Error, duration};
+pub use jetsaga_runtime::nats::Nats;
+pub use jetsaga_runtime::streams::{Storage, Streams};
+pub use jetsaga_runtime::telemetry::Telemetry;
 
 /// Everything `jetsaga serve` needs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -43,47 +24,8 @@ pub struct Config {
     pub streams: Streams,
     /// The driver.
     pub engine: Engine,
-}
-
-/// NATS connection settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
-pub struct Nats {
-    /// Server URL(s), comma-separated. Default `nats://127.0.0.1:4222`.
-    pub url: String,
-    /// A `.creds` file (JWT + nkey seed).
-    pub credentials_file: Option<PathBuf>,
-    /// User name, with `password`.
-    pub user: Option<String>,
-    /// Password, with `user`.
-    pub password: Option<String>,
-    /// Token authentication.
-    pub token: Option<String>,
-    /// A CA certificate (PEM) to trust; enables TLS.
-    pub tls_ca_file: Option<PathBuf>,
-    /// Client certificate (PEM), with `tls-key-file`.
-    pub tls_cert_file: Option<PathBuf>,
-    /// Client key (PEM), with `tls-cert-file`.
-    pub tls_key_file: Option<PathBuf>,
-    /// How long to wait for the first connection.
-    #[serde(with = "duration")]
-    pub connect_timeout: Duration,
-}
-
-impl Default for Nats {
-    fn default() -> Self {
-        Self {
-            url: "nats://127.0.0.1:4222".to_owned(),
-            credentials_file: None,
-            user: None,
-            password: None,
-            token: None,
-            tls_ca_file: None,
-            tls_cert_file: None,
-            tls_key_file: None,
-            connect_timeout: Duration::from_secs(5),
-        }
-    }
+    /// Logs and traces.
+    pub telemetry: Telemetry,
 }
 
 /// HTTP settings.
@@ -98,40 +40,6 @@ impl Default for Http {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-        }
-    }
-}
-
-/// Where JetStream keeps the data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Storage {
-    /// On disk (the default).
-    File,
-    /// In memory (tests, benchmarks).
-    Memory,
-}
-
-/// Stream settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
-pub struct Streams {
-    /// File or memory storage.
-    pub storage: Storage,
-    /// Replicas per stream (3 in a 3-node cluster).
-    pub replicas: usize,
-    /// How long journals (saga state), commands and replies are kept. Finished sagas
-    /// can be inspected, and participants' recorded replies stay valid, this long.
-    #[serde(with = "duration")]
-    pub retention: Duration,
-}
-
-impl Default for Streams {
-    fn default() -> Self {
-        Self {
-            storage: Storage::File,
-            replicas: 1,
-            retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -170,66 +78,35 @@ impl Default for Engine {
 }
 
 impl Config {
-    /// Loads defaults, then `file` if given, then `JETSAGA_*` variables from `vars`.
+    /// Loads defaults, then `file` if given, then `JETSAGA_*` variables from `vars`, then
+    /// [`Config::validate`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error`] naming the field and where its value came from.
     pub fn load(
         file: Option<&Path>,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, Error> {
-        let mut table = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| Error::Parse(format!("{}: {}", path.display(), e.message())))?
-            }
-            None => toml::Table::new(),
-        };
-        overlay_env(&mut table, vars)?;
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| Error::Parse(format!("{}: {}", e.path(), e.inner().message())))?;
-        config.validate()?;
-        Ok(config)
+        jetsaga_runtime::config::load(file, vars)
     }
 
     /// Checks ranges and combinations serde cannot.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Field`] naming the first invalid field.
     pub fn validate(&self) -> Result<(), Error> {
-        let invalid = |field, problem: &str| {
-            Err(Error::Invalid {
-                field,
-                problem: problem.to_owned(),
-            })
-        };
-        if self.nats.url.split(',').any(|u| u.trim().is_empty()) {
-            return invalid("nats.url", "empty server URL");
-        }
-        for url in self.nats.url.split(',') {
-            if url.trim().parse::<async_nats::ServerAddr>().is_err() {
-                return Err(Error::Invalid {
-                    field: "nats.url",
-                    problem: format!("\"{url}\" is not a NATS server URL"),
-                });
-            }
-        }
-        if self.nats.user.is_some() != self.nats.password.is_some() {
-            return invalid("nats.user", "user and password go together");
-        }
-        if self.nats.tls_cert_file.is_some() != self.nats.tls_key_file.is_some() {
-            return invalid(
-                "nats.tls-cert-file",
-                "tls-cert-file and tls-key-file go together",
-            );
-        }
-        if self.nats.connect_timeout.is_zero() {
-            return invalid("nats.connect-timeout", "must be greater than zero");
-        }
-        if !(1..=5).contains(&self.streams.replicas) {
-            return invalid("streams.replicas", "must be between 1 and 5");
-        }
-        if self.streams.retention < Duration::from_secs(60) {
-            return invalid("streams.retention", "must be at least 1m");
-        }
+        jetsaga_runtime::config::Validate::validate(self)
+    }
+}
+
+impl jetsaga_runtime::config::Validate for Config {
+    fn validate(&self) -> Result<(), Error> {
+        let invalid = |field: &str, problem: &str| Err(Error::field(field, problem));
+        self.nats.validate()?;
+        self.streams.validate()?;
+        self.telemetry.validate()?;
         if self.engine.max_in_flight == 0 || self.engine.max_in_flight > 100_000 {
             return invalid("engine.max-in-flight", "must be between 1 and 100000");
         }
@@ -246,58 +123,6 @@ impl Config {
             );
         }
         Ok(())
-    }
-}
-
-/// Applies `JETSAGA_<SECTION>__<KEY>=value` over the table. `KEY` is upper snake
-/// case of the kebab-case field (`JETSAGA_ENGINE__MAX_IN_FLIGHT`). Values are read
-/// as TOML (numbers, booleans) and fall back to plain strings.
-pub fn overlay_env(
-    table: &mut toml::Table,
-    vars: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), Error> {
-    for (name, value) in vars {
-        let Some(rest) = name.strip_prefix("JETSAGA_") else {
-            continue;
-        };
-        let Some((section, key)) = rest.split_once("__") else {
-            continue;
-        };
-        let section = section.to_lowercase().replace('_', "-");
-        let key = key.to_lowercase().replace('_', "-");
-        let parsed = format!("v = {value}")
-            .parse::<toml::Table>()
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or(toml::Value::String(value));
-        let entry = table
-            .entry(section.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        let toml::Value::Table(inner) = entry else {
-            return Err(Error::Parse(format!(
-                "{name}: [{section}] is not a section"
-            )));
-        };
-        inner.insert(key, parsed);
-    }
-    Ok(())
-}
-
-/// `Duration` as a human string (`"250ms"`, `"10s"`, `"7d"` is not accepted: use `"168h"`).
-pub mod duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    /// Serialises as e.g. `"10s"`.
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&jetsaga_sagas::definition::format_duration(*d))
-    }
-
-    /// Reads e.g. `"10s"`, `"1m30s"`.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        jetsaga_sagas::definition::parse_duration(&text).map_err(serde::de::Error::custom)
     }
 }
 

@@ -3,11 +3,9 @@
 //! and redrive them. JetStream's max-deliveries advisories for jetsaga's
 //! consumers are captured the same way.
 
-use async_nats::HeaderMap;
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream;
 use futures::StreamExt;
-use jetsaga_sagas::protocol::header;
-use jetsaga_sagas::streams;
+use jetsaga_runtime::dead_letter;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -21,57 +19,8 @@ pub(crate) async fn publish_and_term(
     message: jetstream::Message,
     reason: &str,
 ) {
-    let msg_id = match message.info() {
-        Ok(info) => format!("dead:{}:{}", info.stream, info.stream_sequence),
-        Err(_) => format!("dead:{}:{}", message.subject, uuid::Uuid::new_v4()),
-    };
-    let stored = publish(
-        js,
-        source,
-        &message.subject,
-        message.headers.as_ref(),
-        message.payload.clone(),
-        reason,
-        &msg_id,
-    )
-    .await;
-    let kind = match stored {
-        Ok(()) => AckKind::Term,
-        Err(e) => {
-            tracing::error!(error = %e, "could not store a dead letter; the message stays pending");
-            AckKind::Nak(Some(std::time::Duration::from_secs(5)))
-        }
-    };
-    if let Err(e) = message.ack_with(kind).await {
-        tracing::warn!(error = %e, "could not terminate a dead-lettered message");
-    }
-}
-
-/// Stores one dead letter.
-pub(crate) async fn publish(
-    js: &jetstream::Context,
-    source: &str,
-    subject: &str,
-    original: Option<&HeaderMap>,
-    payload: bytes::Bytes,
-    reason: &str,
-    msg_id: &str,
-) -> Result<(), String> {
-    let mut headers = original.cloned().unwrap_or_default();
-    // The original message's own dedup id must not make the copy look like a duplicate.
-    headers.insert(header::MSG_ID, msg_id);
-    headers.insert(header::DEAD_REASON, one_line(reason).as_str());
-    headers.insert(header::DEAD_SUBJECT, subject);
-    js.publish_with_headers(streams::dead_letter_subject(source), headers, payload)
-        .await
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(())
-}
-
-fn one_line(text: &str) -> String {
-    text.replace(['\r', '\n'], " ")
+    let kind = dead_letter::settle(js, source, &message, reason).await;
+    jetsaga_runtime::consume::settle(&message, kind).await;
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,18 +82,15 @@ pub(crate) async fn watch_max_deliveries(
             event.deliveries, event.consumer
         );
         let source = format!("maxdeliver.{}", event.consumer);
-        let msg_id = format!("dead:{}:{}", event.stream, event.stream_seq);
-        match publish(
-            &js,
-            &source,
-            &message.subject,
-            Some(&message.headers),
-            message.payload,
-            &reason,
-            &msg_id,
-        )
-        .await
-        {
+        let letter = dead_letter::DeadLetter {
+            source: &source,
+            subject: &message.subject,
+            headers: Some(&message.headers),
+            payload: message.payload,
+            reason: &reason,
+            msg_id: dead_letter::msg_id(&event.stream, event.stream_seq),
+        };
+        match dead_letter::publish(&js, letter).await {
             Ok(()) => {
                 metrics
                     .dead_letters

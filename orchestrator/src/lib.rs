@@ -45,8 +45,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use async_nats::jetstream::{self, AckKind};
-use futures::StreamExt;
+use async_nats::jetstream;
+use futures::FutureExt;
 use jetsaga_sagas::{Entry, Input, Phase, Saga};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -72,13 +72,8 @@ pub enum Error {
     #[error("invalid saga definitions:\n{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Definitions(Vec<jetsaga_sagas::definition::Error>),
     /// NATS could not be reached.
-    #[error("cannot connect to NATS at {url}: {reason}")]
-    Connect {
-        /// The URL tried.
-        url: String,
-        /// Why it failed.
-        reason: String,
-    },
+    #[error(transparent)]
+    Connect(#[from] jetsaga_runtime::nats::Error),
     /// Streams or consumers could not be set up.
     #[error(transparent)]
     Provision(#[from] provision::Error),
@@ -103,42 +98,7 @@ pub enum Error {
 
 /// Connects to NATS with the configured credentials.
 pub async fn connect(nats: &config::Nats, name: &str) -> Result<async_nats::Client, Error> {
-    let fail = |reason: String| Error::Connect {
-        url: nats.url.clone(),
-        reason,
-    };
-    let mut options = async_nats::ConnectOptions::new()
-        .name(name)
-        .connection_timeout(nats.connect_timeout)
-        .max_reconnects(None);
-    if let Some(path) = &nats.credentials_file {
-        options = options
-            .credentials_file(path)
-            .await
-            .map_err(|e| fail(format!("credentials file {}: {e}", path.display())))?;
-    }
-    if let (Some(user), Some(password)) = (&nats.user, &nats.password) {
-        options = options.user_and_password(user.clone(), password.clone());
-    }
-    if let Some(token) = &nats.token {
-        options = options.token(token.clone());
-    }
-    if let Some(ca) = &nats.tls_ca_file {
-        options = options.add_root_certificates(ca.clone()).require_tls(true);
-    }
-    if let (Some(cert), Some(key)) = (&nats.tls_cert_file, &nats.tls_key_file) {
-        options = options.add_client_certificate(cert.clone(), key.clone());
-    }
-    let addrs = nats
-        .url
-        .split(',')
-        .map(|u| u.trim().parse::<async_nats::ServerAddr>())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| fail(e.to_string()))?;
-    options
-        .connect(addrs)
-        .await
-        .map_err(|e| fail(e.to_string()))
+    Ok(jetsaga_runtime::nats::connect(nats, name).await?.client)
 }
 
 /// The orchestrator service; see [`Service::start`].
@@ -481,7 +441,8 @@ pub enum NotReady {
     Disconnected(async_nats::connection::State),
 }
 
-/// Pulls one consumer's messages into the driver's channel until cancelled.
+/// Pulls one consumer's messages into the driver's channel until cancelled; a free slot in
+/// the channel is the permit, so the driver's queue bounds what is in flight.
 async fn pump(
     consumer: jetstream::consumer::PullConsumer,
     source: Source,
@@ -489,39 +450,21 @@ async fn pump(
     token: CancellationToken,
     batch: usize,
 ) {
-    while !token.is_cancelled() {
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(batch)
-            .messages()
-            .await;
-        let mut messages = match messages {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(?source, error = %e, "cannot pull; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
-                    () = token.cancelled() => return,
-                }
-            }
-        };
-        loop {
-            tokio::select! {
-                next = messages.next() => match next {
-                    Some(Ok(message)) => {
-                        if let Err(mpsc::error::SendError((_, message))) = tx.send((source, message)).await {
-                            // The driver stopped: hand the message back at once.
-                            let _ = message.ack_with(AckKind::Nak(None)).await;
-                            return;
-                        }
-                    }
-                    Some(Err(e)) => tracing::debug!(?source, error = %e, "pull stream hiccup"),
-                    None => break,
-                },
-                () = token.cancelled() => return,
-            }
-        }
-    }
+    let settings = jetsaga_runtime::consume::Pull {
+        batch,
+        ..Default::default()
+    };
+    jetsaga_runtime::consume::pull(
+        &consumer,
+        settings,
+        &token,
+        // Closed when the driver stopped: the loop ends without taking another message.
+        || tx.clone().reserve_owned().map(Result::ok),
+        |message, permit| {
+            permit.send((source, message));
+        },
+    )
+    .await;
 }
 
 /// Keeps the connection gauge and readiness current.

@@ -132,17 +132,20 @@ fn config_file(args: &[String]) -> Result<Option<PathBuf>, String> {
 }
 
 fn serve(args: &[String]) -> ExitCode {
-    init_logging();
     let config = config_file(args).and_then(|file| {
         Config::load(file.as_deref(), std::env::vars()).map_err(|e| e.to_string())
     });
-    let config = match config {
+    let mut config = match config {
         Ok(c) => c,
         Err(e) => {
             eprintln!("jetsaga serve: {e}");
             return ExitCode::from(EX_USAGE);
         }
     };
+    // The log filter used to come from JETSAGA_LOG; it still wins when set.
+    if let Some(filter) = std::env::var("JETSAGA_LOG").ok().filter(|f| !f.is_empty()) {
+        config.telemetry.log_filter = filter;
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -150,41 +153,24 @@ fn serve(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(jetsaga_orchestrator::run(config, shutdown_signal())) {
+    let _telemetry = {
+        let _entered = runtime.enter();
+        match jetsaga_runtime::telemetry::init("jetsaga", &config.telemetry) {
+            Ok(guard) => guard,
+            Err(e) => {
+                eprintln!("jetsaga serve: {e}");
+                return ExitCode::from(EX_USAGE);
+            }
+        }
+    };
+    match runtime.block_on(jetsaga_orchestrator::run(
+        config,
+        jetsaga_runtime::shutdown::signal(),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("jetsaga serve: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("JETSAGA_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            let _ = ctrl_c.await;
-            return;
-        };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
     }
 }
