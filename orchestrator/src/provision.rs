@@ -52,13 +52,10 @@ pub async fn consumer(
     filter: &str,
     settings: ConsumerSettings,
 ) -> Result<consumer::PullConsumer, Error> {
-    let stream = js
-        .get_stream(stream)
-        .await
-        .map_err(|e| Error::Api {
-            what: format!("look up stream {stream}"),
-            source: e.into(),
-        })?;
+    let stream = js.get_stream(stream).await.map_err(|e| Error::Api {
+        what: format!("look up stream {stream}"),
+        source: e.into(),
+    })?;
     stream
         .create_consumer(consumer::pull::Config {
             durable_name: Some(name.to_owned()),

@@ -222,7 +222,10 @@ impl Consumer {
             () = shutdown => token.cancel(),
             () = pulling => {}
         }
-        tracing::info!(in_flight = tracker.len(), "stopping: finishing messages in flight");
+        tracing::info!(
+            in_flight = tracker.len(),
+            "stopping: finishing messages in flight"
+        );
         tracker.close();
         let left = match tokio::time::timeout(settings.grace, tracker.wait()).await {
             Ok(()) => 0,

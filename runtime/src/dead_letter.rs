@@ -138,6 +138,9 @@ mod tests {
             super::header_safe(&long).chars().count(),
             super::MAX_REASON + 1
         );
-        assert_eq!(super::msg_id("JETSAGA_REPLIES", 7), "dead:JETSAGA_REPLIES:7");
+        assert_eq!(
+            super::msg_id("JETSAGA_REPLIES", 7),
+            "dead:JETSAGA_REPLIES:7"
+        );
     }
 }

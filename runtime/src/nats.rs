@@ -140,10 +140,12 @@ impl Nats {
         self.url
             .split(',')
             .map(|url| {
-                url.trim().parse::<ServerAddr>().map_err(|source| Error::Url {
-                    url: url.to_owned(),
-                    source,
-                })
+                url.trim()
+                    .parse::<ServerAddr>()
+                    .map_err(|source| Error::Url {
+                        url: url.to_owned(),
+                        source,
+                    })
             })
             .collect()
     }

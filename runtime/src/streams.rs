@@ -268,7 +268,12 @@ pub fn verify(found: &stream::Config, wanted: &stream::Config) -> Result<(), Err
     // The server reports "no limit" as -1 where a create may have said 0.
     let per_subject = |n: i64| if n <= 0 { -1 } else { n };
     check(name, "subjects", &found.subjects, &wanted.subjects)?;
-    check(name, "allow_direct", &found.allow_direct, &wanted.allow_direct)?;
+    check(
+        name,
+        "allow_direct",
+        &found.allow_direct,
+        &wanted.allow_direct,
+    )?;
     check(
         name,
         "allow_msg_schedules",
@@ -410,6 +415,10 @@ mod tests {
         assert!(timers.allow_message_schedules && timers.allow_message_ttl);
         assert_eq!(timers.storage, stream::StorageType::Memory);
         let dead = config(&specs::DEAD_LETTERS, &memory);
-        assert_eq!(dead.max_age, specs::DEAD_LETTERS.max_age, "not a retention stream");
+        assert_eq!(
+            dead.max_age,
+            specs::DEAD_LETTERS.max_age,
+            "not a retention stream"
+        );
     }
 }

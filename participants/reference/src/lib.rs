@@ -6,9 +6,11 @@
 //! - [`inventory`]: stock per product, reservations per saga; `reserve`, `release`, `commit`.
 //! - [`payment`]: one payment record per saga; `charge`, `refund`; the ledger.
 //! - [`notification`]: consumes `order.confirmed` / `order.cancelled`, records one email per order.
-//! - [`config`]: the configuration loader and the shared sections; [`faults`]: injected
-//!   failures and latency; [`service`]: KV buckets and the metrics endpoint;
-//!   [`telemetry`]: logs and OTLP traces for the binaries.
+//! - [`config`]: the configuration and the shared sections; [`faults`]: injected
+//!   failures and latency; [`service`]: connection, KV buckets and the metrics endpoint.
+//!
+//! Connection, stream checks, the consume loop, signals and telemetry come from
+//! `jetsaga_runtime`, as in the orchestrator.
 
 pub mod config;
 pub mod faults;
@@ -16,7 +18,6 @@ pub mod inventory;
 pub mod notification;
 pub mod payment;
 pub mod service;
-pub mod telemetry;
 
 /// Why a participant could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,12 @@ pub enum Error {
     /// Invalid configuration.
     #[error(transparent)]
     Config(#[from] config::Error),
+    /// NATS could not be reached.
+    #[error(transparent)]
+    Connect(#[from] jetsaga_runtime::nats::Error),
+    /// A stream or bucket could not be created or has other settings.
+    #[error(transparent)]
+    Streams(#[from] jetsaga_runtime::streams::Error),
     /// NATS connection or JetStream set-up.
     #[error("nats: {0}")]
     Nats(String),
@@ -62,40 +69,18 @@ where
             return ExitCode::from(64);
         }
     };
-    let _telemetry = match telemetry::init(binary, config.telemetry()) {
+    let _telemetry = match jetsaga_runtime::telemetry::init(binary, config.telemetry()) {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("{binary}: {e}");
             return ExitCode::from(64);
         }
     };
-    match run(config, Box::pin(shutdown_signal())).await {
+    match run(config, Box::pin(jetsaga_runtime::shutdown::signal())).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "{binary} stopped");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM: the binaries' shutdown signal.
-pub async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let Ok(mut terminate) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            let _ = interrupt.await;
-            return;
-        };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
     }
 }

@@ -11,18 +11,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message, consumer, kv};
-use futures::StreamExt;
-use jetsaga_participant::{dead_letter, streams};
+use jetsaga_participant::streams;
+use jetsaga_runtime::consume::{self, Consumer, Handler, Pull};
+use jetsaga_runtime::dead_letter;
 use jetsaga_sagas::protocol::{Body, Event};
 use jetsaga_sagas::streams::EVENTS;
 use prometheus::{IntCounterVec, Opts};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{self, Load, Metrics, Nats, Telemetry};
+use crate::config::{self, Load, Metrics, Nats, Streams, Telemetry};
 use crate::faults::Faults;
 use crate::{Error, service};
 
@@ -68,6 +68,8 @@ impl Default for Settings {
 pub struct Config {
     /// NATS connection.
     pub nats: Nats,
+    /// Storage, replicas and retention of the streams and the bucket (as the orchestrator's).
+    pub streams: Streams,
     /// The metrics endpoint (default `127.0.0.1:9103`).
     pub metrics: Metrics,
     /// Logs and traces.
@@ -82,6 +84,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             nats: Nats::default(),
+            streams: Streams::default(),
             metrics: Metrics::on_port(9103),
             telemetry: Telemetry::default(),
             faults: Faults::default(),
@@ -94,9 +97,12 @@ impl Load for Config {
     fn telemetry(&self) -> &Telemetry {
         &self.telemetry
     }
+}
 
+impl config::Validate for Config {
     fn validate(&self) -> Result<(), config::Error> {
         self.nats.validate()?;
+        self.streams.validate()?;
         self.metrics.validate()?;
         self.telemetry.validate()?;
         self.faults.validate()?;
@@ -179,10 +185,10 @@ struct Notifier {
 ///
 /// When NATS, the bucket, the metrics endpoint or the consumer cannot be set up.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
-    let client = config.nats.connect("jetsaga-notification").await?;
+    let client = service::connect(&config.nats, "jetsaga-notification").await?;
     let js = jetstream::new(client.clone());
-    streams::ensure(&js, &streams::NEEDED, config.nats.replicas).await?;
-    let store = service::bucket(&js, &config.notification.bucket, config.nats.replicas).await?;
+    streams::ensure(&js, &streams::NEEDED, &config.streams).await?;
+    let store = service::bucket(&js, &config.notification.bucket, &config.streams).await?;
 
     let registry = prometheus::Registry::new();
     let emails = IntCounterVec::new(
@@ -225,52 +231,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     });
     info!(consumer = %s.consumer, "notification started");
 
-    let semaphore = Arc::new(Semaphore::new(s.concurrency));
-    let handlers = TaskTracker::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    'outer: loop {
-        let mut messages = match consumer
-            .stream()
-            .max_messages_per_batch(s.concurrency)
-            .messages()
-            .await
-        {
-            Ok(messages) => messages,
-            Err(e) => {
-                warn!(error = %e, "cannot pull events; trying again");
-                tokio::select! {
-                    () = &mut shutdown => break 'outer,
-                    () = tokio::time::sleep(Duration::from_millis(500)) => continue 'outer,
-                }
-            }
-        };
-        loop {
-            let permit = tokio::select! {
-                () = &mut shutdown => break 'outer,
-                permit = semaphore.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break 'outer,
-                },
-            };
-            let next = tokio::select! {
-                () = &mut shutdown => break 'outer,
-                next = messages.next() => next,
-            };
-            match next {
-                Some(Ok(msg)) => {
-                    let notifier = notifier.clone();
-                    handlers.spawn(async move {
-                        notifier.handle(msg).await;
-                        drop(permit);
-                    });
-                }
-                Some(Err(e)) => debug!(error = %e, "pull stream hiccup"),
-                None => continue 'outer,
-            }
-        }
-    }
-    handlers.close();
-    handlers.wait().await;
+    let settings = consume::Settings {
+        concurrency: s.concurrency,
+        pull: Pull {
+            batch: s.concurrency,
+            ..Pull::default()
+        },
+        ack_wait: s.ack_wait,
+        grace: s.ack_wait,
+    };
+    Consumer::new(consumer, client.clone(), settings)
+        .run(notifier, shutdown)
+        .await;
     token.cancel();
     tracker.close();
     tracker.wait().await;
@@ -281,25 +253,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     Ok(())
 }
 
-impl Notifier {
-    async fn handle(&self, msg: Message) {
+impl Handler for Notifier {
+    async fn handle(&self, msg: &Message) -> AckKind {
         let event = match Event::decode(&msg.payload) {
             Ok(event) => event,
             Err(e) => {
                 error!(subject = %msg.subject, reason = %e, "undecodable event: dead-lettering it");
                 let source = format!("participant.{NAME}");
-                let kind = match dead_letter::publish(&self.js, &source, &msg, &e.to_string()).await
-                {
-                    Ok(()) => {
-                        self.dead_letters.inc();
-                        AckKind::Term
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "cannot store the dead letter; will retry");
-                        AckKind::Nak(Some(Duration::from_millis(500)))
-                    }
-                };
-                return ack(&msg, kind).await;
+                let kind = dead_letter::settle(&self.js, &source, msg, &e.to_string()).await;
+                if matches!(kind, AckKind::Term) {
+                    self.dead_letters.inc();
+                }
+                return kind;
             }
         };
         let label = match event.event.as_str() {
@@ -310,19 +275,19 @@ impl Notifier {
             self.faults.inject(label).await
         {
             warn!(%reason, saga_id = %event.saga_id, "injected failure; will be redelivered");
-            return ack(&msg, AckKind::Nak(Some(Duration::from_millis(200)))).await;
+            return AckKind::Nak(Some(Duration::from_millis(200)));
         }
         let subject_line = match label {
             "order.confirmed" => "Your order is confirmed",
             "order.cancelled" => "Your order was cancelled",
             _ => {
                 debug!(event = %event.event, "not an order email; skipping");
-                return ack(&msg, AckKind::Ack).await;
+                return AckKind::Ack;
             }
         };
         if !service::is_key_safe(&event.saga_id) {
             warn!(saga_id = %event.saga_id, "saga id cannot be a key; skipping");
-            return ack(&msg, AckKind::Ack).await;
+            return AckKind::Ack;
         }
         let email = Email {
             to: event
@@ -345,23 +310,17 @@ impl Notifier {
             Ok(_) => {
                 info!(to = %email.to, subject = %email.subject, saga_id = %email.saga_id, "email sent");
                 self.emails.with_label_values(&[label, "sent"]).inc();
-                ack(&msg, AckKind::Ack).await;
+                AckKind::Ack
             }
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 debug!(saga_id = %event.saga_id, "email already sent");
                 self.emails.with_label_values(&[label, "duplicate"]).inc();
-                ack(&msg, AckKind::Ack).await;
+                AckKind::Ack
             }
             Err(e) => {
                 warn!(error = %e, "cannot record the email; will retry");
-                ack(&msg, AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                AckKind::Nak(Some(Duration::from_millis(500)))
             }
         }
-    }
-}
-
-async fn ack(msg: &Message, kind: AckKind) {
-    if let Err(e) = msg.ack_with(kind).await {
-        warn!(error = %e, "cannot acknowledge the event");
     }
 }

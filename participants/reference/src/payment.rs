@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
-use crate::config::{self, Consumer, Load, Metrics, Nats, Telemetry};
+use crate::config::{self, Consumer, Load, Metrics, Nats, Streams, Telemetry};
 use crate::faults::Faults;
 use crate::{Error, service};
 
@@ -57,6 +57,8 @@ impl Default for Settings {
 pub struct Config {
     /// NATS connection.
     pub nats: Nats,
+    /// Storage, replicas and retention of the streams and the bucket (as the orchestrator's).
+    pub streams: Streams,
     /// The command consumer.
     pub consumer: Consumer,
     /// The metrics endpoint (default `127.0.0.1:9102`).
@@ -73,6 +75,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             nats: Nats::default(),
+            streams: Streams::default(),
             consumer: Consumer::default(),
             metrics: Metrics::on_port(9102),
             telemetry: Telemetry::default(),
@@ -86,9 +89,12 @@ impl Load for Config {
     fn telemetry(&self) -> &Telemetry {
         &self.telemetry
     }
+}
 
+impl config::Validate for Config {
     fn validate(&self) -> Result<(), config::Error> {
         self.nats.validate()?;
+        self.streams.validate()?;
         self.consumer.validate()?;
         self.metrics.validate()?;
         self.telemetry.validate()?;
@@ -221,11 +227,11 @@ pub async fn ledger(store: &kv::Store) -> Result<Ledger, Error> {
 ///
 /// When NATS, the bucket, the metrics endpoint or the consumer cannot be set up.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
-    let client = config.nats.connect("jetsaga-payment").await?;
+    let client = service::connect(&config.nats, "jetsaga-payment").await?;
     let registry = prometheus::Registry::new();
-    let builder = service::builder(NAME, &config.consumer, &config.nats, registry.clone());
+    let builder = service::builder(NAME, &config.consumer, &config.streams, registry.clone());
     let js = jetstream::new(client.clone());
-    let store = service::bucket(&js, &config.payment.bucket, config.nats.replicas).await?;
+    let store = service::bucket(&js, &config.payment.bucket, &config.streams).await?;
     let tracker = TaskTracker::new();
     let token = CancellationToken::new();
     if let Some(address) = config.metrics.address() {

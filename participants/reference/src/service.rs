@@ -1,4 +1,5 @@
-//! What every reference participant does around its logic: KV buckets, the metrics endpoint.
+//! What every reference participant does around its logic: the connection, KV buckets, the
+//! metrics endpoint.
 
 use std::net::SocketAddr;
 
@@ -10,38 +11,35 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::Error;
+use crate::config::{Nats, Streams};
 
-/// The bucket `name`, created (one value per key, `replicas` copies) if it does not exist.
+/// Connects as `name` with the `[nats]` settings.
 ///
 /// # Errors
 ///
-/// [`Error::Kv`] if it can be neither opened nor created.
+/// [`Error::Connect`] if no server can be reached.
+pub async fn connect(nats: &Nats, name: &str) -> Result<async_nats::Client, Error> {
+    Ok(jetsaga_runtime::nats::connect(nats, name).await?.client)
+}
+
+/// The bucket `name` (one value per key), created with the `[streams]` settings if it does
+/// not exist, checked if it does.
+///
+/// # Errors
+///
+/// [`Error::Streams`] if it can be neither opened nor created, or has other settings.
 pub async fn bucket(
     js: &jetstream::Context,
     name: &str,
-    replicas: usize,
+    streams: &Streams,
 ) -> Result<kv::Store, Error> {
-    if let Ok(store) = js.get_key_value(name).await {
-        return Ok(store);
-    }
-    let created = js
-        .create_key_value(kv::Config {
-            bucket: name.to_owned(),
-            description: "jetsaga reference participant state".to_owned(),
-            history: 1,
-            num_replicas: replicas.max(1),
-            storage: jetstream::stream::StorageType::File,
-            ..Default::default()
-        })
-        .await;
-    match created {
-        Ok(store) => Ok(store),
-        // Another instance may have created it meanwhile.
-        Err(e) => js
-            .get_key_value(name)
-            .await
-            .map_err(|_| Error::Kv(format!("bucket {name}: {e}"))),
-    }
+    Ok(jetsaga_runtime::streams::ensure_bucket(
+        js,
+        name,
+        "jetsaga reference participant state",
+        streams,
+    )
+    .await?)
 }
 
 /// Serves `/metrics` (Prometheus text) and `/healthz` on `listen` until `token` is cancelled;
@@ -97,7 +95,7 @@ pub fn is_key_safe(text: &str) -> bool {
 pub fn builder(
     name: &str,
     consumer: &crate::config::Consumer,
-    nats: &crate::config::Nats,
+    streams: &Streams,
     registry: prometheus::Registry,
 ) -> jetsaga_participant::Builder {
     jetsaga_participant::Participant::builder(name)
@@ -106,6 +104,6 @@ pub fn builder(
         .ack_wait(consumer.ack_wait)
         .max_deliver(consumer.max_deliver)
         .shutdown_grace(consumer.shutdown_grace)
-        .stream_replicas(nats.replicas)
+        .streams(streams.clone())
         .registry(registry)
 }

@@ -22,8 +22,11 @@ fn spawn(binary: &str, url: &str) -> ChildGuard {
         .env("JETSAGA_TELEMETRY__LOG_FILTER", "warn")
         // Slow enough that the kill lands while commands are in flight.
         .env("JETSAGA_FAULTS__LATENCY", "5ms")
-        .env("JETSAGA_CONSUMER__ACK_WAIT", "2s")
-        .env("JETSAGA_INVENTORY__CATALOGUE", "{ c-1 = 200, c-2 = 150 }");
+        .env("JETSAGA_CONSUMER__ACK_WAIT", "2s");
+    // Unknown sections are refused, so only the inventory gets its catalogue.
+    if binary == "jetsaga-inventory" {
+        cmd.env("JETSAGA_INVENTORY__CATALOGUE", "{ c-1 = 200, c-2 = 150 }");
+    }
     ChildGuard::spawn(cmd).unwrap()
 }
 

@@ -7,27 +7,14 @@ pub enum Error {
     /// A builder setting is out of range.
     #[error("invalid participant setting: {0}")]
     Config(String),
-    /// A stream could be neither found nor created.
-    #[error("stream {stream}: {reason}")]
-    Stream {
-        /// The stream's name.
-        stream: &'static str,
-        /// What the server or client said.
-        reason: String,
-    },
+    /// A stream could be neither found nor created, or exists with other settings.
+    #[error(transparent)]
+    Stream(#[from] jetsaga_runtime::streams::Error),
     /// The durable consumer could not be created or consumed.
     #[error("consumer {consumer}: {reason}")]
     Consumer {
         /// The consumer's name.
         consumer: String,
-        /// What the server or client said.
-        reason: String,
-    },
-    /// A publish (reply, dead letter) was not acknowledged by JetStream.
-    #[error("publish to {subject}: {reason}")]
-    Publish {
-        /// Where it was published.
-        subject: String,
         /// What the server or client said.
         reason: String,
     },

@@ -4,22 +4,24 @@
 //! `saga.cmd.<participant>.<action>` and answers each on its reply subject. This crate does
 //! everything around the business logic, so a participant is a name and a few handlers:
 //!
-//! - the streams (created if missing) and the durable pull consumer `participant-<name>`;
+//! - the streams (created if missing, checked if present) and the durable pull consumer
+//!   `participant-<name>`;
 //! - many commands in flight at once (configurable concurrency and `max_ack_pending`);
 //! - idempotency on the command id: a command whose reply is already recorded in the reply
 //!   stream gets that reply again and the handler does not run;
 //! - acks: a reply is published and its PubAck awaited before the command is acked;
 //!   [`Handled::Retry`] naks with a delay, and on the last delivery records a retryable
 //!   `retries_exhausted` failure; a panicking handler counts as a retry;
-//! - undecodable commands are terminated and copied to the dead-letter stream;
+//! - undecodable commands are terminated and copied to the dead-letter stream
+//!   (`jetsaga_runtime::dead_letter`);
 //! - the `traceparent` header becomes the parent of the handler's span and travels back
 //!   on the reply;
 //! - Prometheus metrics ([`metrics`]);
 //! - graceful shutdown: stop pulling, finish what is in flight, drain.
 //!
-//! Modules: [`handler`] (what handlers get and return), [`streams`] (stream specs to
-//! async-nats configs), [`dead_letter`], [`trace`] (trace context in headers), [`metrics`],
-//! [`error`].
+//! Modules: [`handler`] (what handlers get and return), [`streams`] (the streams it needs),
+//! [`trace`] (trace context in headers), [`metrics`], [`error`]. The consume loop, stream
+//! checks and dead letters are `jetsaga_runtime`'s.
 //!
 //! ```no_run
 //! use jetsaga_participant::{Context, Handled, Participant};
@@ -41,7 +43,6 @@
 //! # Ok(()) }
 //! ```
 
-pub mod dead_letter;
 pub mod error;
 pub mod handler;
 pub mod metrics;

@@ -8,23 +8,20 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, Message, consumer};
 use async_nats::{HeaderMap, jetstream::stream::DirectGetErrorKind};
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
+use jetsaga_runtime::consume::{self, Pull};
+use jetsaga_runtime::streams::Streams;
 use jetsaga_sagas::definition::is_subject_token;
 use jetsaga_sagas::protocol::{
     self, Body, Command, DecodeError, DecodeErrorKind, Failure, Outcome, Reply, header, subject,
 };
 use jetsaga_sagas::streams::REPLIES;
-use tokio::sync::Semaphore;
-use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::handler::{BoxHandler, Context, Handled, boxed, code};
 use crate::metrics::{self, Metrics};
-use crate::{Error, dead_letter, streams, trace};
-
-/// Pause before pulling again after the consumer's message stream failed.
-const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
+use crate::{Error, streams, trace};
 /// Redelivery delay when the idempotency record or the reply could not be reached.
 const INFRA_RETRY_DELAY: Duration = Duration::from_millis(250);
 
@@ -37,7 +34,7 @@ struct Settings {
     max_deliver: u32,
     initial_backoff: Duration,
     max_backoff: Duration,
-    stream_replicas: usize,
+    streams: Streams,
     shutdown_grace: Duration,
     drain: bool,
 }
@@ -51,7 +48,7 @@ impl Default for Settings {
             max_deliver: 5,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
-            stream_replicas: 1,
+            streams: Streams::default(),
             shutdown_grace: Duration::from_secs(30),
             drain: true,
         }
@@ -125,7 +122,14 @@ impl Builder {
 
     /// Replicas of the streams the participant creates when they are missing (default 1).
     pub fn stream_replicas(mut self, n: usize) -> Self {
-        self.settings.stream_replicas = n;
+        self.settings.streams.replicas = n;
+        self
+    }
+
+    /// The storage, replicas and retention the streams must have (the `[streams]` section
+    /// the orchestrator has too): missing streams are created so, existing ones are checked.
+    pub fn streams(mut self, streams: Streams) -> Self {
+        self.settings.streams = streams;
         self
     }
 
@@ -266,17 +270,18 @@ impl Participant {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), Error> {
         let js = self.jetstream(client.clone());
-        streams::ensure(&js, &streams::NEEDED, self.settings.stream_replicas).await?;
+        streams::ensure(&js, &streams::NEEDED, &self.settings.streams).await?;
         let consumer = self.consumer(&js).await?;
         let replies = js
             .get_stream(REPLIES.name)
             .await
-            .map_err(|e| Error::Stream {
-                stream: REPLIES.name,
-                reason: e.to_string(),
+            .map_err(|e| Error::Consumer {
+                consumer: self.consumer_name(),
+                reason: format!("look up stream {}: {e}", REPLIES.name),
             })?;
         let settings = self.settings.clone();
         info!(participant = %self.name, consumer = %self.consumer_name(), "participant started");
+        let name = self.name.clone();
         let worker = Arc::new(Worker {
             name: self.name,
             handlers: self.handlers,
@@ -285,74 +290,23 @@ impl Participant {
             js,
             replies,
             in_flight: KeyedLock::default(),
-            client: client.clone(),
-            progress: Mutex::new(HashMap::new()),
-            next_running: std::sync::atomic::AtomicU64::new(0),
         });
-        let sweeper_token = tokio_util::sync::CancellationToken::new();
-        let sweeper = TaskTracker::new();
-        sweeper.spawn(worker.clone().sweep_progress(sweeper_token.clone()));
-        sweeper.close();
-
-        let semaphore = Arc::new(Semaphore::new(settings.concurrency));
-        let tracker = TaskTracker::new();
-        let mut shutdown = std::pin::pin!(shutdown);
-        'outer: loop {
-            let mut messages = match consumer
-                .stream()
-                .max_messages_per_batch(settings.concurrency.min(256))
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(30))
-                .messages()
-                .await
-            {
-                Ok(messages) => messages,
-                Err(e) => {
-                    warn!(error = %e, "cannot pull commands; trying again");
-                    tokio::select! {
-                        () = &mut shutdown => break 'outer,
-                        () = tokio::time::sleep(RESUBSCRIBE_DELAY) => continue 'outer,
-                    }
-                }
-            };
-            loop {
-                let permit = tokio::select! {
-                    () = &mut shutdown => break 'outer,
-                    permit = semaphore.clone().acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => break 'outer,
-                    },
-                };
-                let next = tokio::select! {
-                    () = &mut shutdown => break 'outer,
-                    next = messages.next() => next,
-                };
-                match next {
-                    Some(Ok(msg)) => {
-                        let worker = worker.clone();
-                        tracker.spawn(async move {
-                            worker.handle(msg).await;
-                            drop(permit);
-                        });
-                    }
-                    Some(Err(e)) => debug!(error = %e, "pull stream hiccup"),
-                    None => {
-                        warn!("pull stream ended; pulling again");
-                        continue 'outer;
-                    }
-                }
-            }
+        let consume = consume::Settings {
+            concurrency: settings.concurrency,
+            pull: Pull {
+                batch: settings.concurrency.min(256),
+                heartbeat: Some(Duration::from_secs(5)),
+                expires: Some(Duration::from_secs(30)),
+            },
+            ack_wait: settings.ack_wait,
+            grace: settings.shutdown_grace,
+        };
+        let drained = consume::Consumer::new(consumer, client.clone(), consume)
+            .run(worker, shutdown)
+            .await;
+        if drained.left > 0 {
+            warn!(participant = %name, left = drained.left, "commands left in flight will be redelivered");
         }
-        info!(participant = %worker.name, in_flight = tracker.len(), "stopping: finishing commands in flight");
-        tracker.close();
-        if tokio::time::timeout(settings.shutdown_grace, tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!(participant = %worker.name, left = tracker.len(), "shutdown grace elapsed; commands left will be redelivered");
-        }
-        sweeper_token.cancel();
-        sweeper.wait().await;
         if settings.drain {
             if let Err(e) = client.drain().await {
                 warn!(error = %e, "draining the nats connection failed");
@@ -360,7 +314,7 @@ impl Participant {
         } else if let Err(e) = client.flush().await {
             warn!(error = %e, "flushing the nats connection failed");
         }
-        info!(participant = %worker.name, "participant stopped");
+        info!(participant = %name, "participant stopped");
         Ok(())
     }
 
@@ -448,24 +402,6 @@ struct Worker {
     js: jetstream::Context,
     replies: jetstream::stream::Stream,
     in_flight: KeyedLock,
-    client: async_nats::Client,
-    /// Handlers running now: id -> (start, the message's ack subject).
-    progress: Mutex<HashMap<u64, (Instant, async_nats::Subject)>>,
-    next_running: std::sync::atomic::AtomicU64,
-}
-
-/// Removes a running handler from the progress sweeper's view when dropped.
-struct Running<'a> {
-    worker: &'a Worker,
-    id: Option<u64>,
-}
-
-impl Drop for Running<'_> {
-    fn drop(&mut self) {
-        if let Some(id) = self.id {
-            self.worker.progress().remove(&id);
-        }
-    }
 }
 
 /// What the pipeline does with a command once the handler (or the SDK) has decided.
@@ -474,58 +410,19 @@ enum Decision {
     Nak(Duration),
 }
 
+impl consume::Handler for Worker {
+    async fn handle(&self, msg: &Message) -> AckKind {
+        self.handle_command(msg).await
+    }
+}
+
 impl Worker {
-    fn progress(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Instant, async_nats::Subject)>> {
-        self.progress
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn running(&self, msg: &Message) -> Running<'_> {
-        let id = msg.reply.clone().map(|subject| {
-            let id = self
-                .next_running
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.progress().insert(id, (Instant::now(), subject));
-            id
-        });
-        Running { worker: self, id }
-    }
-
-    /// Every third of `ack_wait`, marks the handlers running longer than that as
-    /// in progress ("+WPI"): one timer for the whole participant, none per command.
-    async fn sweep_progress(self: Arc<Self>, token: tokio_util::sync::CancellationToken) {
-        let period = self.settings.ack_wait / 3;
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = token.cancelled() => return,
-            }
-            let due: Vec<async_nats::Subject> = self
-                .progress()
-                .values()
-                .filter(|(started, _)| started.elapsed() >= period)
-                .map(|(_, subject)| subject.clone())
-                .collect();
-            for subject in due {
-                if let Err(e) = self
-                    .client
-                    .publish(subject, bytes::Bytes::from_static(b"+WPI"))
-                    .await
-                {
-                    debug!(error = %e, "cannot mark a command in progress");
-                }
-            }
-        }
-    }
-
-    async fn handle(&self, msg: Message) {
+    async fn handle_command(&self, msg: &Message) -> AckKind {
         let delivered = msg
             .info()
             .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
             .unwrap_or(1);
-        let command = match self.decode(&msg) {
+        let command = match self.decode(msg) {
             Ok(command) => command,
             Err(e) => return self.dead_letter(msg, &e).await,
         };
@@ -557,22 +454,21 @@ impl Worker {
                     .with_label_values(&[&*self.name, action_label])
                     .inc();
                 let reply_to = command.reply_to.clone();
-                match self
+                return match self
                     .publish(reply_to, recorded.headers, recorded.payload)
                     .await
                 {
-                    Ok(()) => ack(&msg, AckKind::Ack).await,
+                    Ok(()) => AckKind::Ack,
                     Err(e) => {
                         warn!(error = %e, command_id = %command.command_id, "cannot re-publish the recorded reply");
-                        ack(&msg, AckKind::Nak(Some(INFRA_RETRY_DELAY))).await;
+                        AckKind::Nak(Some(INFRA_RETRY_DELAY))
                     }
-                }
-                return;
+                };
             }
             Ok(None) => {}
             Err(e) => {
                 warn!(error = %e, command_id = %command.command_id, "cannot read the idempotency record; will retry");
-                return ack(&msg, AckKind::Nak(Some(INFRA_RETRY_DELAY))).await;
+                return AckKind::Nak(Some(INFRA_RETRY_DELAY));
             }
         }
 
@@ -591,21 +487,19 @@ impl Worker {
         if let Err(e) = span.set_parent(parent) {
             debug!(error = ?e, "cannot set the parent span");
         }
-        // While the handler runs, the progress sweeper tells JetStream it is in
+        // While the handler runs, the consumer's progress sweeper tells JetStream it is in
         // progress, so the command is not redelivered and run twice at the same time.
-        let running = self.running(&msg);
         let (decision, result) = self
             .decide(&command, delivered)
             .instrument(span.clone())
             .await;
-        drop(running);
         self.metrics
             .commands
             .with_label_values(&[&*self.name, action_label, result])
             .inc();
 
         match decision {
-            Decision::Nak(delay) => ack(&msg, AckKind::Nak(Some(delay))).await,
+            Decision::Nak(delay) => AckKind::Nak(Some(delay)),
             Decision::Reply(outcome) => {
                 let traceparent = msg
                     .headers
@@ -617,12 +511,12 @@ impl Worker {
                     .publish(command.reply_to.clone(), headers, payload)
                     .await
                 {
-                    Ok(()) => ack(&msg, AckKind::Ack).await,
+                    Ok(()) => AckKind::Ack,
                     Err(e) => {
                         // Not recorded: the redelivery runs the handler again, which must
                         // find and finish its earlier effect (handlers are idempotent).
                         span.in_scope(|| warn!(error = %e, "cannot publish the reply; will retry"));
-                        ack(&msg, AckKind::Nak(Some(INFRA_RETRY_DELAY))).await;
+                        AckKind::Nak(Some(INFRA_RETRY_DELAY))
                     }
                 }
             }
@@ -742,7 +636,7 @@ impl Worker {
         Ok(command)
     }
 
-    async fn dead_letter(&self, msg: Message, error: &DecodeError) {
+    async fn dead_letter(&self, msg: &Message, error: &DecodeError) -> AckKind {
         let kind = match error.kind() {
             DecodeErrorKind::Json => "json",
             DecodeErrorKind::UnsupportedVersion => "unsupported_version",
@@ -751,16 +645,12 @@ impl Worker {
         };
         error!(participant = %self.name, subject = %msg.subject, reason = %error, "undecodable command: dead-lettering it");
         let source = format!("participant.{}", self.name);
-        match dead_letter::publish(&self.js, &source, &msg, &error.to_string()).await {
-            Ok(()) => {
-                self.metrics.dead_letter(&self.name, kind);
-                ack(&msg, AckKind::Term).await;
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot store the dead letter; will retry");
-                ack(&msg, AckKind::Nak(Some(INFRA_RETRY_DELAY))).await;
-            }
+        let settled =
+            jetsaga_runtime::dead_letter::settle(&self.js, &source, msg, &error.to_string()).await;
+        if matches!(settled, AckKind::Term) {
+            self.metrics.dead_letter(&self.name, kind);
         }
+        settled
     }
 
     /// The recorded reply to `command`, if there is one.
@@ -820,13 +710,6 @@ fn reply_message(
 /// The `Nats-Msg-Id` of the reply to `command_id`.
 pub fn reply_msg_id(command_id: &str) -> String {
     format!("reply:{command_id}")
-}
-
-async fn ack(msg: &Message, kind: AckKind) {
-    if let Err(e) = msg.ack_with(kind).await {
-        // The command will be redelivered after ack_wait; the record answers it then.
-        warn!(error = %e, subject = %msg.subject, "cannot acknowledge");
-    }
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

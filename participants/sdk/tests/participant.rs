@@ -371,7 +371,9 @@ async fn the_same_command_five_times_runs_once_and_gets_five_identical_replies()
             .unwrap()
     };
     // Streams first, so the subscription below sees every reply.
-    streams::ensure(&js, &streams::NEEDED, 1).await.unwrap();
+    streams::ensure(&js, &streams::NEEDED, &streams::Streams::default())
+        .await
+        .unwrap();
     let cmd = command("charge", "s-dup", 1);
     let mut replies = client.subscribe(cmd.reply_to.clone()).await.unwrap();
     let running = start(&server.url(), participant).await;

@@ -100,12 +100,12 @@ pub async fn run_with(
     pause: Option<Pause>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    let client = config.nats.connect("jetsaga-inventory").await?;
+    let client = service::connect(&config.nats, "jetsaga-inventory").await?;
     let registry = prometheus::Registry::new();
     let participant_builder =
-        service::builder(NAME, &config.consumer, &config.nats, registry.clone());
+        service::builder(NAME, &config.consumer, &config.streams, registry.clone());
     let js = jetstream::new(client.clone());
-    let store = service::bucket(&js, &config.inventory.bucket, config.nats.replicas).await?;
+    let store = service::bucket(&js, &config.inventory.bucket, &config.streams).await?;
     seed(&store, &config.inventory.catalogue).await?;
 
     let tracker = TaskTracker::new();

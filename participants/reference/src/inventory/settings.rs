@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{self, Consumer, Load, Metrics, Nats, Telemetry};
+use crate::config::{self, Consumer, Load, Metrics, Nats, Streams, Telemetry};
 use crate::faults::Faults;
 use crate::service;
 
@@ -39,6 +39,8 @@ impl Default for Settings {
 pub struct Config {
     /// NATS connection.
     pub nats: Nats,
+    /// Storage, replicas and retention of the streams and the bucket (as the orchestrator's).
+    pub streams: Streams,
     /// The command consumer.
     pub consumer: Consumer,
     /// The metrics endpoint (default `127.0.0.1:9101`).
@@ -55,6 +57,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             nats: Nats::default(),
+            streams: Streams::default(),
             consumer: Consumer::default(),
             metrics: Metrics::on_port(9101),
             telemetry: Telemetry::default(),
@@ -68,9 +71,12 @@ impl Load for Config {
     fn telemetry(&self) -> &Telemetry {
         &self.telemetry
     }
+}
 
+impl config::Validate for Config {
     fn validate(&self) -> Result<(), config::Error> {
         self.nats.validate()?;
+        self.streams.validate()?;
         self.consumer.validate()?;
         self.metrics.validate()?;
         self.telemetry.validate()?;
