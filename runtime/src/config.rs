@@ -236,8 +236,11 @@ fn from_figment(figment: &Figment, error: figment::Error) -> Error {
     };
     match &error.kind {
         Kind::UnknownField(name, _) => {
-            let what = if path.is_empty() { "section" } else { "key" };
-            path.push(name.clone());
+            // figment's path may or may not already end with the unknown name.
+            if path.last() != Some(name) {
+                path.push(name.clone());
+            }
+            let what = if path.len() == 1 { "section" } else { "key" };
             Error::Unknown {
                 origin: origin_path(&path),
                 field: path.join("."),

@@ -1,0 +1,77 @@
+//! Streams and buckets: created when missing, checked when present, a mismatch refused.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use jetsaga_runtime::streams::{self, ErrorKind, Streams};
+use jetsaga_sagas::streams as specs;
+use jetsaga_testkit::NatsServer;
+
+#[tokio::test]
+async fn ensure_creates_then_accepts_then_refuses_a_mismatch() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client);
+    let settings = Streams::default();
+
+    streams::check_jetstream(&js).await.unwrap();
+    streams::ensure_all(&js, &specs::ALL, &settings)
+        .await
+        .unwrap();
+    // A second service with the same settings finds everything in place.
+    streams::ensure_all(&js, &specs::ALL, &settings)
+        .await
+        .unwrap();
+
+    // One that keeps journals for an hour refuses the week-long ones it finds.
+    let shorter = Streams {
+        retention: Duration::from_secs(3600),
+        ..Streams::default()
+    };
+    let err = streams::ensure(&js, &specs::JOURNAL, &shorter)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Mismatch);
+    assert!(
+        matches!(&err, streams::Error::Mismatch { stream, setting, .. }
+            if stream == "JETSAGA_JOURNAL" && *setting == "max_age"),
+        "{err}"
+    );
+
+    // A stream someone created with another duplicate window.
+    let mut other = streams::config(&specs::EVENTS, &settings);
+    js.delete_stream(specs::EVENTS.name).await.unwrap();
+    other.duplicate_window = Duration::from_secs(10);
+    js.create_stream(other).await.unwrap();
+    let err = streams::ensure(&js, &specs::EVENTS, &settings)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, streams::Error::Mismatch { stream, setting, .. }
+            if stream == "JETSAGA_EVENTS" && *setting == "duplicate_window"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("duplicate_window"), "{err}");
+
+    // Buckets: created, then found; another storage is refused.
+    let store = streams::ensure_bucket(&js, "things", "test", &settings)
+        .await
+        .unwrap();
+    store.put("a", "1".into()).await.unwrap();
+    streams::ensure_bucket(&js, "things", "test", &settings)
+        .await
+        .unwrap();
+    let memory = Streams {
+        storage: streams::Storage::Memory,
+        ..Streams::default()
+    };
+    let err = streams::ensure_bucket(&js, "things", "test", &memory)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, streams::Error::Mismatch { setting, .. } if *setting == "storage"),
+        "{err}"
+    );
+}
