@@ -6,7 +6,8 @@
 //! - [`nats`]: the `[nats]` section and [`nats::connect`].
 //! - [`streams`]: the `[streams]` section; streams and KV buckets created or checked from the
 //!   specs in `jetsaga_sagas::streams`.
-//! - [`dead_letter`]: one dead-letter format and sanitiser.
+//! - [`dead_letter`]: one dead-letter format and sanitiser; [`kv`]: record reads and
+//!   compare-and-set writes.
 //! - [`consume`]: the pull-consume loop with bounded in-flight work, progress marking and a
 //!   graceful drain.
 //! - [`shutdown`]: SIGINT/SIGTERM; [`telemetry`]: the `[telemetry]` section, logs and OTLP.
@@ -14,6 +15,7 @@
 pub mod config;
 pub mod consume;
 pub mod dead_letter;
+pub mod kv;
 pub mod nats;
 pub mod shutdown;
 pub mod streams;

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use jetsaga_participant::{Context, Handled};
+use jetsaga_runtime::kv::{self as kv_store, Read};
 use jetsaga_sagas::order::Order;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -174,12 +175,7 @@ fn key(saga_id: &str) -> String {
 pub async fn records(
     store: &kv::Store,
 ) -> Result<std::collections::BTreeMap<String, Payment>, Error> {
-    use futures::TryStreamExt;
-    let keys: Vec<String> = store
-        .keys()
-        .await
-        .map_err(|e| Error::Kv(e.to_string()))?
-        .try_collect()
+    let keys = kv_store::keys(store)
         .await
         .map_err(|e| Error::Kv(e.to_string()))?;
     let mut out = std::collections::BTreeMap::new();
@@ -290,35 +286,25 @@ impl Payments {
     }
 
     async fn read(&self, saga_id: &str) -> Step<Option<(Payment, u64)>> {
-        match self.store.entry(key(saga_id)).await {
-            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
-                let payment = serde_json::from_slice(&entry.value).map_err(|e| {
-                    Handled::failed("corrupt_state", format!("payment record: {e}"))
-                })?;
-                Ok(Some((payment, entry.revision)))
-            }
-            Ok(_) => Ok(None),
-            Err(e) => Err(transient("reading the payment", e)),
-        }
+        let Some((value, revision)) = kv_store::entry(&self.store, &key(saga_id), Read::Any)
+            .await
+            .map_err(|e| transient("reading the payment", e))?
+        else {
+            return Ok(None);
+        };
+        let payment = serde_json::from_slice(&value)
+            .map_err(|e| Handled::failed("corrupt_state", format!("payment record: {e}")))?;
+        Ok(Some((payment, revision)))
     }
 
     /// Writes `payment` if the record is still at `revision` (`None`: absent); `false` on a
     /// conflict.
     async fn write(&self, saga_id: &str, payment: &Payment, revision: Option<u64>) -> Step<bool> {
         let value: Bytes = serde_json::to_vec(payment).unwrap_or_default().into();
-        let written = match revision {
-            None => match self.store.create(key(saga_id), value).await {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
-                Err(e) => Err(e.to_string()),
-            },
-            Some(revision) => match self.store.update(key(saga_id), value, revision).await {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
-                Err(e) => Err(e.to_string()),
-            },
-        };
-        written.map_err(|e| transient("writing the payment", e))
+        kv_store::write(&self.store, &key(saga_id), value, revision)
+            .await
+            .map(|written| written.is_some())
+            .map_err(|e| transient("writing the payment", e))
     }
 
     async fn charge(&self, ctx: Context) -> Handled {

@@ -234,12 +234,7 @@ pub(super) fn encode<T: Serialize>(value: &T) -> Bytes {
 pub async fn snapshot(
     store: &kv::Store,
 ) -> Result<(BTreeMap<String, Product>, BTreeMap<String, Reservation>), Error> {
-    use futures::TryStreamExt;
-    let keys: Vec<String> = store
-        .keys()
-        .await
-        .map_err(|e| Error::Kv(e.to_string()))?
-        .try_collect()
+    let keys = jetsaga_runtime::kv::keys(store)
         .await
         .map_err(|e| Error::Kv(e.to_string()))?;
     let mut products = BTreeMap::new();

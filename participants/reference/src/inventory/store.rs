@@ -4,23 +4,13 @@
 use std::collections::{HashMap, VecDeque};
 
 use async_nats::jetstream::kv;
-use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use bytes::Bytes;
 
 use super::records::{Reservation, encode, reservation_key};
 use super::{Inventory, Step, transient};
 use jetsaga_participant::Handled;
 
-/// Where a read is served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Read {
-    /// Any replica (direct get when the bucket allows it): may miss the latest writes, which
-    /// is fine for a decision that then writes under compare-and-set.
-    Any,
-    /// The stream leader (`STREAM.MSG.GET`): for decisions that write nothing, which no
-    /// compare-and-set would catch if the read were stale.
-    Leader,
-}
+pub(super) use jetsaga_runtime::kv::Read;
 
 /// The value and revision of `key`, or `None` if it is absent or deleted.
 pub(super) async fn entry(
@@ -28,30 +18,9 @@ pub(super) async fn entry(
     key: &str,
     read: Read,
 ) -> Result<Option<(Bytes, u64)>, String> {
-    match read {
-        Read::Any => match store.entry(key).await {
-            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
-                Ok(Some((entry.value, entry.revision)))
-            }
-            Ok(_) => Ok(None),
-            Err(e) => Err(e.to_string()),
-        },
-        Read::Leader => {
-            // What `Store::entry` does when the bucket has no direct get.
-            let subject = format!("{}{key}", store.prefix);
-            match store.stream.get_last_raw_message_by_subject(&subject).await {
-                Ok(message) => {
-                    let deleted = message
-                        .headers
-                        .get("KV-Operation")
-                        .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
-                    Ok((!deleted).then_some((message.payload, message.sequence)))
-                }
-                Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(None),
-                Err(e) => Err(e.to_string()),
-            }
-        }
-    }
+    jetsaga_runtime::kv::entry(store, key, read)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// A bounded map of recently written reservations (oldest evicted first).
@@ -108,18 +77,8 @@ impl Inventory {
         revision: Option<u64>,
     ) -> Step<Option<u64>> {
         let key = reservation_key(saga_id);
-        let written = match revision {
-            None => match self.store.create(&key, encode(reservation)).await {
-                Ok(revision) => Ok(Some(revision)),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
-                Err(e) => Err(e.to_string()),
-            },
-            Some(revision) => match self.store.update(&key, encode(reservation), revision).await {
-                Ok(revision) => Ok(Some(revision)),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
-                Err(e) => Err(e.to_string()),
-            },
-        };
+        let written =
+            jetsaga_runtime::kv::write(&self.store, &key, encode(reservation), revision).await;
         written.map_err(|e| transient("writing the reservation", e))
     }
 }

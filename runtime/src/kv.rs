@@ -1,0 +1,116 @@
+//! Reading and compare-and-set writing of KV records, the way every participant keeps state.
+
+use async_nats::jetstream::kv;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use bytes::Bytes;
+
+/// A KV request failed (not a conflict: those are answers, see [`write`]).
+#[derive(Debug, thiserror::Error)]
+#[error("kv {what} {key}: {source}")]
+pub struct Error {
+    /// `read`, `create`, `update` or `keys`.
+    pub what: &'static str,
+    /// The key.
+    pub key: String,
+    /// What the server or client said.
+    #[source]
+    pub source: async_nats::Error,
+}
+
+fn failed<E: Into<async_nats::Error>>(what: &'static str, key: &str) -> impl FnOnce(E) -> Error {
+    let key = key.to_owned();
+    move |e| Error {
+        what,
+        key,
+        source: e.into(),
+    }
+}
+
+/// Where a read is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    /// Any replica (direct get when the bucket allows it): may miss the latest writes, which
+    /// is fine for a decision that then writes under compare-and-set.
+    Any,
+    /// The stream leader (`STREAM.MSG.GET`): for decisions that write nothing, which no
+    /// compare-and-set would catch if the read were stale.
+    Leader,
+}
+
+/// The value and revision of `key`, or `None` if it is absent or deleted.
+///
+/// # Errors
+///
+/// [`Error`] if the bucket cannot be read.
+pub async fn entry(
+    store: &kv::Store,
+    key: &str,
+    read: Read,
+) -> Result<Option<(Bytes, u64)>, Error> {
+    match read {
+        Read::Any => match store.entry(key).await {
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                Ok(Some((entry.value, entry.revision)))
+            }
+            Ok(_) => Ok(None),
+            Err(e) => Err(failed("read", key)(e)),
+        },
+        Read::Leader => {
+            // What `Store::entry` does when the bucket has no direct get.
+            let subject = format!("{}{key}", store.prefix);
+            match store.stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(message) => {
+                    let deleted = message
+                        .headers
+                        .get("KV-Operation")
+                        .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+                    Ok((!deleted).then_some((message.payload, message.sequence)))
+                }
+                Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(None),
+                Err(e) => Err(failed("read", key)(e)),
+            }
+        }
+    }
+}
+
+/// Writes `value` if the record is still at `revision` (`None`: absent) and returns the new
+/// revision; `None` on a conflict (re-read and decide again).
+///
+/// # Errors
+///
+/// [`Error`] if the write failed for another reason than a conflict.
+pub async fn write(
+    store: &kv::Store,
+    key: &str,
+    value: Bytes,
+    revision: Option<u64>,
+) -> Result<Option<u64>, Error> {
+    match revision {
+        None => match store.create(key, value).await {
+            Ok(revision) => Ok(Some(revision)),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(failed("create", key)(e)),
+        },
+        Some(revision) => match store.update(key, value, revision).await {
+            Ok(revision) => Ok(Some(revision)),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) => Err(failed("update", key)(e)),
+        },
+    }
+}
+
+/// Every key in the bucket.
+///
+/// # Errors
+///
+/// [`Error`] if the bucket cannot be listed.
+pub async fn keys(store: &kv::Store) -> Result<Vec<String>, Error> {
+    use futures::TryStreamExt;
+    store
+        .keys()
+        .await
+        .map_err(failed("keys", ""))?
+        .try_collect()
+        .await
+        .map_err(failed("keys", ""))
+}
