@@ -302,7 +302,11 @@ impl Provider for EnvVars {
                 .iter()
                 .map(|k| k.to_ascii_uppercase().replace('-', "_"))
                 .collect();
-            format!("{ENV_PREFIX}{}", keys.join("__"))
+            match keys.as_slice() {
+                // A whole section: whichever of its variables were set.
+                [section] => format!("{ENV_PREFIX}{section}__*"),
+                _ => format!("{ENV_PREFIX}{}", keys.join("__")),
+            }
         })
     }
 

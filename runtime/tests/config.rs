@@ -185,6 +185,10 @@ fn unknown_sections_and_keys_are_refused_by_name() {
         config::load::<Config>(None, env(&[("JETSAGA_HTTP__LISTEN", "127.0.0.1:1")])).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unknown);
     assert_eq!(err.field_name(), Some("http"));
+    assert_eq!(
+        err.origin(),
+        Some(&Origin::Env("JETSAGA_HTTP__*".to_owned()))
+    );
     assert!(err.to_string().contains("unknown section"), "{err}");
 
     let err =
