@@ -398,7 +398,10 @@ mod tests {
         };
         let replies = config(&specs::REPLIES, &settings);
         assert_eq!(replies.name, "JETSAGA_REPLIES");
-        assert_eq!(replies.subjects, vec!["saga.reply.>".to_owned()]);
+        assert_eq!(
+            replies.subjects,
+            vec![jetsaga_sagas::protocol::subject::REPLIES.to_owned()]
+        );
         assert!(replies.allow_direct);
         assert_eq!(replies.num_replicas, 3);
         assert_eq!(replies.max_age, specs::REPLIES.max_age);
