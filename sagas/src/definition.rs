@@ -3,11 +3,19 @@
 //! A definition is a TOML file. Parsing rejects unknown fields; [`Definition::parse`]
 //! then checks the rules a runnable saga needs and reports every problem it finds,
 //! each naming the file, the step and what is wrong.
+//!
+//! A definition may carry a JSON Schema for its start input (`input-schema`) and for
+//! each step's result (`result-schema`), inline as a TOML table or as the name of a
+//! JSON file beside the definition. This crate reads no files: [`Definition::parse_with`]
+//! takes a function that returns a named file's text (the orchestrator reads it from
+//! the definition's directory; a built-in definition uses `include_str!`).
 
 use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::schema::{Invalid, Schema, Violation};
 
 /// One problem found in a definition file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,17 +39,6 @@ pub enum StepKind {
     Pivot,
     /// After the pivot: retried until it succeeds, never compensated.
     Retriable,
-}
-
-/// Which built-in validator checks a saga's start input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum InputKind {
-    /// Any JSON object.
-    #[default]
-    Object,
-    /// The order-creation input, see [`crate::order::Order`].
-    Order,
 }
 
 /// How a command is retried after a retryable failure or a timeout.
@@ -106,6 +103,8 @@ pub struct Step {
     pub timeout: Duration,
     /// How the forward action is retried.
     pub retry: RetryPolicy,
+    /// What a successful forward result must look like; `None`: anything.
+    pub result_schema: Option<Schema>,
 }
 
 /// Domain events published when a saga finishes.
@@ -126,8 +125,8 @@ pub struct Definition {
     pub version: u32,
     /// Free text for operators.
     pub description: String,
-    /// Which validator checks the start input.
-    pub input: InputKind,
+    /// What the start input must look like; `None`: any JSON object.
+    pub input_schema: Option<Schema>,
     /// From start; past it a saga that has not passed its pivot is compensated.
     pub deadline: Duration,
     /// Domain events to publish at the end.
@@ -146,7 +145,39 @@ impl Definition {
     /// let def = jetsaga_sagas::Definition::parse("order-creation.toml", text).unwrap();
     /// assert_eq!(def.steps.len(), 3);
     /// ```
+    ///
+    /// A schema given as a file name is an error here; use [`Definition::parse_with`].
     pub fn parse(file: &str, text: &str) -> Result<Self, Vec<Error>> {
+        Self::parse_with(file, text, |name| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                format!("no schema files can be read here (asked for \"{name}\")"),
+            ))
+        })
+    }
+
+    /// As [`Definition::parse`], with `read` returning the text of a schema file
+    /// that the definition names (relative to the definition file).
+    ///
+    /// ```
+    /// let text = include_str!("../definitions/order-creation.toml");
+    /// let schema = include_str!("../definitions/order-creation.input.schema.json");
+    /// let def = jetsaga_sagas::Definition::parse_with("order-creation.toml", text, |name| {
+    ///     match name {
+    ///         "order-creation.input.schema.json" => Ok(schema.to_owned()),
+    ///         other => Err(std::io::Error::new(std::io::ErrorKind::NotFound, other.to_owned())),
+    ///     }
+    /// })
+    /// .unwrap();
+    /// let bad = serde_json::json!({"customer_id": "c-1"});
+    /// let invalid = def.check_input(&bad).unwrap_err();
+    /// assert!(invalid.violations.iter().any(|v| v.reason.contains("\"email\" is a required property")));
+    /// ```
+    pub fn parse_with(
+        file: &str,
+        text: &str,
+        read: impl FnMut(&str) -> std::io::Result<String>,
+    ) -> Result<Self, Vec<Error>> {
         let raw: raw::Definition = toml::from_str(text).map_err(|e| {
             vec![Error {
                 file: file.to_owned(),
@@ -154,7 +185,22 @@ impl Definition {
                 problem: e.to_string().trim().replace('\n', " "),
             }]
         })?;
-        raw.validate(file)
+        raw.validate(file, read)
+    }
+
+    /// Checks a start input against the definition's input schema (without one,
+    /// the input must be a JSON object), naming every violation.
+    pub fn check_input(&self, input: &serde_json::Value) -> Result<(), Invalid> {
+        match &self.input_schema {
+            Some(schema) => schema.check(input),
+            None if input.is_object() => Ok(()),
+            None => Err(Invalid {
+                violations: vec![Violation {
+                    path: String::new(),
+                    reason: format!("{input} is not of type \"object\""),
+                }],
+            }),
+        }
     }
 
     /// The index of the pivot step, if the saga has one.
@@ -248,7 +294,16 @@ mod raw {
 
     use serde::Deserialize;
 
-    use super::{Error, InputKind, StepKind, is_dotted_name, is_subject_token};
+    use super::{Error, StepKind, is_dotted_name, is_subject_token};
+    use crate::schema::Schema;
+
+    /// A schema as written: the name of a JSON file beside the definition, or inline.
+    #[derive(Debug, Deserialize)]
+    #[serde(untagged)]
+    enum SchemaSource {
+        File(String),
+        Inline(serde_json::Value),
+    }
 
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -258,7 +313,7 @@ mod raw {
         #[serde(default)]
         description: String,
         #[serde(default)]
-        input: InputKind,
+        input_schema: Option<SchemaSource>,
         deadline: String,
         #[serde(default)]
         events: Events,
@@ -289,6 +344,8 @@ mod raw {
         timeout: String,
         #[serde(default)]
         retry: Option<Retry>,
+        #[serde(default)]
+        result_schema: Option<SchemaSource>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -302,12 +359,13 @@ mod raw {
     }
 
     /// Collects problems so that one run reports all of them.
-    struct Problems<'a> {
+    struct Problems<'a, R> {
         file: &'a str,
         found: Vec<Error>,
+        read: R,
     }
 
-    impl Problems<'_> {
+    impl<R: FnMut(&str) -> std::io::Result<String>> Problems<'_, R> {
         fn add(&mut self, step: Option<&str>, problem: impl Into<String>) {
             self.found.push(Error {
                 file: self.file.to_owned(),
@@ -326,6 +384,42 @@ mod raw {
                 Err(e) => {
                     self.add(step, format!("{field}: {e}"));
                     Duration::ZERO
+                }
+            }
+        }
+
+        /// Reads (if it names a file), parses and compiles a schema.
+        fn schema(
+            &mut self,
+            step: Option<&str>,
+            field: &str,
+            source: Option<&SchemaSource>,
+        ) -> Option<Schema> {
+            let (what, value) = match source? {
+                SchemaSource::Inline(value) => (field.to_owned(), value.clone()),
+                SchemaSource::File(name) => {
+                    let what = format!("{field} \"{name}\"");
+                    let text = match (self.read)(name) {
+                        Ok(text) => text,
+                        Err(e) => {
+                            self.add(step, format!("{what}: cannot read: {e}"));
+                            return None;
+                        }
+                    };
+                    match serde_json::from_str(&text) {
+                        Ok(value) => (what, value),
+                        Err(e) => {
+                            self.add(step, format!("{what}: not JSON: {e}"));
+                            return None;
+                        }
+                    }
+                }
+            };
+            match Schema::compile(value) {
+                Ok(schema) => Some(schema),
+                Err(broken) => {
+                    self.add(step, format!("{what}: {broken}"));
+                    None
                 }
             }
         }
@@ -400,11 +494,17 @@ mod raw {
     }
 
     impl Definition {
-        pub(super) fn validate(self, file: &str) -> Result<super::Definition, Vec<Error>> {
+        pub(super) fn validate(
+            self,
+            file: &str,
+            read: impl FnMut(&str) -> std::io::Result<String>,
+        ) -> Result<super::Definition, Vec<Error>> {
             let mut p = Problems {
                 file,
                 found: Vec::new(),
+                read,
             };
+            let input_schema = p.schema(None, "input-schema", self.input_schema.as_ref());
             p.token(None, "name", &self.name);
             if self.version == 0 {
                 p.add(None, "version must be at least 1");
@@ -473,6 +573,7 @@ mod raw {
                 }
                 let timeout = p.duration(step, "timeout", &raw.timeout);
                 let retry = p.retry(step, raw.retry.as_ref(), raw.kind == StepKind::Retriable);
+                let result_schema = p.schema(step, "result-schema", raw.result_schema.as_ref());
                 steps.push(super::Step {
                     name: raw.name.clone(),
                     participant: raw.participant.clone(),
@@ -481,6 +582,7 @@ mod raw {
                     kind: raw.kind,
                     timeout,
                     retry,
+                    result_schema,
                 });
             }
             if !p.found.is_empty() {
@@ -490,7 +592,7 @@ mod raw {
                 name: self.name,
                 version: self.version,
                 description: self.description,
-                input: self.input,
+                input_schema,
                 deadline,
                 events: super::Events {
                     completed: self.events.completed,

@@ -5,13 +5,19 @@
 //! - [`saga`]: the pure state machine: [`Saga::start`] and [`Saga::apply`] return
 //!   the side effects as [`Action`]s; time is passed in.
 //! - [`protocol`]: subjects, headers and JSON bodies of commands, replies, starts and events.
-//! - [`order`]: the order-creation input and its validation.
+//! - [`schema`]: JSON Schemas for a saga's input and its steps' results.
 //! - [`streams`]: the JetStream streams jetsaga uses, as plain data.
 //!
 //! ```
 //! use jetsaga_sagas::{Definition, Input, Saga, protocol::Outcome};
 //!
-//! let def = Definition::parse("order-creation.toml", include_str!("../definitions/order-creation.toml")).unwrap();
+//! let schema = include_str!("../definitions/order-creation.input.schema.json");
+//! let def = Definition::parse_with(
+//!     "order-creation.toml",
+//!     include_str!("../definitions/order-creation.toml"),
+//!     |_| Ok(schema.to_owned()),
+//! )
+//! .unwrap();
 //! let input = serde_json::json!({"customer_id": "c-42", "email": "ana@example.com",
 //!     "items": [{"sku": "sku-1", "quantity": 2}], "amount_cents": 4999, "currency": "EUR",
 //!     "card_token": "tok_ok"});
@@ -27,13 +33,14 @@
 //! ```
 
 pub mod definition;
-pub mod order;
 pub mod protocol;
 pub mod saga;
+pub mod schema;
 pub mod streams;
 
 pub use definition::{Definition, RetryPolicy, Step, StepKind};
 pub use saga::{
-    Action, Actor, Cause, Entry, Input, Phase, Rejected, Saga, State, StepRecord, StepStatus,
+    Action, Actor, Cause, End, Entry, Input, Phase, Rejected, Saga, State, StepRecord, StepStatus,
     Transition, Wait,
 };
+pub use schema::Schema;
