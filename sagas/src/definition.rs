@@ -620,6 +620,15 @@ mod tests {
     use super::*;
 
     const ORDER: &str = include_str!("../definitions/order-creation.toml");
+    const ORDER_SCHEMA: &str = include_str!("../definitions/order-creation.input.schema.json");
+
+    fn order() -> Definition {
+        Definition::parse_with("order-creation.toml", ORDER, |name| {
+            assert_eq!(name, "order-creation.input.schema.json");
+            Ok(ORDER_SCHEMA.to_owned())
+        })
+        .unwrap()
+    }
 
     fn problems(text: &str) -> Vec<String> {
         match Definition::parse("bad.toml", text) {
@@ -638,9 +647,9 @@ mod tests {
 
     #[test]
     fn shipped_order_definition_is_valid() {
-        let def = Definition::parse("order-creation.toml", ORDER).unwrap();
+        let def = order();
         assert_eq!(def.name, "order-creation");
-        assert_eq!(def.input, InputKind::Order);
+        assert!(def.input_schema.is_some());
         assert_eq!(def.pivot(), Some(1));
         assert_eq!(def.steps[0].compensation.as_deref(), Some("release"));
         assert_eq!(def.steps[2].retry.max_attempts, None);
@@ -773,5 +782,144 @@ mod tests {
         assert_eq!(policy.backoff(1, 1.0), Duration::from_millis(50));
         assert!(policy.allows_another(3));
         assert!(!policy.allows_another(4));
+    }
+
+    #[test]
+    fn the_order_schema_keeps_the_order_rules_and_names_each_problem() {
+        let def = order();
+        let good = serde_json::json!({"customer_id": "c-42", "email": "ana@example.com",
+            "items": [{"sku": "sku-1", "quantity": 2}], "amount_cents": 4999,
+            "currency": "EUR", "card_token": "tok_ok"});
+        assert_eq!(def.check_input(&good), Ok(()));
+
+        let many: Vec<_> = (0..101)
+            .map(|i| serde_json::json!({"sku": format!("s{i}"), "quantity": 1}))
+            .collect();
+        let cases = [
+            ("email", serde_json::json!("nope"), "/email"),
+            ("email", serde_json::json!("a b@c.de"), "/email"),
+            ("email", serde_json::json!("@c.de"), "/email"),
+            ("email", serde_json::json!("ana@example"), "/email"),
+            ("customer_id", serde_json::json!("  "), "/customer_id"),
+            ("items", serde_json::json!([]), "/items"),
+            ("items", serde_json::Value::Array(many), "/items"),
+            (
+                "items",
+                serde_json::json!([{"sku": "x", "quantity": 0}]),
+                "/items/0/quantity",
+            ),
+            (
+                "items",
+                serde_json::json!([{"sku": " ", "quantity": 1}]),
+                "/items/0/sku",
+            ),
+            ("items", serde_json::json!([{"sku": "x"}]), "/items/0"),
+            ("amount_cents", serde_json::json!(0), "/amount_cents"),
+            ("amount_cents", serde_json::json!(-5), "/amount_cents"),
+            ("amount_cents", serde_json::json!(1.5), "/amount_cents"),
+            ("currency", serde_json::json!("euro"), "/currency"),
+            ("currency", serde_json::json!("EURO"), "/currency"),
+            ("card_token", serde_json::json!(""), "/card_token"),
+            ("extra", serde_json::json!(1), ""),
+        ];
+        for (field, value, path) in cases {
+            let mut bad = good.clone();
+            bad[field] = value;
+            let err = def.check_input(&bad).unwrap_err();
+            assert_eq!(err.violations.len(), 1, "{field}: {err}");
+            assert_eq!(err.violations[0].path, path, "{field}: {err}");
+        }
+        let mut missing = good.clone();
+        missing.as_object_mut().unwrap().remove("email");
+        let err = def.check_input(&missing).unwrap_err();
+        assert!(
+            err.to_string().contains("\"email\" is a required property"),
+            "{err}"
+        );
+
+        // Every violation at once.
+        let mut worse = good;
+        worse["currency"] = serde_json::json!("eur");
+        worse["items"] =
+            serde_json::json!([{"sku": "a", "quantity": 1}, {"sku": "b", "quantity": 0}]);
+        worse.as_object_mut().unwrap().remove("card_token");
+        let err = def.check_input(&worse).unwrap_err();
+        let paths: Vec<&str> = err.violations.iter().map(|v| v.path.as_str()).collect();
+        assert_eq!(paths.len(), 3, "{err}");
+        for path in ["/currency", "/items/1/quantity", ""] {
+            assert!(paths.contains(&path), "{path} missing in {err}");
+        }
+    }
+
+    #[test]
+    fn schemas_inline_in_files_or_broken() {
+        // Without a schema any object is accepted.
+        let plain = Definition::parse("s.toml", &with_steps(STEP_A)).unwrap();
+        assert!(plain.check_input(&serde_json::json!({"a": 1})).is_ok());
+        let err = plain.check_input(&serde_json::json!([1])).unwrap_err();
+        assert_eq!(err.violations[0].path, "");
+
+        // Inline, for the input and a step's result.
+        let inline = with_steps(&STEP_A.replace(
+            "timeout",
+            "result-schema = { type = \"object\", required = [\"id\"] }\ntimeout",
+        ))
+        .replace(
+            "deadline = \"1m\"\n",
+            "deadline = \"1m\"\n[input-schema]\ntype = \"object\"\nrequired = [\"n\"]\nproperties.n = { type = \"integer\" }\n",
+        );
+        let def = Definition::parse("s.toml", &inline).unwrap();
+        assert!(def.check_input(&serde_json::json!({"n": 1})).is_ok());
+        let err = def.check_input(&serde_json::json!({"n": "x"})).unwrap_err();
+        assert_eq!(err.violations[0].path, "/n");
+        let result = def.steps[0].result_schema.as_ref().unwrap();
+        assert!(result.check(&serde_json::json!({"id": 1})).is_ok());
+        assert!(result.check(&serde_json::json!({})).is_err());
+
+        // A file beside the definition, read through the caller's function.
+        let by_file = with_steps(STEP_A).replace(
+            "deadline = \"1m\"\n",
+            "deadline = \"1m\"\ninput-schema = \"in.json\"\n",
+        );
+        let def = Definition::parse_with("s.toml", &by_file, |name| {
+            assert_eq!(name, "in.json");
+            Ok(r#"{"type": "object", "required": ["n"]}"#.to_owned())
+        })
+        .unwrap();
+        assert!(def.check_input(&serde_json::json!({})).is_err());
+        // `parse` reads no files.
+        let found = problems(&by_file.replace("bad.toml", ""));
+        assert!(
+            found[0].contains("input-schema \"in.json\": cannot read"),
+            "{found:?}"
+        );
+
+        let broken =
+            |schema: &'static str| match Definition::parse_with("bad.toml", &by_file, |_| {
+                Ok(schema.to_owned())
+            }) {
+                Ok(_) => panic!("{schema} should be refused"),
+                Err(errors) => errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            };
+        let found = broken(r#"{"type": "object", "properties": {"n": {"type": "integr"}}}"#);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].starts_with(
+                "bad.toml: input-schema \"in.json\": not a valid JSON Schema at /properties/n/type"
+            ),
+            "{found:?}"
+        );
+        let found = broken("{\"type\": ");
+        assert!(
+            found[0].contains("input-schema \"in.json\": not JSON"),
+            "{found:?}"
+        );
+        let found = problems(&with_steps(
+            &STEP_A.replace("timeout", "result-schema = { minimum = \"one\" }\ntimeout"),
+        ));
+        assert!(
+            found[0].starts_with("bad.toml: step \"a\": result-schema: not a valid JSON Schema"),
+            "{found:?}"
+        );
     }
 }

@@ -112,7 +112,11 @@ impl<'de> Deserialize<'de> for Schema {
 
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let path = if self.path.is_empty() { "/" } else { &self.path };
+        let path = if self.path.is_empty() {
+            "/"
+        } else {
+            &self.path
+        };
         write!(f, "{path}: {}", self.reason)
     }
 }
@@ -162,7 +166,10 @@ mod tests {
         }
         let text = err.to_string();
         assert!(text.starts_with("invalid input: "), "{text}");
-        assert!(text.contains("/a: 0 is less than the minimum of 1"), "{text}");
+        assert!(
+            text.contains("/a: 0 is less than the minimum of 1"),
+            "{text}"
+        );
         assert!(text.contains("'c' was unexpected"), "{text}");
 
         let missing = schema.check(&json!({})).unwrap_err();
@@ -172,10 +179,15 @@ mod tests {
 
     #[test]
     fn rejects_a_broken_schema_naming_where() {
-        let broken = Schema::compile(json!({"type": "object", "properties": {"a": {"type": "strin"}}}))
-            .unwrap_err();
+        let broken =
+            Schema::compile(json!({"type": "object", "properties": {"a": {"type": "strin"}}}))
+                .unwrap_err();
         assert_eq!(broken.path, "/properties/a/type");
-        assert!(broken.to_string().starts_with("not a valid JSON Schema at /properties/a/type"));
+        assert!(
+            broken
+                .to_string()
+                .starts_with("not a valid JSON Schema at /properties/a/type")
+        );
         assert!(Schema::compile(json!({"minimum": "one"})).is_err());
         assert!(Schema::compile(json!({"pattern": "("})).is_err());
         // No I/O: a reference outside the schema cannot be resolved.

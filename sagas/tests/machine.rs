@@ -18,6 +18,7 @@ use jetsaga_sagas::{
 use serde_json::{Value, json};
 
 const ORDER: &str = include_str!("../definitions/order-creation.toml");
+const ORDER_SCHEMA: &str = include_str!("../definitions/order-creation.input.schema.json");
 
 /// A fixed origin: every time in these tests is "milliseconds after T0".
 fn t0() -> DateTime<Utc> {
@@ -36,7 +37,12 @@ fn def_from(text: &str) -> Definition {
 }
 
 fn order() -> Definition {
-    def_from(ORDER)
+    Definition::parse_with(
+        "order-creation.toml",
+        ORDER,
+        |_| Ok(ORDER_SCHEMA.to_owned()),
+    )
+    .unwrap()
 }
 
 fn order_input() -> Value {
@@ -103,7 +109,8 @@ fn describe(actions: &[Action]) -> Vec<String> {
             Action::SetTimer { at } => format!("timer {}ms", (*at - t0()).num_milliseconds()),
             Action::ClearTimer => "clear timer".to_owned(),
             Action::Publish { subject, .. } => format!("publish {subject}"),
-            Action::Finish { phase } => format!("finish {}", phase.as_str()),
+            Action::Finish { end } => format!("finish {}", end.as_str()),
+            Action::Park { step } => format!("park {step}"),
         })
         .collect()
 }
@@ -1106,7 +1113,7 @@ fn a_compensation_that_keeps_failing_parks_the_saga_until_an_operator_retries() 
     let parked = h
         .apply(reply("s-1:a:undo:2", failed("locked", true)))
         .unwrap();
-    assert_eq!(describe(&parked.actions), ["clear timer", "finish failed"]);
+    assert_eq!(describe(&parked.actions), ["clear timer", "park a"]);
     assert_eq!(
         (parked.entry.from, parked.entry.to),
         (Some(Phase::Compensating), Phase::Failed)
@@ -1243,7 +1250,7 @@ fn a_compensation_that_keeps_failing_parks_the_saga_until_an_operator_retries() 
                 )
             );
         } else {
-            assert_eq!(actions, ["clear timer", "finish failed"]);
+            assert_eq!(actions, ["clear timer", "park reserve-stock"]);
         }
     }
     assert!(
@@ -1344,7 +1351,7 @@ fn nothing_happens_after_a_terminal_state() {
     assert_eq!(compensated.saga.phase(), Phase::Compensated);
 
     for h in [&mut completed, &mut compensated] {
-        assert!(h.saga.phase().is_terminal());
+        assert!(h.saga.phase().is_finished());
         h.at(1_000_000);
         let inputs = [
             reply("s-1:reserve-stock:do:1", ok()),
@@ -1368,7 +1375,8 @@ fn start_validates_the_input() {
     let mut bad = order_input();
     bad["email"] = json!("not-an-email");
     let err = Saga::start(&def, "s-1".into(), "k".into(), bad, None, t0()).unwrap_err();
-    assert_eq!(err.0, "email is not an email address");
+    assert_eq!(err.violations.len(), 1, "{err}");
+    assert_eq!(err.violations[0].path, "/email", "{err}");
     let err = Saga::start(
         &def,
         "s-1".into(),
@@ -1378,7 +1386,15 @@ fn start_validates_the_input() {
         t0(),
     )
     .unwrap_err();
-    assert!(err.0.contains("missing field"), "{err}");
+    // Every missing field is named at once.
+    for field in ["email", "items", "amount_cents", "currency", "card_token"] {
+        assert!(
+            err.violations
+                .iter()
+                .any(|v| v.reason == format!("\"{field}\" is a required property")),
+            "{field}: {err}"
+        );
+    }
 
     let object = custom(EXACT, EXACT, "1h");
     assert!(Saga::start(&object, "s-1".into(), "k".into(), json!([1, 2]), None, t0()).is_err());
@@ -1405,12 +1421,8 @@ fn start_validates_the_input() {
 
 #[test]
 fn a_reply_after_the_deadline_compensates_instead_of_going_on() {
-    use jetsaga_sagas::{Action, Definition, Input, Phase, Saga};
-    let def = Definition::parse(
-        "order.toml",
-        include_str!("../definitions/order-creation.toml"),
-    )
-    .unwrap();
+    use jetsaga_sagas::{Action, Input, Phase, Saga};
+    let def = order();
     let t0 = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
         .unwrap()
         .with_timezone(&chrono::Utc);
@@ -1439,4 +1451,166 @@ fn a_reply_after_the_deadline_compensates_instead_of_going_on() {
         "no charge after the deadline"
     );
     assert_eq!(saga.phase(), Phase::Compensating);
+}
+
+/// `custom` with a result schema on steps `a` and `c`.
+fn with_result_schemas() -> Definition {
+    def_from(
+        r#"
+name = "checked"
+version = 1
+deadline = "1h"
+compensation-retry = { max-attempts = 2, initial-backoff = "100ms", max-backoff = "100ms", jitter = 0.0 }
+
+[input-schema]
+type = "object"
+required = ["n"]
+
+[[steps]]
+name = "a"
+participant = "p1"
+action = "do-a"
+compensation = "undo-a"
+kind = "compensatable"
+timeout = "1s"
+retry = { max-attempts = 3, initial-backoff = "100ms", max-backoff = "100ms", jitter = 0.0 }
+result-schema = { type = "object", required = ["reservation"], properties.reservation = { type = "string" } }
+
+[[steps]]
+name = "b"
+participant = "p2"
+action = "do-b"
+kind = "pivot"
+timeout = "1s"
+
+[[steps]]
+name = "c"
+participant = "p3"
+action = "do-c"
+kind = "retriable"
+timeout = "1s"
+retry = { initial-backoff = "100ms", max-backoff = "100ms", jitter = 0.0 }
+result-schema = { type = "object", required = ["done"] }
+"#,
+    )
+}
+
+#[test]
+fn a_result_that_breaks_its_schema_is_a_failure_of_a_step_that_may_be_applied() {
+    let def = with_result_schemas();
+    let bad_input = Saga::start(&def, "s-1".into(), "k".into(), json!({}), None, t0()).unwrap_err();
+    assert_eq!(bad_input.violations.len(), 1);
+
+    // Step a answers ok with a result missing `reservation`: not retried (a
+    // participant answers the same again), and undone since it may be applied.
+    let (mut h, _) = Harness::custom(def.clone());
+    h.at(100);
+    let actions = h.step(reply(
+        "s-1:a:do:1",
+        Outcome::Ok {
+            result: json!({"reservation": 7}),
+        },
+    ));
+    assert_eq!(
+        actions,
+        ["send saga.cmd.p1.undo-a s-1:a:undo:1", "timer 1100ms"]
+    );
+    assert_eq!(h.statuses()[0], StepStatus::Compensating);
+    assert_eq!(
+        h.saga.steps[0].result, None,
+        "an invalid result is not kept"
+    );
+    let entry = h.journal.last().unwrap();
+    assert_eq!(entry.cause, Cause::ReplyFailed);
+    let error = entry.error.as_deref().unwrap();
+    assert!(
+        error.starts_with(
+            "invalid_result: invalid input: /reservation: 7 is not of type \"string\""
+        ),
+        "{error}"
+    );
+    let State::Compensating { cause, .. } = &h.saga.state else {
+        panic!("{:?}", h.saga.state)
+    };
+    assert_eq!(cause.code, "invalid_result");
+    assert!(!cause.retryable);
+    // A compensation's result is not checked against the forward result schema.
+    assert_eq!(h.ok("s-1:a:undo:1"), ["clear timer", "finish compensated"]);
+
+    // A valid result is kept; a retriable step with a bad result is retried.
+    let (mut h, _) = Harness::custom(def);
+    h.step(reply(
+        "s-1:a:do:1",
+        Outcome::Ok {
+            result: json!({"reservation": "r-1"}),
+        },
+    ));
+    assert_eq!(h.saga.steps[0].result, Some(json!({"reservation": "r-1"})));
+    h.ok("s-1:b:do:1");
+    h.at(10);
+    assert_eq!(h.ok("s-1:c:do:1"), ["timer 110ms"]);
+    assert!(matches!(
+        h.saga.state,
+        State::Running {
+            step: 2,
+            wait: Wait::Backoff { attempt: 1, .. }
+        }
+    ));
+    h.at(110);
+    assert_eq!(
+        h.wake(),
+        ["send saga.cmd.p3.do-c s-1:c:do:2", "timer 1110ms"]
+    );
+    let done = h.step(reply(
+        "s-1:c:do:2",
+        Outcome::Ok {
+            result: json!({"done": true}),
+        },
+    ));
+    assert_eq!(done, ["clear timer", "finish completed"]);
+}
+
+#[test]
+fn a_failed_saga_is_parked_not_finished() {
+    assert_eq!(
+        Phase::ALL.map(Phase::is_finished),
+        [false, false, true, true, false]
+    );
+    assert_eq!(Phase::Completed.end(), Some(jetsaga_sagas::End::Completed));
+    assert_eq!(Phase::Failed.end(), None);
+
+    let (mut h, _) = Harness::custom(custom(EXACT, "max-attempts = 1", "1h"));
+    h.fail("s-1:a:do:1", "no", false);
+    assert!(h.saga.phase().is_finished(), "nothing to undo: compensated");
+
+    let (mut h, _) = Harness::custom(custom(EXACT, "max-attempts = 1", "1h"));
+    h.ok("s-1:a:do:1");
+    assert_eq!(
+        h.fail("s-1:b:do:1", "declined", false),
+        ["send saga.cmd.p1.undo-a s-1:a:undo:1", "timer 1000ms"]
+    );
+    assert_eq!(
+        h.fail("s-1:a:undo:1", "locked", false),
+        ["clear timer", "park a"]
+    );
+    assert_eq!(h.saga.phase(), Phase::Failed);
+    assert!(!h.saga.phase().is_finished());
+    // Parked: no timer, nothing happens by itself, but it is not finished either.
+    assert_eq!(h.timer(), None);
+    assert_eq!(h.reject(Input::Wake), Rejected::NotDue);
+    assert_eq!(h.reject(reply("s-1:a:undo:1", ok())), Rejected::Stale);
+    assert_eq!(
+        h.step(Input::Retry),
+        ["send saga.cmd.p1.undo-a s-1:a:undo:2", "timer 1000ms"]
+    );
+    assert_eq!(
+        h.ok("s-1:a:undo:2"),
+        [
+            "clear timer",
+            "publish saga.event.custom.undone",
+            "publish saga.event.custom.audit",
+            "finish compensated"
+        ]
+    );
+    assert_eq!(h.reject(Input::Retry), Rejected::Finished);
 }

@@ -19,6 +19,7 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 
 const ORDER: &str = include_str!("../definitions/order-creation.toml");
+const ORDER_SCHEMA: &str = include_str!("../definitions/order-creation.input.schema.json");
 
 fn t0() -> DateTime<Utc> {
     DateTime::from_timestamp(1_767_225_600, 0).unwrap()
@@ -376,7 +377,7 @@ impl Checker {
                     self.saga, before,
                     "rejected {input:?} ({rejected:?}) changed the saga"
                 );
-                if before.phase().is_terminal() {
+                if before.phase().is_finished() {
                     assert_eq!(rejected, Rejected::Finished);
                 }
                 let ignored = self.saga.ignored_entry(&input, &rejected, self.now);
@@ -414,7 +415,7 @@ impl Checker {
             }
             Ok(transition) => {
                 assert!(
-                    !before.phase().is_terminal(),
+                    !before.phase().is_finished(),
                     "{input:?} accepted after {:?}",
                     before.phase()
                 );
@@ -497,7 +498,7 @@ impl Checker {
             Action::Send { .. } => 0,
             Action::SetTimer { .. } | Action::ClearTimer => 1,
             Action::Publish { .. } => 2,
-            Action::Finish { .. } => 3,
+            Action::Finish { .. } | Action::Park { .. } => 3,
         };
         assert!(
             actions.windows(2).all(|w| rank(&w[0]) <= rank(&w[1])),
@@ -505,16 +506,35 @@ impl Checker {
         );
 
         let phase = self.saga.phase();
-        let finishing = phase != before.phase()
-            && matches!(phase, Phase::Completed | Phase::Compensated | Phase::Failed);
+        // A transition into completed or compensated finishes the saga; one into
+        // failed parks it (not finished: an operator may retry it).
+        let finishing = phase != before.phase() && phase.is_finished();
+        let parking = phase != before.phase() && phase == Phase::Failed;
         let finishes: Vec<Phase> = actions
             .iter()
             .filter_map(|a| match a {
-                Action::Finish { phase } => Some(*phase),
-                _ => None,
+                Action::Finish { end } => Some(end.phase()),
+                Action::Park { step } => {
+                    let State::Failed { step: index, .. } = &self.saga.state else {
+                        panic!("parked outside the failed state: {:?}", self.saga.state)
+                    };
+                    assert_eq!(step, &self.def.steps[*index].name);
+                    Some(Phase::Failed)
+                }
+                Action::Send { .. }
+                | Action::SetTimer { .. }
+                | Action::ClearTimer
+                | Action::Publish { .. } => None,
             })
             .collect();
-        assert_eq!(finishes, if finishing { vec![phase] } else { vec![] });
+        assert_eq!(
+            finishes,
+            if finishing || parking {
+                vec![phase]
+            } else {
+                vec![]
+            }
+        );
         let published: Vec<&str> = actions
             .iter()
             .filter_map(|a| match a {
@@ -553,7 +573,7 @@ impl Checker {
                 } => self.check_command(before, input, to, command),
                 Action::SetTimer { at } => self.timer = Some(*at),
                 Action::ClearTimer => self.timer = None,
-                Action::Publish { .. } | Action::Finish { .. } => {}
+                Action::Publish { .. } | Action::Finish { .. } | Action::Park { .. } => {}
             }
         }
     }
@@ -914,7 +934,7 @@ proptest! {
 
     #[test]
     fn order_saga_keeps_its_invariants(ops in proptest::collection::vec(op(), 0..60)) {
-        let def = Definition::parse("order-creation.toml", ORDER).unwrap();
+        let def = Definition::parse_with("order-creation.toml", ORDER, |_| Ok(ORDER_SCHEMA.to_owned())).unwrap();
         check(def, order_input(), &ops);
     }
 

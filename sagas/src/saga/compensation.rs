@@ -149,10 +149,7 @@ impl Saga {
 
 /// Step `index`'s compensation action. A saga only ever compensates steps that have
 /// one, so `None` means the definition is not the one the saga ran with.
-pub(super) fn compensation_of<'d>(
-    def: &'d Definition,
-    index: usize,
-) -> Result<&'d str, Rejected> {
+pub(super) fn compensation_of<'d>(def: &'d Definition, index: usize) -> Result<&'d str, Rejected> {
     def.steps[index].compensation.as_deref().ok_or_else(|| {
         Rejected::WrongDefinition(format!(
             "{}: step \"{}\" has no compensation",

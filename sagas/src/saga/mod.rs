@@ -249,5 +249,4 @@ impl Saga {
             error: Some(why.to_string()),
         }
     }
-
 }

@@ -39,8 +39,8 @@ impl Saga {
                 Ok(match outcome {
                     Outcome::Ok { result } => {
                         match self.forward_ok(def, index, id.attempt, result, now, actions) {
-                        None => change(Cause::ReplyOk, None),
-                        Some(broken) => change(Cause::ReplyFailed, Some(&broken)),
+                            None => change(Cause::ReplyOk, None),
+                            Some(broken) => change(Cause::ReplyFailed, Some(&broken)),
                         }
                     }
                     Outcome::Failed { error } => {

@@ -22,7 +22,8 @@ impl Saga {
     ) -> Result<(Saga, Transition), Invalid> {
         def.check_input(&input)?;
         let deadline = chrono::Duration::from_std(def.deadline).unwrap_or(chrono::Duration::MAX);
-        let mut steps: Vec<StepRecord> = def.steps.iter().map(|s| StepRecord::new(&s.name)).collect();
+        let mut steps: Vec<StepRecord> =
+            def.steps.iter().map(|s| StepRecord::new(&s.name)).collect();
         let first = &def.steps[0];
         let attempt = steps[0].begin_attempt(now);
         let saga = Saga {
