@@ -684,7 +684,9 @@ mod tests {
         assert_eq!(o["card_token"], "tok_decline");
         assert_eq!(o["items"].as_array().unwrap().len(), 2);
         assert!(
-            jetsaga_sagas::order::validate_input(jetsaga_sagas::definition::InputKind::Order, &o)
+            crate::definitions::order_creation()
+                .unwrap()
+                .check_input(&o)
                 .is_ok()
         );
     }

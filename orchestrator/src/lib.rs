@@ -351,8 +351,8 @@ impl Handle {
         if key.is_empty() {
             return Err(ApiError::InvalidInput("the start key is empty".to_owned()));
         }
-        jetsaga_sagas::order::validate_input(def.input, &input)
-            .map_err(|e| ApiError::InvalidInput(e.0))?;
+        def.check_input(&input)
+            .map_err(|invalid| ApiError::InvalidInput(invalid.to_string()))?;
         let saga_id = driver::saga_id(&def.name, key);
         let key = key.to_owned();
         self.request(|reply| Work::Start {

@@ -123,7 +123,10 @@ pub fn outbound(action: &Action, traceparent: Option<&str>) -> Option<(Effect, O
             };
             Some((effect, message))
         }
-        Action::SetTimer { .. } | Action::ClearTimer | Action::Finish { .. } => None,
+        Action::SetTimer { .. }
+        | Action::ClearTimer
+        | Action::Finish { .. }
+        | Action::Park { .. } => None,
     }
 }
 

@@ -39,7 +39,7 @@ fn patient_order() -> tempfile::TempDir {
         .replace("timeout = \"10s\"", "timeout = \"10m\"")
         .replace("deadline = \"5m\"", "deadline = \"1h\"");
     assert!(text.contains("patient-order") && !text.contains("timeout = \"10s\""));
-    definitions_dir(&[("patient.toml", &text)])
+    definitions_dir(&[("patient.toml", &text), order_schema_file()])
 }
 
 async fn phase_of(store: &Store, id: &str) -> Option<Phase> {
@@ -122,7 +122,7 @@ async fn sigkill_three_times_during_a_thousand_sagas_loses_nothing() {
     while !remaining.is_empty() {
         let mut still = Vec::new();
         for id in remaining {
-            if !phase_of(&store, &id).await.is_some_and(Phase::is_terminal) {
+            if !phase_of(&store, &id).await.is_some_and(Phase::is_finished) {
                 still.push(id);
             }
         }
@@ -202,7 +202,7 @@ async fn sigkill_three_times_during_a_thousand_sagas_loses_nothing() {
 const SLOW_TIMEOUT: &str = r#"
 name = "timeout-order"
 version = 1
-input = "order"
+input-schema = "order-creation.input.schema.json"
 deadline = "1m"
 [[steps]]
 name = "reserve-stock"
@@ -224,7 +224,7 @@ retry = { max-attempts = 1 }
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_that_expires_while_the_orchestrator_is_down_fires_after_restart() {
     let server = NatsServer::start();
-    let defs = definitions_dir(&[("timeout.toml", SLOW_TIMEOUT)]);
+    let defs = definitions_dir(&[("timeout.toml", SLOW_TIMEOUT), order_schema_file()]);
     let mut orchestrator = serve(&server.url(), Some(defs.path()));
     let js = js(&server).await;
     wait_provisioned(&js).await;

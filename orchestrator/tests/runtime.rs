@@ -18,7 +18,7 @@ use serde_json::json;
 const FAST_ORDER: &str = r#"
 name = "fast-order"
 version = 1
-input = "order"
+input-schema = "order-creation.input.schema.json"
 deadline = "1m"
 [events]
 completed = ["order.confirmed"]
@@ -202,7 +202,7 @@ async fn same_key_starts_one_saga_over_api_and_subject() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn step_timeout_compensates_the_silent_step_and_ignores_late_replies() {
     let server = NatsServer::start();
-    let defs = definitions_dir(&[("fast.toml", FAST_ORDER)]);
+    let defs = definitions_dir(&[("fast.toml", FAST_ORDER), order_schema_file()]);
     let running = orchestrator(&server.url(), Some(defs.path())).await;
     let handle = running.handle().clone();
     let js = js(&server).await;
@@ -314,7 +314,7 @@ async fn duplicate_and_old_replies_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_compensation_parks_the_saga_until_an_operator_retries() {
     let server = NatsServer::start();
-    let defs = definitions_dir(&[("fast.toml", FAST_ORDER)]);
+    let defs = definitions_dir(&[("fast.toml", FAST_ORDER), order_schema_file()]);
     let running = orchestrator(&server.url(), Some(defs.path())).await;
     let handle = running.handle().clone();
     let js = js(&server).await;

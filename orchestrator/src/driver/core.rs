@@ -472,8 +472,8 @@ impl<H: Handles> Core<H> {
                 if start.key.is_empty() {
                     return Err(Poison::EmptyKey);
                 }
-                jetsaga_sagas::order::validate_input(def.input, &start.input)
-                    .map_err(|e| Poison::InvalidInput(e.0))?;
+                def.check_input(&start.input)
+                    .map_err(|e| Poison::InvalidInput(e.to_string()))?;
                 Ok(Decoded::Start {
                     saga_id: protocol::saga_id(&def.name, &start.key),
                     def,
@@ -562,8 +562,11 @@ impl<H: Handles> Core<H> {
                     let phase = record.saga.phase();
                     let created = matches!(work, Work::Start { .. });
                     self.conclude(work, Verdict::Done { phase, created });
-                    Some(if !matches!(phase, Phase::Running | Phase::Compensating) {
-                        // Finished sagas leave memory; their state stays in the journal.
+                    // Finished sagas leave memory at once; their state stays in the journal.
+                    // A failed saga is parked, not finished (see `Phase::end`): it stays like
+                    // any live saga until it is idle, and an operator's retry reloads it
+                    // from the journal.
+                    Some(if phase.is_finished() {
                         Known::NotLoaded
                     } else {
                         Known::Loaded(Box::new(Stored {
@@ -765,7 +768,10 @@ impl<H: Handles> Core<H> {
                         self.write(&def, saga, transition, None, 0, work)
                     }
                     Err(invalid) => {
-                        self.conclude(work, Verdict::Poison(Poison::InvalidInput(invalid.0)));
+                        self.conclude(
+                            work,
+                            Verdict::Poison(Poison::InvalidInput(invalid.to_string())),
+                        );
                         Some(Known::Missing)
                     }
                 }
@@ -935,7 +941,10 @@ impl<H: Handles> Core<H> {
                     .compensations
                     .with_label_values(&[&saga.saga_type, &command.step])
                     .inc(),
-                Action::Finish { phase } => {
+                // The outcome metrics count every outcome a saga reached: finished
+                // (completed, compensated) or parked as failed for an operator.
+                Action::Finish { .. } | Action::Park { .. } => {
+                    let phase = saga.phase();
                     metrics
                         .finished
                         .with_label_values(&[&saga.saga_type, phase.as_str()])

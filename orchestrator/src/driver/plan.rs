@@ -53,7 +53,7 @@ pub(crate) fn plan(
                 plan.clear_timer = plan.timer_at.is_some();
                 plan.timer_at = None;
             }
-            Action::Finish { .. } => {}
+            Action::Finish { .. } | Action::Park { .. } => {}
         }
     }
     plan
@@ -68,7 +68,7 @@ pub(crate) fn round_up(at: DateTime<Utc>) -> DateTime<Utc> {
 
 #[cfg(test)]
 mod tests {
-    use jetsaga_sagas::Phase;
+    use jetsaga_sagas::End;
 
     use super::*;
 
@@ -121,7 +121,7 @@ mod tests {
             &[
                 Action::ClearTimer,
                 Action::Finish {
-                    phase: Phase::Completed,
+                    end: End::Completed,
                 },
             ],
             Some(t1),

@@ -208,7 +208,7 @@ pub async fn wait_all_terminal(handle: &Handle, ids: &[String]) {
                     .await
                     .ok()
                     .flatten()
-                    .is_some_and(|s| s.phase().is_terminal());
+                    .is_some_and(|s| s.phase().is_finished());
                 if !done {
                     still.push(id);
                 }
@@ -260,6 +260,15 @@ pub async fn dead_letters(js: &jetstream::Context) -> Vec<(String, String)> {
         seq = m.sequence + 1;
     }
     out
+}
+
+/// The order-creation input schema as a definitions-directory file, for test
+/// definitions that name it (`input-schema = "order-creation.input.schema.json"`).
+pub fn order_schema_file() -> (&'static str, &'static str) {
+    (
+        jetsaga_orchestrator::definitions::ORDER_CREATION_INPUT_SCHEMA_FILE,
+        jetsaga_orchestrator::definitions::ORDER_CREATION_INPUT_SCHEMA,
+    )
 }
 
 /// Writes a definition file for tests that need tight timeouts or policies.

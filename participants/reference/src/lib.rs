@@ -6,6 +6,7 @@
 //! - [`inventory`]: stock per product, reservations per saga; `reserve`, `release`, `commit`.
 //! - [`payment`]: one payment record per saga; `charge`, `refund`; the ledger.
 //! - [`notification`]: consumes `order.confirmed` / `order.cancelled`, records one email per order.
+//! - [`order`]: the order type the participants read from the saga input.
 //! - [`config`]: the configuration and the shared sections; [`faults`]: injected
 //!   failures and latency; [`service`]: connection, KV buckets and the metrics endpoint.
 //!
@@ -16,6 +17,7 @@ pub mod config;
 pub mod faults;
 pub mod inventory;
 pub mod notification;
+pub mod order;
 pub mod payment;
 pub mod service;
 

@@ -17,7 +17,6 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use jetsaga_participant::{Context, Handled};
 use jetsaga_runtime::kv::{self as kv_store, Read};
-use jetsaga_sagas::order::Order;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,6 +24,7 @@ use tracing::info;
 
 use crate::config::{self, Consumer, Load, Metrics, Nats, Streams, Telemetry};
 use crate::faults::Faults;
+use crate::order::Order;
 use crate::{Error, service};
 
 /// The participant's name on the wire.

@@ -69,7 +69,7 @@ async fn wait_terminal(handle: &Handle, ids: &[String]) -> HashMap<String, Phase
             };
             for id in pending {
                 let phase = handle.saga(id).await.ok().flatten().map(|s| s.phase());
-                if let Some(phase) = phase.filter(|p| p.is_terminal()) {
+                if let Some(phase) = phase.filter(|p| p.is_finished()) {
                     phases.lock().unwrap().insert(id.clone(), phase);
                 }
             }

@@ -47,7 +47,6 @@ use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::{self, kv};
 use jetsaga_participant::{Context, Handled};
-use jetsaga_sagas::order::Order;
 use jetsaga_sagas::protocol;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -55,6 +54,7 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::faults::Faults;
+use crate::order::Order;
 use crate::{Error, service};
 
 pub use events::{STOCK_DEPLETED, STOCK_LOW};
