@@ -52,6 +52,37 @@ fn validate_reports_ok_or_every_problem() {
         "{out}"
     );
     assert!(out.contains("timeout must be greater than zero"), "{out}");
+    // A definition whose schema file is broken: the file and the problem are named.
+    let with_schema = dir.path().join("with-schema.toml");
+    std::fs::write(
+        &with_schema,
+        "name = \"x\"\nversion = 1\ndeadline = \"1m\"\ninput-schema = \"x.schema.json\"\n[[steps]]\nname = \"a\"\nparticipant = \"p\"\naction = \"do\"\ncompensation = \"undo\"\nkind = \"compensatable\"\ntimeout = \"1s\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("x.schema.json"),
+        r#"{"type": "object", "properties": {"n": {"type": "number", "minimum": "one"}}}"#,
+    )
+    .unwrap();
+    let (code, out) = jetsaga(&["validate", with_schema.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(
+            "with-schema.toml: input-schema \"x.schema.json\": not a valid JSON Schema at /properties/n/minimum"
+        ),
+        "{out}"
+    );
+    std::fs::write(dir.path().join("x.schema.json"), r#"{"type": "object"}"#).unwrap();
+    let (code, out) = jetsaga(&["validate", with_schema.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    std::fs::remove_file(dir.path().join("x.schema.json")).unwrap();
+    let (code, out) = jetsaga(&["validate", with_schema.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("with-schema.toml: input-schema \"x.schema.json\": cannot read"),
+        "{out}"
+    );
+
     let (code, out) = jetsaga(&["validate", "/no/such/file.toml"]);
     assert_eq!(code, 1);
     assert!(out.contains("cannot read"), "{out}");
