@@ -141,9 +141,21 @@ impl Definition {
     /// Parses and validates a definition. `file` names the source in errors.
     ///
     /// ```
-    /// let text = include_str!("../definitions/order-creation.toml");
-    /// let def = jetsaga_sagas::Definition::parse("order-creation.toml", text).unwrap();
-    /// assert_eq!(def.steps.len(), 3);
+    /// let text = r#"
+    /// name = "greet"
+    /// version = 1
+    /// deadline = "1m"
+    /// input-schema = { type = "object", required = ["name"] }
+    /// [[steps]]
+    /// name = "say-hello"
+    /// participant = "greeter"
+    /// action = "hello"
+    /// kind = "pivot"
+    /// timeout = "5s"
+    /// "#;
+    /// let def = jetsaga_sagas::Definition::parse("greet.toml", text).unwrap();
+    /// assert_eq!(def.steps.len(), 1);
+    /// assert!(def.check_input(&serde_json::json!({"name": "Ana"})).is_ok());
     /// ```
     ///
     /// A schema given as a file name is an error here; use [`Definition::parse_with`].

@@ -8,33 +8,53 @@ use super::{Action, Rejected, Saga, State, StepStatus, Wait};
 use crate::definition::{Definition, RetryPolicy, StepKind};
 use crate::protocol::{Direction, Failure};
 
-/// Which round of compensation attempts a compensation command belongs to.
-#[derive(Debug, Clone, Copy)]
+/// A round of compensation attempts: what a compensating saga knows besides its step and wait.
+#[derive(Debug, Clone)]
+pub(super) struct Undo {
+    /// The attempt that began this round's retry budget.
+    pub(super) first_attempt: u32,
+    /// Why the saga is being compensated.
+    pub(super) cause: Failure,
+}
+
+/// Which round a compensation command belongs to.
+#[derive(Debug, Clone)]
 pub(super) enum Round {
     /// A fresh retry budget starts with this attempt.
-    Begin,
-    /// Another attempt of the round that started at `first_attempt`.
-    Continue {
-        /// The round's first attempt.
-        first_attempt: u32,
+    Begin {
+        /// Why the saga is being compensated.
+        cause: Failure,
     },
+    /// Another attempt of a round under way.
+    Continue(Undo),
+}
+
+/// How a forward attempt failed.
+#[derive(Debug, Clone)]
+pub(super) enum Setback {
+    /// The participant answered with a failure.
+    Reported(Failure),
+    /// The step may have been applied whatever the failure says: no reply came in
+    /// time, or the result breaks the step's result schema.
+    MayBeApplied(Failure),
 }
 
 impl Saga {
     /// A forward attempt failed or timed out: retry per the step's policy, or give
-    /// up and compensate. `may_be_applied` says the participant may have applied
-    /// the step whatever the failure says (a timeout, a result that breaks its schema).
-    #[allow(clippy::too_many_arguments)]
+    /// up and compensate.
     pub(super) fn forward_failed(
         &mut self,
         def: &Definition,
         index: usize,
         attempt: u32,
-        failure: Failure,
-        may_be_applied: bool,
+        setback: Setback,
         now: DateTime<Utc>,
         actions: &mut Vec<Action>,
     ) {
+        let (failure, may_be_applied) = match setback {
+            Setback::Reported(failure) => (failure, false),
+            Setback::MayBeApplied(failure) => (failure, true),
+        };
         let spec = &def.steps[index];
         self.steps[index].last_error = Some(failure.clone());
         let retry = spec.kind == StepKind::Retriable
@@ -65,11 +85,14 @@ impl Saga {
         def: &Definition,
         index: usize,
         attempt: u32,
-        first_attempt: u32,
-        cause: Failure,
+        undo: Undo,
         failure: Failure,
         now: DateTime<Utc>,
     ) {
+        let Undo {
+            first_attempt,
+            cause,
+        } = undo;
         let policy = &def.compensation_retry;
         self.steps[index].last_error = Some(failure.clone());
         let used = attempt + 1 - first_attempt;
@@ -111,28 +134,33 @@ impl Saga {
         });
         match next {
             Some((index, action)) => {
-                self.send_compensation(def, index, action, Round::Begin, cause, now, actions);
+                let round = Round::Begin { cause };
+                self.send_compensation(def, index, action, round, now, actions);
             }
             None => self.state = State::Compensated { cause },
         }
     }
 
     /// Sends the next attempt of step `index`'s compensation `action`.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn send_compensation(
         &mut self,
         def: &Definition,
         index: usize,
         action: &str,
         round: Round,
-        cause: Failure,
         now: DateTime<Utc>,
         actions: &mut Vec<Action>,
     ) {
         let attempt = self.steps[index].begin_compensation_attempt();
-        let first_attempt = match round {
-            Round::Begin => attempt,
-            Round::Continue { first_attempt } => first_attempt,
+        let Undo {
+            first_attempt,
+            cause,
+        } = match round {
+            Round::Begin { cause } => Undo {
+                first_attempt: attempt,
+                cause,
+            },
+            Round::Continue(undo) => undo,
         };
         self.state = State::Compensating {
             step: index,
@@ -149,7 +177,7 @@ impl Saga {
 
 /// Step `index`'s compensation action. A saga only ever compensates steps that have
 /// one, so `None` means the definition is not the one the saga ran with.
-pub(super) fn compensation_of<'d>(def: &'d Definition, index: usize) -> Result<&'d str, Rejected> {
+pub(super) fn compensation_of(def: &Definition, index: usize) -> Result<&str, Rejected> {
     def.steps[index].compensation.as_deref().ok_or_else(|| {
         Rejected::WrongDefinition(format!(
             "{}: step \"{}\" has no compensation",

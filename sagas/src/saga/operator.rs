@@ -30,7 +30,7 @@ impl Saga {
             }
         };
         let action = compensation_of(def, index)?;
-        self.send_compensation(def, index, action, Round::Begin, cause, now, actions);
+        self.send_compensation(def, index, action, Round::Begin { cause }, now, actions);
         Ok(Change::operator(
             Cause::OperatorRetry,
             &def.steps[index].name,

@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 
+use super::compensation::{Setback, Undo};
 use super::journal::Change;
 use super::{Action, Cause, Rejected, Saga, State, StepStatus, Wait};
 use crate::definition::{Definition, StepKind};
@@ -44,8 +45,8 @@ impl Saga {
                         }
                     }
                     Outcome::Failed { error } => {
-                        let failure = error.clone();
-                        self.forward_failed(def, index, id.attempt, failure, false, now, actions);
+                        let setback = Setback::Reported(error.clone());
+                        self.forward_failed(def, index, id.attempt, setback, now, actions);
                         change(Cause::ReplyFailed, Some(&error))
                     }
                 })
@@ -57,26 +58,21 @@ impl Saga {
                 cause,
             } => {
                 awaited(*step, wait, Direction::Compensate, index, &id)?;
-                let (first_attempt, cause) = (*first_attempt, cause.clone());
+                let undo = Undo {
+                    first_attempt: *first_attempt,
+                    cause: cause.clone(),
+                };
                 Ok(match outcome {
                     Outcome::Ok { .. } => {
                         let record = &mut self.steps[index];
                         record.status = StepStatus::Compensated;
                         record.finished_at = Some(now);
-                        self.compensate_from(def, index, cause, now, actions);
+                        self.compensate_from(def, index, undo.cause, now, actions);
                         change(Cause::ReplyOk, None)
                     }
                     Outcome::Failed { error } => {
                         let failure = error.clone();
-                        self.compensation_failed(
-                            def,
-                            index,
-                            id.attempt,
-                            first_attempt,
-                            cause,
-                            failure,
-                            now,
-                        );
+                        self.compensation_failed(def, index, id.attempt, undo, failure, now);
                         change(Cause::ReplyFailed, Some(&error))
                     }
                 })
@@ -102,7 +98,8 @@ impl Saga {
         let spec = &def.steps[index];
         if let Some(Err(invalid)) = spec.result_schema.as_ref().map(|s| s.check(&result)) {
             let failure = Failure::new("invalid_result", invalid.to_string(), false);
-            self.forward_failed(def, index, attempt, failure.clone(), true, now, actions);
+            let setback = Setback::MayBeApplied(failure.clone());
+            self.forward_failed(def, index, attempt, setback, now, actions);
             return Some(failure);
         }
         let record = &mut self.steps[index];

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::compensation::{Round, compensation_of};
+use super::compensation::{Round, Setback, Undo, compensation_of};
 use super::journal::Change;
 use super::{Action, Cause, Rejected, Saga, State, StepStatus, Wait};
 use crate::definition::{Definition, StepKind, format_duration};
@@ -27,8 +27,11 @@ impl Saga {
                 cause,
             } => {
                 let (index, wait) = (*step, wait.clone());
-                let (first_attempt, cause) = (*first_attempt, cause.clone());
-                self.wake_compensation(def, index, wait, first_attempt, cause, now, actions)
+                let undo = Undo {
+                    first_attempt: *first_attempt,
+                    cause: cause.clone(),
+                };
+                self.wake_compensation(def, index, wait, undo, now, actions)
             }
             State::Failed { .. } | State::Completed | State::Compensated { .. } => {
                 Err(Rejected::NotDue)
@@ -70,7 +73,8 @@ impl Saga {
             Wait::Reply { attempt, .. } => {
                 let failure = timeout(def, index);
                 let command = self.command_id(&name, Direction::Forward, attempt);
-                self.forward_failed(def, index, attempt, failure.clone(), true, now, actions);
+                let setback = Setback::MayBeApplied(failure.clone());
+                self.forward_failed(def, index, attempt, setback, now, actions);
                 Ok(Change::orchestrator(
                     Cause::StepTimeout,
                     &name,
@@ -85,14 +89,12 @@ impl Saga {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn wake_compensation(
         &mut self,
         def: &Definition,
         index: usize,
         wait: Wait,
-        first_attempt: u32,
-        cause: Failure,
+        undo: Undo,
         now: DateTime<Utc>,
         actions: &mut Vec<Action>,
     ) -> Result<Change, Rejected> {
@@ -104,15 +106,7 @@ impl Saga {
             Wait::Reply { attempt, .. } => {
                 let failure = timeout(def, index);
                 let command = self.command_id(&name, Direction::Compensate, attempt);
-                self.compensation_failed(
-                    def,
-                    index,
-                    attempt,
-                    first_attempt,
-                    cause,
-                    failure.clone(),
-                    now,
-                );
+                self.compensation_failed(def, index, attempt, undo, failure.clone(), now);
                 Ok(Change::orchestrator(
                     Cause::StepTimeout,
                     &name,
@@ -122,8 +116,8 @@ impl Saga {
             }
             Wait::Backoff { .. } => {
                 let action = compensation_of(def, index)?;
-                let round = Round::Continue { first_attempt };
-                self.send_compensation(def, index, action, round, cause, now, actions);
+                let round = Round::Continue(undo);
+                self.send_compensation(def, index, action, round, now, actions);
                 Ok(Change::orchestrator(Cause::RetryDue, &name, None, None))
             }
         }
