@@ -1525,7 +1525,7 @@ fn a_result_that_breaks_its_schema_is_a_failure_of_a_step_that_may_be_applied() 
     let error = entry.error.as_deref().unwrap();
     assert!(
         error.starts_with(
-            "invalid_result: invalid input: /reservation: 7 is not of type \"string\""
+            "invalid_result: the result breaks the step's result schema: /reservation: 7 is not of type \"string\""
         ),
         "{error}"
     );

@@ -97,7 +97,13 @@ impl Saga {
     ) -> Option<Failure> {
         let spec = &def.steps[index];
         if let Some(Err(invalid)) = spec.result_schema.as_ref().map(|s| s.check(&result)) {
-            let failure = Failure::new("invalid_result", invalid.to_string(), false);
+            let violations: Vec<String> =
+                invalid.violations.iter().map(ToString::to_string).collect();
+            let message = format!(
+                "the result breaks the step's result schema: {}",
+                violations.join("; ")
+            );
+            let failure = Failure::new("invalid_result", message, false);
             let setback = Setback::MayBeApplied(failure.clone());
             self.forward_failed(def, index, attempt, setback, now, actions);
             return Some(failure);
