@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use jetsaga_orchestrator::{Answer, ApiError};
+use jetsaga_orchestrator::{ApiError, Started};
 use jetsaga_sagas::protocol::{self, Body, Outcome};
 use jetsaga_sagas::{Phase, StepStatus};
 use jetsaga_testkit::{NatsServer, wait_until};
@@ -105,13 +105,10 @@ async fn a_saga_type_from_files_runs_end_to_end_and_bad_starts_name_every_violat
     let labels = Responder::start(&js, "labels", Arc::new(|_: &protocol::Command| ok())).await;
 
     // Through the handle.
-    let Answer::Started { saga_id: first, .. } = handle
+    let Started { saga_id: first, .. } = handle
         .start("ship-parcel", "parcel-1", parcel("p-1"))
         .await
-        .unwrap()
-    else {
-        panic!("not started")
-    };
+        .unwrap();
     let saga = wait_phase(&handle, &first, Phase::Completed).await;
     assert_eq!(
         saga.steps[0].result,
@@ -150,15 +147,12 @@ async fn a_saga_type_from_files_runs_end_to_end_and_bad_starts_name_every_violat
     wait_phase(&handle, &second, Phase::Completed).await;
 
     // A result that breaks the step's result schema undoes the step.
-    let Answer::Started {
+    let Started {
         saga_id: broken, ..
     } = handle
         .start("ship-parcel", "parcel-666", parcel("p-666"))
         .await
-        .unwrap()
-    else {
-        panic!("not started")
-    };
+        .unwrap();
     let saga = wait_phase(&handle, &broken, Phase::Compensated).await;
     assert_eq!(saga.steps[0].status, StepStatus::Compensated);
     assert_eq!(
