@@ -76,11 +76,12 @@ wait_http "http://127.0.0.1:$mon_port/healthz" nats-server
 # times out, is retried, compensates, and the compensation (an action inventory does not
 # have) fails for good: a failed saga waiting for an operator.
 mkdir -p "$work/definitions"
+cp sagas/definitions/order-creation.input.schema.json "$work/definitions/"
 cat >"$work/definitions/probe.toml" <<'TOML'
 name = "probe"
 version = 1
 description = "check-dashboards: times out, retries, compensates and ends failed"
-input = "order"
+input-schema = "order-creation.input.schema.json"
 deadline = "5m"
 
 [compensation-retry]
