@@ -51,7 +51,10 @@ pub struct Record {
     pub entry: Entry,
     /// The saga after it.
     pub saga: Saga,
-    /// What it caused to be published.
+    /// What it caused to be published. A record of an ignored input (which
+    /// publishes nothing) carries the effects of the record before it, unless
+    /// this instance saw them acknowledged: recovery completes the last record's
+    /// effects only, so they must not be hidden behind it.
     #[serde(default)]
     pub effects: Vec<Effect>,
     /// The saga's armed timer after it, if any.

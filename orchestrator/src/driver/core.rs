@@ -73,13 +73,16 @@ impl<H: Handles> Work<H> {
         }
     }
 
-    /// Whether this input can be the first sign of a transition that was stored but
-    /// whose commands were never published (its process died in between). Such a
-    /// transition's own input is redelivered, and its timer fires; a first delivery
-    /// of a reply cannot be it (the reply answers a command that was published).
-    fn may_follow_an_interrupted_transition(&self) -> bool {
+    /// Whether this input, applied to `stored`, can be the first sign of a
+    /// transition that was stored but whose commands were never published (its
+    /// process died in between). Such a transition's own input is redelivered, and
+    /// its timer fires; a first delivery of a reply cannot be it (the reply answers
+    /// a command that was published). A start of a finished saga cannot be it
+    /// either: the transition that finished it was caused by another input, which
+    /// is redelivered itself (a start of a known saga changes nothing).
+    fn may_follow_an_interrupted_transition(&self, stored: &Stored) -> bool {
         match self {
-            Work::Start { .. } => true,
+            Work::Start { .. } => !stored.record.saga.phase().is_terminal(),
             Work::Input { input, origin, .. } => match origin {
                 Origin::Message { delivered, .. } => {
                     *input == Input::Wake || delivered.is_none_or(|n| n > 1)
@@ -530,7 +533,7 @@ impl<H: Handles> Core<H> {
         };
         let known = match (stage, done) {
             (Stage::Loading, Done::Loaded { result, .. }) => match result {
-                Ok(Some(stored)) if work.may_follow_an_interrupted_transition() => {
+                Ok(Some(stored)) if work.may_follow_an_interrupted_transition(&stored) => {
                     // A record loaded from the journal may belong to a transition whose
                     // effects were interrupted (a crash between persisting and
                     // publishing): publishing them again is harmless (de-duplicated by
@@ -553,8 +556,11 @@ impl<H: Handles> Core<H> {
                 Ok(found) => self.apply(now, work, found),
                 Err(error) => Some(self.fail(work, error)),
             },
-            (Stage::Republishing(stored), Done::Published { result, .. }) => match result {
-                Ok(()) => self.apply(now, work, Some(stored)),
+            (Stage::Republishing(mut stored), Done::Published { result, .. }) => match result {
+                Ok(()) => {
+                    stored.record.effects.clear();
+                    self.apply(now, work, Some(stored))
+                }
                 Err(error) => Some(self.fail(work, error)),
             },
             (Stage::Writing(record), Done::Written { result, .. }) => match result {
@@ -569,10 +575,10 @@ impl<H: Handles> Core<H> {
                     Some(if phase.is_finished() {
                         Known::NotLoaded
                     } else {
-                        Known::Loaded(Box::new(Stored {
-                            record: *record,
-                            seq,
-                        }))
+                        // JetStream acknowledged its effects: none is pending any more.
+                        let mut record = *record;
+                        record.effects.clear();
+                        Known::Loaded(Box::new(Stored { record, seq }))
                     })
                 }
                 Err(error) if error.kind() == IoErrorKind::Conflict => {
@@ -837,13 +843,16 @@ impl<H: Handles> Core<H> {
             Err(rejected @ (Rejected::Duplicate | Rejected::Stale | Rejected::Finished))
                 if matches!(input, Input::Reply { .. }) =>
             {
-                // Late and duplicate replies change nothing but are journaled.
+                // Late and duplicate replies change nothing but are journaled. The
+                // record keeps the effects of the one before it: they may never have
+                // been published (the instance died between its append and its
+                // publish), and recovery completes the last record's effects only.
                 self.metrics.duplicates.inc();
                 let entry = saga.ignored_entry(&input, &rejected, now);
                 let record = Record {
                     entry,
                     saga,
-                    effects: Vec::new(),
+                    effects: stored.record.effects.clone(),
                     timer_at,
                 };
                 let write = Pending {

@@ -636,3 +636,161 @@ fn shutdown_refuses_queued_and_new_callers_and_leaves_messages_unsettled() {
     loaded(&mut core, at(2), &id, Ok(None));
     assert_write(&drain(&mut core)[0], &id, 0);
 }
+
+/// A saga driven to the end by ok replies, as the last record of its journal (at
+/// `seq`): its effects are the last transition's (the completion event).
+fn completed(key: &str, seq: u64) -> Stored {
+    let saga_id = protocol::saga_id(TYPE, key);
+    let def = def();
+    let (_, mut saga, mut transition) =
+        crate::record::started_order(&saga_id, "tok_ok", None, t0());
+    let mut armed = plan::plan(&transition.actions, None, None).timer_at;
+    for i in 1.. {
+        let command_id = transition.actions.iter().find_map(|a| match a {
+            Action::Send { command, .. } => Some(command.command_id.clone()),
+            _ => None,
+        });
+        let Some(command_id) = command_id else {
+            break;
+        };
+        let reply = Input::Reply {
+            command_id,
+            outcome: Outcome::Ok { result: json!({}) },
+        };
+        transition = saga.apply(&def, reply, at(i)).unwrap();
+        armed = plan::plan(&transition.actions, armed, None).timer_at;
+    }
+    assert_eq!(saga.phase(), Phase::Completed);
+    let plan = plan::plan(&transition.actions, armed, None);
+    Stored {
+        record: Record {
+            entry: transition.entry,
+            saga,
+            effects: plan.effects,
+            timer_at: plan.timer_at,
+        },
+        seq,
+    }
+}
+
+/// Hole 13: a start of a known, finished saga (its key posted again after the
+/// dedup window) changes nothing: its completion event is not published again.
+#[test]
+fn a_start_of_a_finished_saga_publishes_nothing() {
+    let mut core = core();
+    let done = completed("k13", 9);
+    let id = done.record.saga.id.clone();
+    assert!(
+        done.record
+            .effects
+            .iter()
+            .any(|e| matches!(e, crate::record::Effect::Event { .. })),
+        "the last record holds the completion event"
+    );
+    let start = Start {
+        protocol: VERSION,
+        key: "k13".into(),
+        input: order("tok_ok"),
+    };
+    let subject = protocol::subject::start(TYPE);
+    message(
+        &mut core,
+        at(0),
+        Source::Starts,
+        &subject,
+        &start.encode(),
+        1,
+        1,
+    );
+    core.handle_input(at(0), api_start("k13", 2));
+    assert_load(&drain(&mut core)[0], &id, false);
+    loaded(&mut core, at(1), &id, Ok(Some(done)));
+    let mut io = drain(&mut core).into_iter();
+    assert_settled(&io.next().unwrap(), 1, Settle::Ack);
+    assert_eq!(
+        started(io.next().unwrap()),
+        (
+            2,
+            Ok(Started {
+                saga_id: id.clone(),
+                created: false
+            })
+        )
+    );
+    assert!(io.next().is_none());
+}
+
+/// Hole 1: a transition is stored but its command is lost (the instance died);
+/// a stale reply then appends an ignored record. When the transition's input is
+/// redelivered, the lost command still goes out: the ignored record carries the
+/// effects not known to be sent.
+#[test]
+fn an_ignored_record_keeps_the_effects_of_the_transition_before_it() {
+    let mut core = core();
+    // The start record (reserve-stock do:1) was stored; its command may be lost.
+    let saga = stored("k1", 4);
+    let id = saga.record.saga.id.clone();
+    // A reply to a command this saga never sent in this form (attempt 2): stale.
+    let stale = Reply {
+        protocol: VERSION,
+        command_id: format!("{id}:reserve-stock:do:2"),
+        saga_id: id.clone(),
+        outcome: Outcome::Ok { result: json!({}) },
+    };
+    let subject = protocol::subject::reply("inventory", &stale.command_id);
+    message(
+        &mut core,
+        at(0),
+        Source::Replies,
+        &subject,
+        &stale.encode(),
+        1,
+        1,
+    );
+    assert_load(&drain(&mut core)[0], &id, false);
+    loaded(&mut core, at(1), &id, Ok(Some(saga)));
+    let io = drain(&mut core);
+    let write = assert_write(&io[0], &id, 4);
+    assert!(
+        write.publish.is_empty(),
+        "an ignored input publishes nothing"
+    );
+    let record = Record::decode(&write.append.body).unwrap();
+    assert_eq!(record.entry.cause, Cause::Ignored);
+    written(&mut core, at(2), &id, Ok(5));
+    drain(&mut core);
+    core.handle_tick(at(100_000));
+    assert!(!core.holds(&id));
+
+    // The start is redelivered: the command of the start record goes out again.
+    let start = Start {
+        protocol: VERSION,
+        key: "k1".into(),
+        input: order("tok_ok"),
+    };
+    let subject = protocol::subject::start(TYPE);
+    message(
+        &mut core,
+        at(100_001),
+        Source::Starts,
+        &subject,
+        &start.encode(),
+        2,
+        2,
+    );
+    assert_load(&drain(&mut core)[0], &id, false);
+    loaded(
+        &mut core,
+        at(100_002),
+        &id,
+        Ok(Some(Stored { record, seq: 5 })),
+    );
+    let io = drain(&mut core);
+    match &io[..] {
+        [Io::Publish { messages, .. }] => {
+            assert_eq!(messages.len(), 1, "{messages:?}");
+            assert_eq!(messages[0].msg_id, format!("{id}:reserve-stock:do:1"));
+        }
+        other => panic!("expected the lost command re-published, got {other:?}"),
+    }
+}
