@@ -475,7 +475,8 @@ async fn publish_start(
     input: serde_json::Value,
 ) -> Result<(), String> {
     let mut headers = HeaderMap::new();
-    headers.insert(header::MSG_ID, key.as_str());
+    let msg_id = protocol::start_msg_id(saga_type, &key, &input);
+    headers.insert(header::MSG_ID, msg_id.as_str());
     let body = protocol::Start {
         protocol: protocol::VERSION,
         key,

@@ -721,3 +721,61 @@ async fn messages_that_exhaust_their_deliveries_are_dead_lettered() {
     .await;
     running.shutdown().await;
 }
+
+/// Issue 10 hole 8: start requests published as clients do (`Nats-Msg-Id` from
+/// `protocol::start_msg_id`) within the dedup window: one key for two saga
+/// types starts two sagas, and a start refused for its input then corrected
+/// starts the saga.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_ids_never_collide_across_types_or_corrected_inputs() {
+    let server = NatsServer::start();
+    let defs = definitions_dir(&[("fast.toml", FAST_ORDER)]);
+    let running = orchestrator(&server.url(), Some(defs.path())).await;
+    let handle = running.handle().clone();
+    let js = js(&server).await;
+    let _inventory = Responder::start(&js, "inventory", by_card()).await;
+    let _payment = Responder::start(&js, "payment", by_card()).await;
+
+    let publish = |saga_type: &'static str, key: &'static str, input: serde_json::Value| {
+        let js = js.clone();
+        async move {
+            let mut headers = HeaderMap::new();
+            let id = protocol::start_msg_id(saga_type, key, &input);
+            headers.insert(protocol::header::MSG_ID, id.as_str());
+            let start = protocol::Start {
+                protocol: protocol::VERSION,
+                key: key.to_owned(),
+                input,
+            };
+            let ack = js
+                .publish_with_headers(
+                    protocol::subject::start(saga_type),
+                    headers,
+                    start.encode().into(),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            ack.duplicate
+        }
+    };
+    // The same key for two saga types.
+    assert!(!publish("order-creation", "shared", order("tok_ok")).await);
+    assert!(!publish("fast-order", "shared", order("tok_ok")).await);
+    // The same start again is a duplicate.
+    assert!(publish("fast-order", "shared", order("tok_ok")).await);
+    // A start refused for its input, then corrected.
+    assert!(!publish("order-creation", "fixed", json!({"customer_id": "c"})).await);
+    assert!(!publish("order-creation", "fixed", order("tok_ok")).await);
+
+    for (saga_type, key) in [
+        ("order-creation", "shared"),
+        ("fast-order", "shared"),
+        ("order-creation", "fixed"),
+    ] {
+        let id = jetsaga_orchestrator::driver::saga_id(saga_type, key);
+        wait_phase(&handle, &id, Phase::Completed).await;
+    }
+    running.shutdown().await;
+}

@@ -141,6 +141,15 @@ pub fn saga_id(saga_type: &str, key: &str) -> String {
     uuid::Uuid::new_v5(&SAGA_ID_NAMESPACE, name.as_bytes()).to_string()
 }
 
+/// The `Nats-Msg-Id` of a start request: `start:<saga type>:<key>:<digest of
+/// the input>` (a name-based UUID of the input's JSON, in hex). Two saga types never share an id for the same key, and a start
+/// corrected after a refusal (a new input) is not taken for a duplicate of it;
+/// the same start published again is.
+pub fn start_msg_id(saga_type: &str, key: &str, input: &serde_json::Value) -> String {
+    let digest = uuid::Uuid::new_v5(&SAGA_ID_NAMESPACE, input.to_string().as_bytes());
+    format!("start:{saga_type}:{key}:{}", digest.simple())
+}
+
 /// Which way a command goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -410,6 +419,17 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn start_ids_differ_by_type_and_input_only() {
+        let a = serde_json::json!({"x": 1});
+        let b = serde_json::json!({"x": 2});
+        assert_eq!(start_msg_id("t", "k", &a), start_msg_id("t", "k", &a));
+        assert_ne!(start_msg_id("t", "k", &a), start_msg_id("u", "k", &a));
+        assert_ne!(start_msg_id("t", "k", &a), start_msg_id("t", "k", &b));
+        assert_ne!(start_msg_id("t", "k", &a), start_msg_id("t", "j", &a));
+        assert!(start_msg_id("t", "k", &a).starts_with("start:t:k:"));
+    }
 
     #[test]
     fn saga_ids_are_stable_and_subjects_parse_back() {
