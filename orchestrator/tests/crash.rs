@@ -181,7 +181,7 @@ async fn sigkill_three_times_during_a_thousand_sagas_loses_nothing() {
         for entry in history
             .iter()
             .map(|r| &r.entry)
-            .filter(|e| e.cause != Cause::Ignored)
+            .filter(|e| !matches!(e.cause, Cause::Ignored | Cause::Resent))
         {
             assert!(
                 seen.insert((entry.cause, entry.step.clone(), entry.command_id.clone())),
@@ -324,7 +324,7 @@ async fn sigterm_drains_in_flight_work_and_a_restart_finishes_the_rest() {
         assert_eq!(
             history
                 .iter()
-                .filter(|r| r.entry.cause != Cause::Ignored)
+                .filter(|r| !matches!(r.entry.cause, Cause::Ignored | Cause::Resent))
                 .count(),
             4,
             "{history:?}"

@@ -20,7 +20,7 @@ use super::plan::{self, round_up};
 use super::{ApiError, Error, IDLE_EVICTION, IoErrorKind, Source, Started};
 use crate::definitions::Registry;
 use crate::metrics::Metrics;
-use crate::record::{Outbound, Record, Stored, rebuild};
+use crate::record::{Effect, Outbound, Record, Stored, rebuild};
 
 /// The executor's types for what the core hands back to be settled or answered.
 pub(crate) trait Handles {
@@ -335,6 +335,9 @@ enum Stage {
     Republishing(Box<Stored>),
     /// Waits for [`Done::Written`] of `record`.
     Writing(Box<Record>),
+    /// Waits for [`Done::Written`] of `record`, which restarted the wait for a
+    /// re-sent command; then applies the work to it.
+    Resending(Box<Record>),
     /// Waits for [`Done::TimerSet`]; `stored` already has the new timer.
     Rearming(Box<Stored>),
 }
@@ -557,10 +560,16 @@ impl<H: Handles> Core<H> {
                 Err(error) => Some(self.fail(work, error)),
             },
             (Stage::Republishing(mut stored), Done::Published { result, .. }) => match result {
-                Ok(()) => {
-                    stored.record.effects.clear();
-                    self.apply(now, work, Some(stored))
-                }
+                Ok(()) => match self.resent(now, &work, &stored) {
+                    Some(write) => {
+                        stored.record.effects.clear();
+                        self.start_write(write, work, Known::Loaded(stored), Stage::Resending)
+                    }
+                    None => {
+                        stored.record.effects.clear();
+                        self.apply(now, work, Some(stored))
+                    }
+                },
                 Err(error) => Some(self.fail(work, error)),
             },
             (Stage::Writing(record), Done::Written { result, .. }) => match result {
@@ -584,6 +593,21 @@ impl<H: Handles> Core<H> {
                 Err(error) if error.kind() == IoErrorKind::Conflict => {
                     // Another instance was first: reload (from the leader, a replica
                     // may lag) and apply the same input to what it wrote.
+                    self.metrics.conflicts.inc();
+                    self.load(&saga_id, work, true);
+                    None
+                }
+                Err(error) => Some(self.fail(work, error)),
+            },
+            (Stage::Resending(record), Done::Written { result, .. }) => match result {
+                Ok(seq) => {
+                    let stored = Box::new(Stored {
+                        record: *record,
+                        seq,
+                    });
+                    self.apply(now, work, Some(stored))
+                }
+                Err(error) if error.kind() == IoErrorKind::Conflict => {
                     self.metrics.conflicts.inc();
                     self.load(&saga_id, work, true);
                     None
@@ -862,7 +886,7 @@ impl<H: Handles> Core<H> {
                     clear_timer: false,
                     expected: stored.seq,
                 };
-                self.start_write(write, work, Known::Loaded(stored))
+                self.start_write(write, work, Known::Loaded(stored), Stage::Writing)
             }
             Err(Rejected::UnknownCommand(reason)) => {
                 self.conclude(work, Verdict::Poison(Poison::UnknownCommand(reason)));
@@ -909,12 +933,56 @@ impl<H: Handles> Core<H> {
             clear_timer: plan.clear_timer,
             expected,
         };
-        self.start_write(write, work, Known::NotLoaded)
+        self.start_write(write, work, Known::NotLoaded, Stage::Writing)
     }
 
-    /// Encodes the record and asks for the write; `failed` is what stays known if
-    /// the record cannot even be encoded.
-    fn start_write(&mut self, write: Pending, work: Work<H>, failed: Known) -> Option<Known> {
+    /// The write that restarts the wait for a command `stored` re-sent (it may
+    /// never have gone out before: a crash between the append and the publish),
+    /// so a recovery costs no attempt; `None` if the saga waits for none of them.
+    /// Its record has no pending effects: they were just acknowledged.
+    fn resent(&self, now: DateTime<Utc>, work: &Work<H>, stored: &Stored) -> Option<Pending> {
+        let mut saga = stored.record.saga.clone();
+        let def = self.registry.get(&saga.saga_type, saga.version)?.clone();
+        let transition = stored
+            .record
+            .effects
+            .iter()
+            .find_map(|effect| match effect {
+                Effect::Command { id } => saga.resent(&def, id, now),
+                Effect::Event { .. } => None,
+            })?;
+        self.observe(&def, &saga, &transition);
+        // A wake's timer is gone: the renewed wait needs a new one.
+        let armed = match work {
+            Work::Input {
+                input: Input::Wake, ..
+            } => None,
+            Work::Input { .. } | Work::Start { .. } => stored.record.timer_at,
+        };
+        let plan = plan::plan(&transition.actions, armed, saga.traceparent.as_deref());
+        Some(Pending {
+            record: Record {
+                entry: transition.entry,
+                saga,
+                effects: Vec::new(),
+                timer_at: plan.timer_at,
+            },
+            set_timer: plan.set_timer,
+            publish: Vec::new(),
+            clear_timer: false,
+            expected: stored.seq,
+        })
+    }
+
+    /// Encodes the record and asks for the write, to be awaited in `stage`;
+    /// `failed` is what stays known if the record cannot even be encoded.
+    fn start_write(
+        &mut self,
+        write: Pending,
+        work: Work<H>,
+        failed: Known,
+        stage: fn(Box<Record>) -> Stage,
+    ) -> Option<Known> {
         let body = match write.record.encode() {
             Ok(body) => body,
             Err(e) => {
@@ -924,7 +992,7 @@ impl<H: Handles> Core<H> {
             }
         };
         let saga_id = work.saga_id().to_owned();
-        self.check_out(&saga_id, work, Stage::Writing(Box::new(write.record)));
+        self.check_out(&saga_id, work, stage(Box::new(write.record)));
         self.io.push_back(Io::Write {
             saga_id,
             write: Write {
@@ -1000,7 +1068,8 @@ impl<H: Handles> Core<H> {
             | Cause::Deadline
             | Cause::OperatorRetry
             | Cause::OperatorAbort
-            | Cause::Ignored => {}
+            | Cause::Ignored
+            | Cause::Resent => {}
         }
     }
 
@@ -1116,6 +1185,7 @@ fn cause_label(cause: Cause) -> &'static str {
         Cause::OperatorRetry => "operator_retry",
         Cause::OperatorAbort => "operator_abort",
         Cause::Ignored => "ignored",
+        Cause::Resent => "resent",
     }
 }
 

@@ -39,6 +39,8 @@ pub enum Cause {
     OperatorAbort,
     /// An input that changed nothing (duplicate, stale, late): journaled only.
     Ignored,
+    /// The command waited for went out again (a recovery): its wait restarted.
+    Resent,
 }
 
 /// One line of a saga's journal.

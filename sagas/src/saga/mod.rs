@@ -224,6 +224,65 @@ impl Saga {
         Ok(Transition { entry, actions })
     }
 
+    /// Command `command_id` went out again (the orchestrator completed a
+    /// transition whose publish may have been lost in a crash): if the saga waits
+    /// for its reply, the wait restarts at `now`, so the crash costs no attempt.
+    /// `None` when the saga waits for something else.
+    pub fn resent(
+        &mut self,
+        def: &Definition,
+        command_id: &str,
+        now: DateTime<Utc>,
+    ) -> Option<Transition> {
+        let id = CommandId::parse(command_id).ok()?;
+        let timer_before = self.next_timer(def);
+        let before = self.phase();
+        let (index, direction, wait) = match &mut self.state {
+            State::Running { step, wait } => (*step, crate::protocol::Direction::Forward, wait),
+            State::Compensating { step, wait, .. } => {
+                (*step, crate::protocol::Direction::Compensate, wait)
+            }
+            State::Completed | State::Compensated { .. } | State::Failed { .. } => return None,
+        };
+        let spec = def.steps.get(index)?;
+        let Wait::Reply {
+            attempt,
+            timeout_at,
+        } = wait
+        else {
+            return None;
+        };
+        if id.saga_id != self.id
+            || id.step != spec.name
+            || id.direction != direction
+            || id.attempt != *attempt
+        {
+            return None;
+        }
+        *timeout_at = action::after(now, spec.timeout);
+        let mut actions = Vec::new();
+        let timer_after = self.next_timer(def);
+        if timer_after != timer_before
+            && let Some(at) = timer_after
+        {
+            actions.push(Action::SetTimer { at });
+        }
+        self.transitions += 1;
+        self.updated_at = now;
+        let entry = Entry {
+            seq: self.transitions,
+            at: now,
+            actor: Actor::Orchestrator,
+            cause: Cause::Resent,
+            step: Some(spec.name.clone()),
+            command_id: Some(command_id.to_owned()),
+            from: Some(before),
+            to: before,
+            error: None,
+        };
+        Some(Transition { entry, actions })
+    }
+
     /// The journal line for an input that was rejected; `seq` stays at the last transition.
     pub fn ignored_entry(&self, input: &Input, why: &Rejected, now: DateTime<Utc>) -> Entry {
         let (step, command_id) = match input {

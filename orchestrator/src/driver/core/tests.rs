@@ -575,10 +575,17 @@ fn an_early_wake_rearms_and_a_late_reply_is_journaled_only() {
             result: Ok(()),
         },
     );
+    // The command it re-sent waits its full timeout from now on (journaled).
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 1, "{io:?}");
+    let write = assert_write(&io[0], &id, 2);
+    let renewed = write.set_timer.unwrap();
+    assert!(renewed > armed);
+    written(&mut core, at(1), &id, Ok(3));
     let io = drain(&mut core);
     assert_eq!(io.len(), 1, "{io:?}");
     match &io[0] {
-        Io::SetTimer { saga_id, at } => assert_eq!((saga_id, *at), (&id, armed)),
+        Io::SetTimer { saga_id, at } => assert_eq!((saga_id, *at), (&id, renewed)),
         other => panic!("expected a re-arm, got {other:?}"),
     }
     core.handle_io_done(
@@ -596,12 +603,12 @@ fn an_early_wake_rearms_and_a_late_reply_is_journaled_only() {
     reserved(&mut core, at(3), &id, 1, 3);
     let io = drain(&mut core);
     assert_eq!(io.len(), 1, "the duplicate queues: {io:?}");
-    written(&mut core, at(4), &id, Ok(3));
+    written(&mut core, at(4), &id, Ok(4));
     let io = drain(&mut core);
     assert_settled(&io[0], 2, Settle::Ack);
-    let write = assert_write(&io[1], &id, 3);
+    let write = assert_write(&io[1], &id, 4);
     assert!(write.publish.is_empty() && write.set_timer.is_none() && !write.clear_timer);
-    written(&mut core, at(5), &id, Ok(4));
+    written(&mut core, at(5), &id, Ok(5));
     assert_settled(&drain(&mut core)[0], 3, Settle::Ack);
     assert_eq!(core.metrics.duplicates.get(), 1);
 
@@ -793,4 +800,98 @@ fn an_ignored_record_keeps_the_effects_of_the_transition_before_it() {
         }
         other => panic!("expected the lost command re-published, got {other:?}"),
     }
+}
+
+/// Hole 7: the instance died between the start's append and its publish; the
+/// step's timer (armed before the append) fires at the step timeout. The
+/// recovery re-sends the command and the wait restarts from the re-send
+/// (journaled), so the crash costs no attempt.
+#[test]
+fn a_recovered_command_gets_its_full_timeout() {
+    let mut core = core();
+    let saga = stored("k7", 4);
+    let id = saga.record.saga.id.clone();
+    let timeout = saga.record.timer_at.unwrap();
+    let now = timeout + Ms::milliseconds(1);
+    let subject = protocol::subject::timer_fire(&id);
+    core.handle_message(
+        now,
+        Incoming {
+            source: Source::Timers,
+            subject: &subject,
+            payload: b"",
+            traceparent: None,
+            delivered: Some(1),
+            message: 1,
+        },
+    );
+    assert_load(&drain(&mut core)[0], &id, false);
+    loaded(&mut core, now, &id, Ok(Some(saga)));
+    assert!(matches!(&drain(&mut core)[..], [Io::Publish { .. }]));
+    core.handle_io_done(
+        now,
+        Done::Published {
+            saga_id: id.clone(),
+            result: Ok(()),
+        },
+    );
+    let io = drain(&mut core);
+    let write = assert_write(&io[0], &id, 4);
+    let record = Record::decode(&write.append.body).unwrap();
+    assert_eq!(record.entry.cause, Cause::Resent, "{:?}", record.entry);
+    assert!(write.publish.is_empty() && record.effects.is_empty());
+    let step_timeout = chrono::Duration::from_std(def().steps[0].timeout).unwrap();
+    let renewed = round_up(now + step_timeout);
+    assert_eq!(write.set_timer, Some(renewed), "the timer is armed again");
+    assert_eq!(record.timer_at, Some(renewed));
+    assert_eq!(record.saga.steps[0].attempts, 1, "no attempt spent");
+    written(&mut core, now, &id, Ok(5));
+    // The wake itself is not due any more: it only re-arms, nothing is written.
+    let io = drain(&mut core);
+    match &io[..] {
+        [Io::SetTimer { at, .. }] => assert_eq!(*at, renewed),
+        other => panic!("expected a re-arm, got {other:?}"),
+    }
+    core.handle_io_done(
+        now,
+        Done::TimerSet {
+            saga_id: id.clone(),
+            result: Ok(()),
+        },
+    );
+    assert_settled(&drain(&mut core)[0], 1, Settle::Ack);
+
+    // When the renewed wait ends, the timer's wake finds nothing left to re-send
+    // and the attempt times out.
+    core.handle_tick(now + Ms::days(1));
+    let later = renewed + Ms::milliseconds(1);
+    core.handle_message(
+        later,
+        Incoming {
+            source: Source::Timers,
+            subject: &subject,
+            payload: b"",
+            traceparent: None,
+            delivered: Some(1),
+            message: 2,
+        },
+    );
+    assert_load(&drain(&mut core)[0], &id, false);
+    loaded(&mut core, later, &id, Ok(Some(Stored { record, seq: 5 })));
+    let io = drain(&mut core);
+    match &io[..] {
+        [Io::Publish { messages, .. }] => assert!(messages.is_empty()),
+        other => panic!("expected an empty re-publish, got {other:?}"),
+    }
+    core.handle_io_done(
+        later,
+        Done::Published {
+            saga_id: id.clone(),
+            result: Ok(()),
+        },
+    );
+    let io = drain(&mut core);
+    let write = assert_write(&io[0], &id, 5);
+    let timed_out = Record::decode(&write.append.body).unwrap();
+    assert_eq!(timed_out.entry.cause, Cause::StepTimeout);
 }
