@@ -264,6 +264,31 @@ pub(crate) const NAK_BASE: Duration = Duration::from_secs(1);
 /// The longest redelivery delay.
 pub(crate) const NAK_MAX: Duration = Duration::from_secs(30);
 
+/// The shortest delay of a re-armed timer: a wake that is not due never re-arms
+/// into the past (or the present), so it cannot turn into a hot loop.
+pub(crate) const REARM_MIN: Duration = Duration::from_millis(250);
+
+/// The largest clock skew a re-arm makes up for.
+const MAX_SKEW: chrono::Duration = chrono::Duration::minutes(5);
+
+/// When to re-arm a timer that woke the saga before `due`. The timer armed for
+/// `armed` fired at `now`: if that is early by this instance's clock, the
+/// server's clock is ahead by as much, so the new one is scheduled that much
+/// later (else it would fire at once again, until the clocks agree); and never
+/// sooner than [`REARM_MIN`] from now.
+pub(crate) fn rearm_at(
+    due: DateTime<Utc>,
+    armed: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> DateTime<Utc> {
+    let skew = armed
+        .map(|armed| (armed - now).min(MAX_SKEW))
+        .filter(|early| *early > chrono::Duration::zero())
+        .unwrap_or_default();
+    let floor = chrono::Duration::from_std(REARM_MIN).unwrap_or_default();
+    round_up((due + skew).max(now + floor))
+}
+
 /// How a message whose work ended so is settled: the one place that decides.
 pub(crate) fn settlement(verdict: &Verdict, delivered: Option<u64>) -> Settle {
     match verdict {
@@ -605,7 +630,12 @@ impl<H: Handles> Core<H> {
                         record: *record,
                         seq,
                     });
-                    self.apply(now, work, Some(stored))
+                    if self.wake_not_due(now, &work, &stored) {
+                        // The renewed wait armed the timer the wake needs.
+                        Some(self.unchanged(work, stored))
+                    } else {
+                        self.apply(now, work, Some(stored))
+                    }
                 }
                 Err(error) if error.kind() == IoErrorKind::Conflict => {
                     self.metrics.conflicts.inc();
@@ -852,7 +882,15 @@ impl<H: Handles> Core<H> {
             Err(Rejected::NotDue | Rejected::Finished) if input == Input::Wake => {
                 // An early or stale timer: re-arm for what is really due.
                 let mut stored = stored;
-                let next = saga.next_timer(&def).map(round_up);
+                // Only a first delivery fired when the server meant it to.
+                let fired = match &work {
+                    Work::Input {
+                        origin: Origin::Message { delivered, .. },
+                        ..
+                    } if *delivered == Some(1) => stored.record.timer_at,
+                    Work::Input { .. } | Work::Start { .. } => None,
+                };
+                let next = saga.next_timer(&def).map(|due| rearm_at(due, fired, now));
                 stored.record.timer_at = next;
                 match next {
                     Some(at) => {
@@ -934,6 +972,26 @@ impl<H: Handles> Core<H> {
             expected,
         };
         self.start_write(write, work, Known::NotLoaded, Stage::Writing)
+    }
+
+    /// Whether `work` is a wake with nothing due for `stored`.
+    fn wake_not_due(&self, now: DateTime<Utc>, work: &Work<H>, stored: &Stored) -> bool {
+        let saga = &stored.record.saga;
+        matches!(
+            work,
+            Work::Input {
+                input: Input::Wake,
+                ..
+            }
+        ) && self
+            .registry
+            .get(&saga.saga_type, saga.version)
+            .is_some_and(|def| {
+                matches!(
+                    saga.clone().apply(def, Input::Wake, now),
+                    Err(Rejected::NotDue)
+                )
+            })
     }
 
     /// The write that restarts the wait for a command `stored` re-sent (it may
