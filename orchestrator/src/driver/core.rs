@@ -354,8 +354,9 @@ struct Running<H: Handles> {
 
 #[derive(Debug)]
 enum Stage {
-    /// Waits for [`Done::Loaded`].
-    Loading,
+    /// Waits for [`Done::Loaded`]; `recheck`: the load only re-checks a
+    /// decision taken from the cache (no re-publish).
+    Loading { recheck: bool },
     /// Waits for [`Done::Published`], then applies to `stored`.
     Republishing(Box<Stored>),
     /// Waits for [`Done::Written`] of `record`.
@@ -560,8 +561,10 @@ impl<H: Handles> Core<H> {
             return;
         };
         let known = match (stage, done) {
-            (Stage::Loading, Done::Loaded { result, .. }) => match result {
-                Ok(Some(stored)) if work.may_follow_an_interrupted_transition(&stored) => {
+            (Stage::Loading { recheck }, Done::Loaded { result, .. }) => match result {
+                Ok(Some(stored))
+                    if !recheck && work.may_follow_an_interrupted_transition(&stored) =>
+                {
                     // A record loaded from the journal may belong to a transition whose
                     // effects were interrupted (a crash between persisting and
                     // publishing): publishing them again is harmless (de-duplicated by
@@ -578,10 +581,10 @@ impl<H: Handles> Core<H> {
                             None
                         }
                         // Applying it fails the same way, and says why.
-                        None => self.apply(now, work, Some(stored)),
+                        None => self.apply(now, work, Some(stored), false),
                     }
                 }
-                Ok(found) => self.apply(now, work, found),
+                Ok(found) => self.apply(now, work, found, false),
                 Err(error) => Some(self.fail(work, error)),
             },
             (Stage::Republishing(mut stored), Done::Published { result, .. }) => match result {
@@ -592,7 +595,7 @@ impl<H: Handles> Core<H> {
                     }
                     None => {
                         stored.record.effects.clear();
-                        self.apply(now, work, Some(stored))
+                        self.apply(now, work, Some(stored), false)
                     }
                 },
                 Err(error) => Some(self.fail(work, error)),
@@ -634,7 +637,7 @@ impl<H: Handles> Core<H> {
                         // The renewed wait armed the timer the wake needs.
                         Some(self.unchanged(work, stored))
                     } else {
-                        self.apply(now, work, Some(stored))
+                        self.apply(now, work, Some(stored), false)
                     }
                 }
                 Err(error) if error.kind() == IoErrorKind::Conflict => {
@@ -774,17 +777,29 @@ impl<H: Handles> Core<H> {
                 self.load(&saga_id, work, false);
                 None
             }
-            Known::Missing => self.apply(now, work, None),
-            Known::Loaded(stored) => self.apply(now, work, Some(stored)),
+            Known::Missing => self.apply(now, work, None, false),
+            Known::Loaded(stored) => self.apply(now, work, Some(stored), true),
         }
     }
 
     fn load(&mut self, saga_id: &str, work: Work<H>, leader: bool) {
-        self.check_out(saga_id, work, Stage::Loading);
+        self.check_out(saga_id, work, Stage::Loading { recheck: false });
         self.io.push_back(Io::Load {
             saga_id: saga_id.to_owned(),
             leader,
         });
+    }
+
+    /// Reloads the saga from the leader to re-check a decision that writes
+    /// nothing, taken from a cached copy that may be stale.
+    fn recheck(&mut self, work: Work<H>) -> Option<Known> {
+        let saga_id = work.saga_id().to_owned();
+        self.check_out(&saga_id, work, Stage::Loading { recheck: true });
+        self.io.push_back(Io::Load {
+            saga_id,
+            leader: true,
+        });
+        None
     }
 
     fn check_out(&mut self, saga_id: &str, work: Work<H>, stage: Stage) {
@@ -793,12 +808,14 @@ impl<H: Handles> Core<H> {
         }
     }
 
-    /// Applies work to a loaded saga (`None`: there is no such saga).
+    /// Applies work to a loaded saga (`None`: there is no such saga); `cached`:
+    /// `stored` is this instance's copy, which may be stale.
     fn apply(
         &mut self,
         now: DateTime<Utc>,
         work: Work<H>,
         stored: Option<Box<Stored>>,
+        cached: bool,
     ) -> Option<Known> {
         match (&work, stored) {
             (Work::Start { .. }, Some(stored)) => Some(self.unchanged(work, stored)),
@@ -848,7 +865,7 @@ impl<H: Handles> Core<H> {
             }
             (Work::Input { input, .. }, Some(stored)) => {
                 let input = input.clone();
-                self.apply_input(now, work, input, stored)
+                self.apply_input(now, work, input, stored, cached)
             }
         }
     }
@@ -859,6 +876,7 @@ impl<H: Handles> Core<H> {
         work: Work<H>,
         input: Input,
         stored: Box<Stored>,
+        cached: bool,
     ) -> Option<Known> {
         let saga_type = &stored.record.saga.saga_type;
         let version = stored.record.saga.version;
@@ -879,6 +897,10 @@ impl<H: Handles> Core<H> {
         }
         match saga.apply(&def, input.clone(), now) {
             Ok(transition) => self.write(&def, saga, transition, timer_at, stored.seq, work),
+            Err(Rejected::NotDue | Rejected::Finished) if input == Input::Wake && cached => {
+                // A stale copy could re-arm the timer too late: decide from the journal.
+                self.recheck(work)
+            }
             Err(Rejected::NotDue | Rejected::Finished) if input == Input::Wake => {
                 // An early or stale timer: re-arm for what is really due.
                 let mut stored = stored;
@@ -929,6 +951,11 @@ impl<H: Handles> Core<H> {
             Err(Rejected::UnknownCommand(reason)) => {
                 self.conclude(work, Verdict::Poison(Poison::UnknownCommand(reason)));
                 Some(Known::Loaded(stored))
+            }
+            Err(_) if cached => {
+                // Another instance may have moved the saga to where this is allowed
+                // (an operator retry after a failure): never refuse from the cache.
+                self.recheck(work)
             }
             Err(rejected) => {
                 let reason = match rejected {

@@ -602,8 +602,13 @@ fn an_early_wake_rearms_and_a_late_reply_is_journaled_only() {
     assert_settled(&drain(&mut core)[0], 3, Settle::Ack);
     assert_eq!(core.metrics.duplicates.get(), 1);
 
-    // An operator action the state does not allow is refused, nothing written.
+    // An operator action the state does not allow is refused (once the journal
+    // confirms the cached copy), nothing written.
     core.handle_input(at(6), api_input(&id, Input::Retry, 4));
+    assert_load(&drain(&mut core)[0], &id, true);
+    let mut now_stored = stored("w", 5);
+    now_stored.record.effects.clear();
+    loaded(&mut core, at(7), &id, Ok(Some(now_stored)));
     let (caller, result) = phase(drain(&mut core).pop().unwrap());
     assert_eq!(caller, 4);
     assert!(matches!(result, Err(ApiError::NotAllowed(_))), "{result:?}");
@@ -930,4 +935,43 @@ fn an_early_wake_never_rearms_into_a_hot_loop() {
     no_skew.record.timer_at = Some(now);
     let at = wake(&mut core(), now, no_skew, 2);
     assert!(at >= now + Ms::milliseconds(250), "{at} vs now {now}");
+}
+
+/// Hole 9: a cached copy may be up to 15 s stale (another instance moved the
+/// saga on). Decisions that write nothing are not taken from it: an operator
+/// action it refuses, and a wake it finds not due, are re-checked against the
+/// journal's leader first.
+#[test]
+fn decisions_that_write_nothing_are_rechecked_against_the_journal() {
+    let mut core = core();
+    let id = protocol::saga_id(TYPE, "k9");
+    core.handle_input(at(0), api_start("k9", 1));
+    drain(&mut core);
+    loaded(&mut core, at(1), &id, Ok(None));
+    drain(&mut core);
+    written(&mut core, at(2), &id, Ok(1));
+    drain(&mut core);
+    assert!(core.holds(&id), "cached");
+
+    // A retry the cached copy refuses: reloaded from the leader first.
+    core.handle_input(at(3), api_input(&id, Input::Retry, 2));
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 1, "{io:?}");
+    assert_load(&io[0], &id, true);
+    let mut theirs = stored("k9", 5);
+    theirs.record.effects.clear();
+    loaded(&mut core, at(4), &id, Ok(Some(theirs.clone())));
+    let (caller, result) = phase(drain(&mut core).pop().unwrap());
+    assert_eq!(caller, 2);
+    assert!(matches!(result, Err(ApiError::NotAllowed(_))), "{result:?}");
+
+    // A wake the cached copy finds not due: reloaded (no re-publish) first.
+    let subject = protocol::subject::timer_fire(&id);
+    message(&mut core, at(5), Source::Timers, &subject, b"", 1, 3);
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 1, "{io:?}");
+    assert_load(&io[0], &id, true);
+    loaded(&mut core, at(6), &id, Ok(Some(theirs)));
+    let io = drain(&mut core);
+    assert!(matches!(&io[..], [Io::SetTimer { .. }]), "{io:?}");
 }
