@@ -55,7 +55,11 @@ pub struct Engine {
     /// How long JetStream waits for an ack before redelivering an input.
     #[serde(with = "duration")]
     pub ack_wait: Duration,
-    /// Deliveries of one input before JetStream gives up (and it is dead-lettered).
+    /// Deliveries of one input before JetStream gives up (and it is
+    /// dead-lettered); -1, the default, never gives up: an input that fails
+    /// because the infrastructure is down (a journal election, a full disk, a
+    /// restarting server) is retried with capped backoff until it applies, and
+    /// poison is dead-lettered by the driver itself, on its first delivery.
     pub max_deliver: i64,
     /// How long shutdown waits for in-flight work.
     #[serde(with = "duration")]
@@ -70,7 +74,7 @@ impl Default for Engine {
             definitions: None,
             max_in_flight: 4096,
             ack_wait: Duration::from_secs(30),
-            max_deliver: 20,
+            max_deliver: -1,
             shutdown_grace: Duration::from_secs(10),
             instance: "jetsaga".to_owned(),
         }
@@ -113,8 +117,8 @@ impl jetsaga_runtime::config::Validate for Config {
         if self.engine.ack_wait < Duration::from_secs(1) {
             return invalid("engine.ack-wait", "must be at least 1s");
         }
-        if self.engine.max_deliver < 2 {
-            return invalid("engine.max-deliver", "must be at least 2");
+        if self.engine.max_deliver != -1 && self.engine.max_deliver < 2 {
+            return invalid("engine.max-deliver", "must be -1 (unlimited) or at least 2");
         }
         if !jetsaga_sagas::definition::is_subject_token(&self.engine.instance) {
             return invalid(
@@ -140,6 +144,13 @@ mod tests {
     fn defaults_file_env_and_errors() {
         let config = Config::load(None, vars(&[])).unwrap();
         assert_eq!(config.nats.url, "nats://127.0.0.1:4222");
+        // Inputs are never dropped for failing transiently (issue 10 hole 4).
+        assert_eq!(config.engine.max_deliver, -1);
+        let mut bounded = config.clone();
+        bounded.engine.max_deliver = 1;
+        assert!(bounded.validate().is_err());
+        bounded.engine.max_deliver = 2;
+        assert!(bounded.validate().is_ok());
         assert_eq!(config.http.listen.to_string(), "127.0.0.1:8080");
 
         let dir = tempfile::tempdir().unwrap();
