@@ -226,6 +226,8 @@ pub(crate) enum Poison {
     UnknownSaga(String),
     #[error("{0}")]
     UnknownCommand(String),
+    #[error("the loaded definition does not fit the saga: {0}")]
+    WrongDefinition(String),
 }
 
 impl Poison {
@@ -235,6 +237,7 @@ impl Poison {
             Poison::UnknownType(saga_type) => ApiError::UnknownType(saga_type),
             Poison::UnknownSaga(saga_id) => ApiError::NotFound(saga_id),
             Poison::UnknownCommand(reason) => ApiError::NotAllowed(reason),
+            other @ Poison::WrongDefinition(_) => ApiError::NotAllowed(other.to_string()),
             Poison::InvalidInput(reason) => ApiError::InvalidInput(reason),
             other @ (Poison::Decode(_)
             | Poison::ForeignCommand { .. }
@@ -950,6 +953,13 @@ impl<H: Handles> Core<H> {
             }
             Err(Rejected::UnknownCommand(reason)) => {
                 self.conclude(work, Verdict::Poison(Poison::UnknownCommand(reason)));
+                Some(Known::Loaded(stored))
+            }
+            Err(Rejected::WrongDefinition(which)) => {
+                // A bad deploy, not a refusal: keep the input (dead-lettered, to
+                // be redriven) rather than ack and drop it.
+                tracing::error!(saga_id = work.saga_id(), definition = %which, "the loaded definition does not fit the saga");
+                self.conclude(work, Verdict::Poison(Poison::WrongDefinition(which)));
                 Some(Known::Loaded(stored))
             }
             Err(_) if cached => {

@@ -975,3 +975,20 @@ fn decisions_that_write_nothing_are_rechecked_against_the_journal() {
     let io = drain(&mut core);
     assert!(matches!(&io[..], [Io::SetTimer { .. }]), "{io:?}");
 }
+
+/// Hole 14: an input for a saga its loaded definition does not fit (a bad
+/// deploy) is not acked and dropped: it is dead-lettered with the reason, to be
+/// redriven once the definition is fixed.
+#[test]
+fn an_input_for_a_saga_its_definition_does_not_fit_is_dead_lettered() {
+    let mut core = core();
+    let mut saga = stored("k14", 3);
+    saga.record.saga.steps.pop();
+    let id = saga.record.saga.id.clone();
+    reserved(&mut core, at(0), &id, 1, 1);
+    assert_load(&drain(&mut core)[0], &id, false);
+    loaded(&mut core, at(1), &id, Ok(Some(saga)));
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 1, "{io:?}");
+    assert_dead_letter(&io[0], 1, Source::Replies, "definition");
+}
