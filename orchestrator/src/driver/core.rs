@@ -82,7 +82,7 @@ impl<H: Handles> Work<H> {
     /// is redelivered itself (a start of a known saga changes nothing).
     fn may_follow_an_interrupted_transition(&self, stored: &Stored) -> bool {
         match self {
-            Work::Start { .. } => !stored.record.saga.phase().is_terminal(),
+            Work::Start { .. } => !stored.record.saga.phase().is_finished(),
             Work::Input { input, origin, .. } => match origin {
                 Origin::Message { delivered, .. } => {
                     *input == Input::Wake || delivered.is_none_or(|n| n > 1)
