@@ -732,7 +732,7 @@ async fn messages_that_exhaust_their_deliveries_are_dead_lettered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_ids_never_collide_across_types_or_corrected_inputs() {
     let server = NatsServer::start();
-    let defs = definitions_dir(&[("fast.toml", FAST_ORDER)]);
+    let defs = definitions_dir(&[("fast.toml", FAST_ORDER), order_schema_file()]);
     let running = orchestrator(&server.url(), Some(defs.path())).await;
     let handle = running.handle().clone();
     let js = js(&server).await;
