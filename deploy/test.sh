@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The one test command of jetsaga (CI runs it through .ci/run).
 #
-# Installs the pinned nats-server, points NATS_SERVER_BIN at it, builds the workspace's binaries
-# (crash tests spawn them), runs every test with cargo-nextest (or `cargo test` without it), then
-# the doc tests, which nextest does not run. Extra arguments go to the test runner, e.g.
+# Checks formatting (`cargo fmt --all --check`) and lints (`cargo clippy --all-targets -- -D
+# warnings`), installs the pinned nats-server, points NATS_SERVER_BIN at it, builds the
+# workspace's binaries (crash tests spawn them), runs every test with cargo-nextest (or `cargo
+# test` without it), then the doc tests, which nextest does not run. Extra arguments go to the
+# test runner, e.g.
 #   deploy/test.sh -p jetsaga-testkit
 # Exits non-zero if anything failed; a failing step does not skip the ones after it.
 set -euo pipefail
@@ -36,6 +38,11 @@ if ((${#packages[@]} == 0)); then
 fi
 
 status=0
+echo "== cargo fmt --all --check"
+cargo fmt --all --check || status=$?
+echo "== cargo clippy ${selection[*]} --all-targets -- -D warnings"
+cargo clippy "${selection[@]}" --all-targets -- -D warnings || status=$?
+
 echo "== cargo build --bins ${selection[*]}"
 cargo build --bins "${selection[@]}" || status=$?
 

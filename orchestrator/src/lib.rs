@@ -9,7 +9,6 @@
 //!   that carries out its I/O.
 //! - [`http`]: health, readiness and metrics over HTTP.
 //! - [`metrics`]: Prometheus metrics.
-//! - [`bench`]: the load generator behind `jetsaga bench`.
 //!
 //! [`Service::start`] connects, provisions, and starts the driver; the returned
 //! [`Running`] gives a [`Handle`] for starting, retrying and aborting sagas.
@@ -29,7 +28,6 @@
 //! # }
 //! ```
 
-pub mod bench;
 pub mod config;
 mod dead;
 pub mod definitions;

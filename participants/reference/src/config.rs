@@ -10,7 +10,7 @@
 //! runtime's, the same in every jetsaga binary.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -21,72 +21,10 @@ pub use jetsaga_runtime::nats::Nats;
 pub use jetsaga_runtime::streams::{Storage, Streams};
 pub use jetsaga_runtime::telemetry::Telemetry;
 
-/// A command line that cannot be followed, or a configuration that is not usable.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    /// Bad command-line arguments.
-    #[error("{0}")]
-    Usage(String),
-    /// The configuration is invalid.
-    #[error(transparent)]
-    Config(#[from] Error),
-}
-
 /// A binary's configuration.
 pub trait Load: Validate + Serialize + DeserializeOwned + Default {
     /// Its logging and tracing settings.
     fn telemetry(&self) -> &Telemetry;
-}
-
-/// What the command line asked for.
-#[derive(Debug)]
-pub enum Cli<T> {
-    /// Run with this configuration.
-    Run(T),
-    /// Print this help text and exit.
-    Help(String),
-}
-
-/// Loads `T` from the command line (`--config FILE`, `--help`) and the process environment.
-///
-/// # Errors
-///
-/// [`CliError`], naming the argument, or the field or file.
-pub fn from_args<T: Load>(
-    binary: &str,
-    args: impl IntoIterator<Item = String>,
-) -> Result<Cli<T>, CliError> {
-    let mut file = None;
-    let mut args = args.into_iter().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "-h" | "--help" => {
-                return Ok(Cli::Help(format!(
-                    "usage: {binary} [--config FILE]\n\n\
-                     Configuration: defaults, then FILE (or ${CONFIG_ENV}), then environment \
-                     variables {ENV_PREFIX}<SECTION>__<KEY>.\nDefaults:\n\n{}",
-                    toml::to_string(&T::default()).unwrap_or_default()
-                )));
-            }
-            "-c" | "--config" => {
-                let path = args
-                    .next()
-                    .ok_or_else(|| CliError::Usage("--config needs a file".to_owned()))?;
-                file = Some(PathBuf::from(path));
-            }
-            other => {
-                if let Some(path) = other.strip_prefix("--config=") {
-                    file = Some(PathBuf::from(path));
-                } else {
-                    return Err(CliError::Usage(format!(
-                        "unknown argument {other:?} (try --help)"
-                    )));
-                }
-            }
-        }
-    }
-    let file = file.or_else(|| jetsaga_runtime::config::file_from_env(std::env::vars()));
-    Ok(Cli::Run(load(file.as_deref(), std::env::vars())?))
 }
 
 /// Loads `T`: defaults, then `file`, then `env` overrides, then `validate()`.

@@ -50,9 +50,53 @@ pub enum Error {
     Metrics(#[from] prometheus::Error),
 }
 
-/// What every reference participant's `main` does: load the configuration (exit
-/// 64 naming the field when it is invalid), set up telemetry, and run until
-/// SIGINT or SIGTERM.
+/// Exit code for bad configuration or usage (sysexits EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+/// The command line every reference participant shares; `--help` also prints the defaults.
+#[derive(Debug, clap::Parser)]
+struct Args {
+    /// The configuration file (TOML).
+    #[arg(short, long, value_name = "FILE", env = config::CONFIG_ENV)]
+    config: Option<std::path::PathBuf>,
+}
+
+impl Args {
+    /// Parses the process arguments for `binary`; `Err` is the exit code after help,
+    /// `--version` (0) or a usage error (64) has been printed.
+    fn parse<C: config::Load>(binary: &'static str) -> Result<Self, std::process::ExitCode> {
+        use clap::{CommandFactory, FromArgMatches};
+        let defaults = toml::to_string(&C::default())
+            .unwrap_or_else(|e| format!("(cannot print the defaults: {e})"));
+        let command = Self::command()
+            .name(binary)
+            .version(env!("CARGO_PKG_VERSION"))
+            .about(format!("{binary}: a reference participant of jetsaga."))
+            .after_help(format!(
+                "Configuration: the defaults, then FILE, then environment variables \
+                 {}<SECTION>__<KEY> (e.g. JETSAGA_NATS__URL).\n\nDefaults:\n\n{defaults}",
+                config::ENV_PREFIX
+            ));
+        command
+            .try_get_matches()
+            .and_then(|matches| Self::from_arg_matches(&matches))
+            .map_err(|e| {
+                use clap::error::ErrorKind;
+                // Printing to a closed stdout/stderr is not worth failing over.
+                let _ = e.print();
+                match e.kind() {
+                    ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                        std::process::ExitCode::SUCCESS
+                    }
+                    _ => std::process::ExitCode::from(EX_USAGE),
+                }
+            })
+    }
+}
+
+/// What every reference participant's `main` does: parse the command line, load the
+/// configuration (exit 64 naming the field when it is invalid), set up telemetry, and run
+/// until SIGINT or SIGTERM.
 pub async fn main<C, F, Fut>(binary: &'static str, run: F) -> std::process::ExitCode
 where
     C: config::Load,
@@ -60,22 +104,22 @@ where
     Fut: std::future::Future<Output = Result<(), Error>>,
 {
     use std::process::ExitCode;
-    let config: C = match config::from_args(binary, std::env::args()) {
-        Ok(config::Cli::Run(config)) => config,
-        Ok(config::Cli::Help(text)) => {
-            println!("{text}");
-            return ExitCode::SUCCESS;
-        }
+    let args = match Args::parse::<C>(binary) {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
+    let config: C = match config::load(args.config.as_deref(), std::env::vars()) {
+        Ok(config) => config,
         Err(e) => {
             eprintln!("{binary}: {e}");
-            return ExitCode::from(64);
+            return ExitCode::from(EX_USAGE);
         }
     };
     let _telemetry = match jetsaga_runtime::telemetry::init(binary, config.telemetry()) {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("{binary}: {e}");
-            return ExitCode::from(64);
+            return ExitCode::from(EX_USAGE);
         }
     };
     match run(config, Box::pin(jetsaga_runtime::shutdown::signal())).await {

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use async_nats::jetstream;
 use common::{Replies, WAIT, audit_inventory, code, command, order, send_all};
-use jetsaga_participants::{inventory, payment};
+use jetsaga_reference::{inventory, payment};
 use jetsaga_testkit::{ChildGuard, NatsServer, cargo_bin, wait_until};
 
 const SAGAS: u32 = 300;

@@ -21,7 +21,7 @@ use common::audit_inventory;
 use futures::StreamExt;
 use jetsaga_orchestrator::config::{Config as OrchestratorConfig, Storage};
 use jetsaga_orchestrator::{Handle, Running, Service, Started, driver};
-use jetsaga_participants::{inventory, notification, payment};
+use jetsaga_reference::{inventory, notification, payment};
 use jetsaga_sagas::Phase;
 use jetsaga_testkit::{NatsServer, wait_until};
 use serde_json::{Value, json};
@@ -93,7 +93,7 @@ async fn wait_consumer(js: &jetstream::Context, stream: &str, consumer: &str) {
 /// Cancels `token` and waits for the participants to return cleanly.
 async fn stop(
     token: CancellationToken,
-    tasks: Vec<JoinHandle<Result<(), jetsaga_participants::Error>>>,
+    tasks: Vec<JoinHandle<Result<(), jetsaga_reference::Error>>>,
 ) {
     token.cancel();
     for task in tasks {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream;
 use common::{Replies, WAIT, audit_inventory, code, command, order, send_all};
-use jetsaga_participants::inventory::{self, Config, Point, Status};
+use jetsaga_reference::inventory::{self, Config, Point, Status};
 use jetsaga_sagas::protocol::Command;
 use jetsaga_testkit::{NatsServer, wait_until};
 use tokio::sync::Semaphore;
@@ -276,7 +276,7 @@ struct Rig {
     client: async_nats::Client,
     replies: Replies,
     token: CancellationToken,
-    instance: tokio::task::JoinHandle<Result<(), jetsaga_participants::Error>>,
+    instance: tokio::task::JoinHandle<Result<(), jetsaga_reference::Error>>,
     initial: BTreeMap<String, u64>,
 }
 

@@ -7,7 +7,7 @@ mod common;
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use common::{Replies, WAIT, code, command, order, send_all};
-use jetsaga_participants::{notification, payment};
+use jetsaga_reference::{notification, payment};
 use jetsaga_sagas::protocol::{self, Body, Event, header};
 use jetsaga_testkit::{NatsServer, wait_until};
 use tokio_util::sync::CancellationToken;

@@ -7,11 +7,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::process::ExitCode;
 
-use jetsaga_participants::inventory;
+use jetsaga_reference::inventory;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    jetsaga_participants::main(
+    jetsaga_reference::main(
         "jetsaga-inventory",
         |config: inventory::Config, shutdown| inventory::run(config, shutdown),
     )

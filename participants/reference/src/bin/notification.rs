@@ -7,11 +7,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::process::ExitCode;
 
-use jetsaga_participants::notification;
+use jetsaga_reference::notification;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    jetsaga_participants::main(
+    jetsaga_reference::main(
         "jetsaga-notification",
         |config: notification::Config, shutdown| notification::run(config, shutdown),
     )

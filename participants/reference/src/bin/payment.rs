@@ -7,11 +7,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::process::ExitCode;
 
-use jetsaga_participants::payment;
+use jetsaga_reference::payment;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    jetsaga_participants::main("jetsaga-payment", |config: payment::Config, shutdown| {
+    jetsaga_reference::main("jetsaga-payment", |config: payment::Config, shutdown| {
         payment::run(config, shutdown)
     })
     .await

@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use futures::StreamExt;
-use jetsaga_participants::inventory;
+use jetsaga_reference::inventory;
 use jetsaga_sagas::protocol::{self, Body, Command, Outcome, Reply, header, subject};
 use serde_json::{Value, json};
 
@@ -149,7 +149,7 @@ pub fn code(outcome: &Outcome) -> Option<String> {
 ///
 /// Panics listing every violation.
 ///
-/// [`inventory::audit`]: jetsaga_participants::inventory::audit
+/// [`inventory::audit`]: jetsaga_reference::inventory::audit
 pub async fn audit_inventory(
     store: &jetstream::kv::Store,
     initial: &BTreeMap<String, u64>,

@@ -1,4 +1,5 @@
-//! `jetsaga bench`: the load generator.
+//! `jetsaga bench`: the load generator, a library of its own so that the orchestrator's
+//! production crate does not pull in an HTTP client.
 //!
 //! Starts order sagas against a running system, through the start subject (the
 //! default) or the HTTP API, closed loop (`--sagas N --concurrency C`) or open
@@ -6,6 +7,9 @@
 //! latency, not as a lower offered rate). Latency is start to terminal state,
 //! observed through the domain events; at the end sagas without an event are
 //! looked up in the journal to tell failed from unfinished.
+//!
+//! [`Args`] is the command line (parsed by the `jetsaga` binary), [`Args::options`] checks it
+//! into [`Options`], and [`run`] carries out the load and returns a [`Report`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,11 +23,11 @@ use jetsaga_sagas::protocol::{self, Body, header};
 use serde::Serialize;
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::driver::saga_id;
-use crate::store::Store;
+use jetsaga_orchestrator::driver::saga_id;
+use jetsaga_orchestrator::store::Store;
 
 /// How sagas are started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Via {
     /// Publish to `saga.start.<type>` (JetStream).
     Subject,
@@ -233,9 +237,6 @@ pub fn order(i: u64, items: u32, decline: bool) -> serde_json::Value {
 /// Why a run could not be carried out at all.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Bad options.
-    #[error("{0}")]
-    Usage(String),
     /// NATS or HTTP failed.
     #[error("{0}")]
     Io(String),
@@ -322,7 +323,7 @@ pub async fn run(options: Options) -> Result<Report, Error> {
     };
 
     let http = match options.via {
-        Via::Http => Some(HttpStarter::new(&options.http)),
+        Via::Http => Some(HttpStarter::new(&options.http)?),
         Via::Subject => None,
     };
     let progress = {
@@ -498,24 +499,21 @@ async fn publish_start(
 #[derive(Debug, Clone)]
 struct HttpStarter {
     base: String,
-    client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<bytes::Bytes>,
-    >,
+    client: reqwest::Client,
 }
 
 impl HttpStarter {
-    fn new(addr: &str) -> Self {
+    fn new(addr: &str) -> Result<Self, Error> {
         let base = if addr.starts_with("http://") {
             addr.trim_end_matches('/').to_owned()
         } else {
             format!("http://{addr}")
         };
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_max_idle_per_host(1024)
-                .build_http();
-        Self { base, client }
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .build()
+            .map_err(|e| Error::Io(format!("HTTP client: {e}")))?;
+        Ok(Self { base, client })
     }
 
     async fn start(
@@ -524,136 +522,141 @@ impl HttpStarter {
         key: &str,
         input: serde_json::Value,
     ) -> Result<(), String> {
-        let body = serde_json::json!({"key": key, "input": input}).to_string();
-        let request = hyper::Request::post(format!("{}/v1/sagas/{saga_type}", self.base))
-            .header("content-type", "application/json")
-            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
         let response = self
             .client
-            .request(request)
+            .post(format!("{}/v1/sagas/{saga_type}", self.base))
+            .json(&serde_json::json!({"key": key, "input": input}))
+            .send()
             .await
             .map_err(|e| e.to_string())?;
         let status = response.status();
         if status.is_success() {
             Ok(())
         } else {
-            let body = http_body_util::BodyExt::collect(response.into_body())
+            let body = response
+                .text()
                 .await
-                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-                .unwrap_or_default();
+                .unwrap_or_else(|e| format!("(body unreadable: {e})"));
             Err(format!("HTTP {status}: {body}"))
         }
     }
 }
 
-/// Parses `jetsaga bench` arguments.
-pub fn parse_args(args: &[String]) -> Result<Options, Error> {
-    let mut options = Options::default();
-    let mut sagas = None;
-    let mut concurrency = None;
-    let mut rate = None;
-    let mut duration = None;
-    let mut args = args.iter();
-    let usage = |m: String| Error::Usage(m);
-    while let Some(arg) = args.next() {
-        let mut value = |name: &str| {
-            args.next()
-                .cloned()
-                .ok_or_else(|| usage(format!("{name} needs a value")))
+/// The command line of `jetsaga bench`. Closed loop (`--sagas`, `--concurrency`) is the
+/// default; `--rate` with `--duration` asks for open loop instead.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// NATS server URL.
+    #[arg(
+        long = "nats",
+        value_name = "URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+    /// Start sagas through the start subject (JetStream) or the orchestrator's HTTP API.
+    #[arg(long, value_enum, default_value = "subject")]
+    pub via: Via,
+    /// The orchestrator's HTTP address, for `--via http`.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub http: String,
+    /// Closed loop: sagas in all [default: 10000].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..),
+          conflicts_with_all = ["rate", "duration"])]
+    pub sagas: Option<u64>,
+    /// Closed loop: sagas unfinished at once [default: 256].
+    #[arg(long, value_name = "C", value_parser = clap::value_parser!(u64).range(1..),
+          conflicts_with_all = ["rate", "duration"])]
+    pub concurrency: Option<u64>,
+    /// Open loop: starts per second on a fixed schedule (needs --duration).
+    #[arg(long, value_name = "R", requires = "duration", value_parser = positive_number)]
+    pub rate: Option<f64>,
+    /// Open loop: how long to offer load (needs --rate), e.g. `30s`, `2m` or `90` (seconds).
+    #[arg(long, value_name = "D", requires = "rate", value_parser = positive_duration)]
+    pub duration: Option<Duration>,
+    /// Share of orders the payment declines, between 0 and 1.
+    #[arg(long, value_name = "F", default_value_t = 0.1, value_parser = share)]
+    pub decline_share: f64,
+    /// Items per order, between 1 and 100.
+    #[arg(long, value_name = "K", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub items: u32,
+    /// How long to wait for unfinished sagas after the last start (in closed loop also for a
+    /// free slot), e.g. `60s`, `2m` or `180` (seconds).
+    #[arg(long, value_name = "D", default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// The saga type to start; its input must be order-shaped.
+    #[arg(long, value_name = "TYPE", default_value = "order-creation")]
+    pub saga_type: String,
+    /// Also print the report as one JSON object on the last line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Args {
+    /// The run these arguments describe (clap has already checked them).
+    pub fn options(self) -> Options {
+        let load = match (self.rate, self.duration) {
+            (Some(rate), Some(duration)) => Load::Open { rate, duration },
+            _ => Load::Closed {
+                sagas: self.sagas.unwrap_or(10_000),
+                concurrency: self.concurrency.unwrap_or(256),
+            },
         };
-        let number = |name: &str, text: String| {
-            text.parse::<f64>()
-                .ok()
-                .filter(|n| n.is_finite() && *n >= 0.0)
-                .ok_or_else(|| usage(format!("{name}: \"{text}\" is not a non-negative number")))
-        };
-        let whole = |name: &str, text: String| {
-            text.parse::<u64>()
-                .map_err(|_| usage(format!("{name}: \"{text}\" is not a whole number")))
-        };
-        let time = |name: &str, text: String| {
-            jetsaga_sagas::definition::parse_duration(&text)
-                .map_err(|e| usage(format!("{name}: {e}")))
-        };
-        match arg.as_str() {
-            "--nats" => options.nats_url = value("--nats")?,
-            "--http" => options.http = value("--http")?,
-            "--via" => {
-                options.via = match value("--via")?.as_str() {
-                    "subject" => Via::Subject,
-                    "http" => Via::Http,
-                    other => {
-                        return Err(usage(format!(
-                            "--via: \"{other}\" is neither subject nor http"
-                        )));
-                    }
-                }
-            }
-            "--sagas" => sagas = Some(whole("--sagas", value("--sagas")?)?),
-            "--concurrency" => concurrency = Some(whole("--concurrency", value("--concurrency")?)?),
-            "--rate" => rate = Some(number("--rate", value("--rate")?)?),
-            "--duration" => duration = Some(time("--duration", value("--duration")?)?),
-            "--decline-share" => {
-                let share = number("--decline-share", value("--decline-share")?)?;
-                if share > 1.0 {
-                    return Err(usage("--decline-share must be between 0 and 1".to_owned()));
-                }
-                options.decline_share = share;
-            }
-            "--items" => {
-                let items = whole("--items", value("--items")?)?;
-                if !(1..=100).contains(&items) {
-                    return Err(usage("--items must be between 1 and 100".to_owned()));
-                }
-                options.items = items as u32;
-            }
-            "--timeout" => options.timeout = time("--timeout", value("--timeout")?)?,
-            "--saga-type" => options.saga_type = value("--saga-type")?,
-            "--json" => options.json = true,
-            other => return Err(usage(format!("unknown argument \"{other}\""))),
+        Options {
+            nats_url: self.nats_url,
+            http: self.http,
+            via: self.via,
+            load,
+            decline_share: self.decline_share,
+            items: self.items,
+            timeout: self.timeout,
+            json: self.json,
+            saga_type: self.saga_type,
         }
     }
-    options.load = match (sagas, concurrency, rate, duration) {
-        (_, _, Some(rate), Some(duration)) if sagas.is_none() && concurrency.is_none() => {
-            if rate <= 0.0 || duration.is_zero() {
-                return Err(usage(
-                    "--rate and --duration must be greater than zero".to_owned(),
-                ));
-            }
-            Load::Open { rate, duration }
-        }
-        (_, _, None, None) => {
-            let sagas = sagas.unwrap_or(10_000);
-            let concurrency = concurrency.unwrap_or(256);
-            if sagas == 0 || concurrency == 0 {
-                return Err(usage(
-                    "--sagas and --concurrency must be at least 1".to_owned(),
-                ));
-            }
-            Load::Closed { sagas, concurrency }
-        }
-        (_, _, Some(_), None) | (_, _, None, Some(_)) => {
-            return Err(usage(
-                "open loop needs both --rate and --duration".to_owned(),
-            ));
-        }
-        _ => {
-            return Err(usage(
-                "choose closed loop (--sagas/--concurrency) or open loop (--rate/--duration), not both".to_owned(),
-            ));
-        }
-    };
-    Ok(options)
+}
+
+/// A duration on the command line: `250ms`, `30s`, `2m`, `1m30s`, or a bare number of seconds
+/// (`180`, `0.5`).
+///
+/// # Errors
+///
+/// A message naming the text when it is neither.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(seconds) = text.parse::<f64>() {
+        return Duration::try_from_secs_f64(seconds)
+            .map_err(|_| format!("\"{text}\" is not a non-negative number of seconds"));
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("\"{text}\" is not a duration like 30s, 2m or 180 ({e})"))
+}
+
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration.is_zero() {
+        return Err("must be greater than zero".to_owned());
+    }
+    Ok(duration)
+}
+
+fn positive_number(text: &str) -> Result<f64, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|n| n.is_finite() && *n > 0.0)
+        .ok_or_else(|| format!("\"{text}\" is not a number greater than zero"))
+}
+
+fn share(text: &str) -> Result<f64, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|n| (0.0..=1.0).contains(n))
+        .ok_or_else(|| format!("\"{text}\" is not a number between 0 and 1"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| (*s).to_owned()).collect()
-    }
 
     #[test]
     fn percentiles_use_nearest_rank() {
@@ -685,7 +688,7 @@ mod tests {
         assert_eq!(o["card_token"], "tok_decline");
         assert_eq!(o["items"].as_array().unwrap().len(), 2);
         assert!(
-            crate::definitions::order_creation()
+            jetsaga_orchestrator::definitions::order_creation()
                 .unwrap()
                 .check_input(&o)
                 .is_ok()
@@ -739,9 +742,38 @@ mod tests {
         assert!(good.table().contains("throughput"));
     }
 
+    /// `jetsaga bench` as the binary mounts it.
+    #[derive(Debug, clap::Parser)]
+    struct Bench {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(list: &[&str]) -> Result<Options, clap::Error> {
+        use clap::Parser;
+        Bench::try_parse_from(std::iter::once("bench").chain(list.iter().copied()))
+            .map(|b| b.args.options())
+    }
+
     #[test]
     fn arguments() {
-        let o = parse_args(&args(&["--sagas", "500", "--concurrency", "64", "--json"])).unwrap();
+        use clap::CommandFactory;
+        Bench::command().debug_assert();
+
+        let o = parse(&[]).unwrap();
+        assert_eq!(
+            o.load,
+            Load::Closed {
+                sagas: 10_000,
+                concurrency: 256
+            }
+        );
+        assert_eq!(
+            (o.via, o.timeout, o.items, o.decline_share),
+            (Via::Subject, Duration::from_secs(60), 1, 0.1)
+        );
+        assert_eq!(o.nats_url, "nats://127.0.0.1:4222");
+        let o = parse(&["--sagas", "500", "--concurrency", "64", "--json"]).unwrap();
         assert_eq!(
             o.load,
             Load::Closed {
@@ -750,15 +782,7 @@ mod tests {
             }
         );
         assert!(o.json);
-        let o = parse_args(&args(&[
-            "--rate",
-            "500",
-            "--duration",
-            "30s",
-            "--via",
-            "http",
-        ]))
-        .unwrap();
+        let o = parse(&["--rate", "500", "--duration", "30s", "--via", "http"]).unwrap();
         assert_eq!(
             o.load,
             Load::Open {
@@ -767,21 +791,40 @@ mod tests {
             }
         );
         assert_eq!(o.via, Via::Http);
+        for (text, seconds) in [
+            ("180", 180.0),
+            ("2m", 120.0),
+            ("30s", 30.0),
+            ("1m30s", 90.0),
+        ] {
+            let o = parse(&["--timeout", text]).unwrap();
+            assert_eq!(o.timeout, Duration::from_secs_f64(seconds), "{text}");
+        }
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+
         for (bad, expected) in [
-            (vec!["--rate", "5"], "needs both"),
+            (vec!["--rate", "5"], "--duration"),
+            (vec!["--duration", "5s"], "--rate"),
             (
                 vec!["--sagas", "5", "--rate", "5", "--duration", "1s"],
-                "not both",
+                "cannot be used with",
             ),
             (vec!["--sagas", "x"], "--sagas"),
+            (vec!["--sagas", "0"], "--sagas"),
             (vec!["--decline-share", "2"], "between 0 and 1"),
+            (vec!["--items", "101"], "--items"),
             (vec!["--via", "pigeon"], "pigeon"),
-            (vec!["--frobnicate"], "unknown argument"),
+            (vec!["--frobnicate"], "--frobnicate"),
             (vec!["--timeout", "soon"], "--timeout"),
-            (vec!["--sagas"], "needs a value"),
+            (vec!["--timeout=-1"], "non-negative"),
+            (vec!["--rate", "5", "--duration", "0s"], "greater than zero"),
+            (vec!["--sagas"], "--sagas"),
         ] {
-            let err = parse_args(&args(&bad)).unwrap_err().to_string();
-            assert!(err.contains(expected), "{bad:?}: {err}");
+            let err = parse(&bad).unwrap_err();
+            assert_ne!(err.kind(), clap::error::ErrorKind::DisplayHelp);
+            let text = err.to_string();
+            assert!(text.contains(expected), "{bad:?}: {text}");
         }
     }
 }

@@ -2,6 +2,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+// The orchestrator's own test helpers, shared rather than copied.
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::process::Command;
@@ -28,7 +30,7 @@ fn jetsaga(args: &[&str]) -> (i32, String) {
 fn validate_reports_ok_or_every_problem() {
     let shipped = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../sagas/definitions/order-creation.toml"
+        "/../../sagas/definitions/order-creation.toml"
     );
     let (code, out) = jetsaga(&["validate", shipped]);
     assert_eq!(code, 0, "{out}");
@@ -91,6 +93,41 @@ fn validate_reports_ok_or_every_problem() {
 }
 
 #[test]
+fn every_subcommand_prints_help() {
+    for (args, expected) in [
+        (vec!["--help"], "Usage: jetsaga <COMMAND>"),
+        (vec!["help"], "Usage: jetsaga <COMMAND>"),
+        (vec!["serve", "--help"], "Usage: jetsaga serve [OPTIONS]"),
+        (
+            vec!["validate", "--help"],
+            "Usage: jetsaga validate <FILE>...",
+        ),
+        (vec!["bench", "--help"], "Usage: jetsaga bench [OPTIONS]"),
+        (vec!["help", "bench"], "Usage: jetsaga bench [OPTIONS]"),
+    ] {
+        let (code, out) = jetsaga(&args);
+        assert_eq!(code, 0, "{args:?}: {out}");
+        assert!(out.contains(expected), "{args:?}: {out}");
+    }
+    let (_, out) = jetsaga(&["serve", "--help"]);
+    assert!(out.contains("JETSAGA_CONFIG"), "{out}");
+    let (_, out) = jetsaga(&["bench", "--help"]);
+    for flag in [
+        "--nats",
+        "--via",
+        "--sagas",
+        "--rate",
+        "--timeout",
+        "--json",
+    ] {
+        assert!(out.contains(flag), "{flag}: {out}");
+    }
+    let (code, out) = jetsaga(&[]);
+    assert_eq!(code, 64, "no command is a usage error: {out}");
+    assert!(out.contains("Usage: jetsaga <COMMAND>"), "{out}");
+}
+
+#[test]
 fn invalid_config_exits_64_naming_the_field() {
     let out = Command::new(cargo_bin("jetsaga"))
         .arg("serve")
@@ -104,7 +141,22 @@ fn invalid_config_exits_64_naming_the_field() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
-    assert_eq!(jetsaga(&["bench", "--rate", "5"]).0, 64);
+    // The file may also come from JETSAGA_CONFIG.
+    let out = Command::new(cargo_bin("jetsaga"))
+        .arg("serve")
+        .env("JETSAGA_CONFIG", "/no/such-from-env.toml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such-from-env.toml"));
+    for bad in [
+        &["bench", "--rate", "5"][..],
+        &["bench", "--timeout", "soon"],
+        &["bench", "--frobnicate"],
+        &["serve", "--frobnicate"],
+    ] {
+        assert_eq!(jetsaga(bad).0, 64, "{bad:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,7 +222,7 @@ async fn bench_reports_json_and_fails_on_unfinished_sagas() {
                 "--concurrency",
                 "5",
                 "--timeout",
-                "1s",
+                "1",
                 "--json",
             ])
             .output()

@@ -2,6 +2,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+// The orchestrator's own test helpers, shared rather than copied.
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::collections::HashSet;
