@@ -14,7 +14,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// ```no_run
 /// use std::process::Command;
 /// let mut orchestrator =
-///     jetsaga_testkit::ChildGuard::spawn(Command::new(jetsaga_testkit::cargo_bin("jetsaga-orchestrator")))
+///     jetsaga_testkit::ChildGuard::spawn(Command::new(jetsaga_testkit::cargo_bin("jetsaga")))
 ///         .unwrap();
 /// orchestrator.kill().unwrap(); // crash it mid-saga
 /// ```
@@ -126,7 +126,7 @@ impl Drop for ChildGuard {
     }
 }
 
-/// The path of the workspace binary `name` (e.g. `"jetsaga-orchestrator"`).
+/// The path of the workspace binary `name` (e.g. `"jetsaga"`).
 ///
 /// Uses `CARGO_BIN_EXE_<name>` (or nextest's `NEXTEST_BIN_EXE_<name>`) when set at run time;
 /// otherwise `<target>/<profile>/<name>`, next to the `deps/` folder holding the running test
