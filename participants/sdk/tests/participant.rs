@@ -255,6 +255,7 @@ async fn outcomes_acks_dead_letters_and_metrics() {
     for (i, (_, body)) in poison.iter().enumerate() {
         let mut headers = HeaderMap::new();
         headers.insert("X-Original", format!("poison-{i}"));
+        headers.insert(header::MSG_ID, format!("poison-{i}"));
         js.publish_with_headers(subject::command(NAME, "ok"), headers, body.clone().into())
             .await
             .unwrap()
@@ -269,6 +270,13 @@ async fn outcomes_acks_dead_letters_and_metrics() {
         })
         .await
         .unwrap();
+    let dead_letter_schema = jsonschema::validator_for(
+        &serde_json::from_str(include_str!(
+            "../../../docs/schemas/dead-letter.schema.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
     let mut letters = dead_consumer.messages().await.unwrap().take(3);
     let mut reasons = Vec::new();
     while let Some(letter) = tokio::time::timeout(WAIT, letters.next()).await.unwrap() {
@@ -282,6 +290,24 @@ async fn outcomes_acks_dead_letters_and_metrics() {
             headers.get("X-Original").is_some(),
             "original headers are kept"
         );
+        assert_eq!(
+            headers.get(header::MSG_ID).map(|v| v.as_str()),
+            headers.get("X-Original").map(|v| v.as_str()),
+            "the copy keeps the original Nats-Msg-Id"
+        );
+        let as_json: serde_json::Map<String, serde_json::Value> = headers
+            .iter()
+            .map(|(name, values)| {
+                let value = values.last().map(|v| v.as_str()).unwrap_or_default();
+                (name.to_string(), json!(value))
+            })
+            .collect();
+        let as_json = serde_json::Value::Object(as_json);
+        let errors: Vec<String> = dead_letter_schema
+            .iter_errors(&as_json)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{as_json}: {errors:?}");
         reasons.push(
             headers
                 .get(header::DEAD_REASON)
