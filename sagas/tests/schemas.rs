@@ -232,7 +232,7 @@ fn real_values_are_valid_and_incomplete_or_mistyped_messages_are_rejected_by_bot
         assert!(!reply_schema.is_valid(&without), "error without {field}");
         assert!(!decodes::<Reply>(&without), "error without {field}");
     }
-    let mut maybe = failed.clone();
+    let mut maybe = failed;
     maybe["outcome"] = json!("maybe");
     assert!(!reply_schema.is_valid(&maybe));
     assert!(!decodes::<Reply>(&maybe));
