@@ -19,11 +19,10 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use futures::StreamExt;
 use jetsaga_sagas::Phase;
-use jetsaga_sagas::protocol::{self, Body, header};
+use jetsaga_sagas::protocol::{self, Body, header, saga_id};
 use serde::Serialize;
 use tokio::sync::{Mutex, Semaphore};
 
-use jetsaga_orchestrator::driver::saga_id;
 use jetsaga_orchestrator::store::Store;
 
 /// How sagas are started.
