@@ -18,6 +18,10 @@ pub fn router(handle: Handle) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn({
+            let metrics = handle.metrics().clone();
+            move |request, next| crate::metrics::track_http(metrics.clone(), request, next)
+        }))
         .with_state(handle)
 }
 

@@ -9,6 +9,7 @@
 //!   that carries out its I/O.
 //! - [`http`]: health, readiness and metrics over HTTP.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`census`]: true counts of the journal's sagas by state, for the metrics.
 //!
 //! [`Service::start`] connects, provisions, and starts the driver; the returned
 //! [`Running`] gives a [`Handle`] for starting, retrying and aborting sagas.
@@ -28,6 +29,7 @@
 //! # }
 //! ```
 
+pub mod census;
 pub mod config;
 mod dead;
 pub mod definitions;
@@ -151,6 +153,7 @@ impl Service {
         };
         let registry = Arc::new(registry);
         let metrics = Metrics::new()?;
+        metrics.register_types(registry.all().map(|d| d.name.as_str()));
         let client = connect(&config.nats, &config.engine.instance).await?;
         let js = jetstream::ContextBuilder::new()
             .max_ack_inflight(config.engine.max_in_flight.max(1024) * 4)
@@ -216,6 +219,12 @@ impl Service {
         tracker.spawn(dead::watch_max_deliveries(
             client.clone(),
             js.clone(),
+            metrics.clone(),
+            token.clone(),
+        ));
+        tracker.spawn(census::run(
+            store.clone(),
+            registry.clone(),
             metrics.clone(),
             token.clone(),
         ));
@@ -476,8 +485,7 @@ async fn watch_connection(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let connected = client.connection_state() == async_nats::connection::State::Connected;
-                metrics.nats_connected.set(i64::from(connected));
+                metrics.observe_connection(&client);
             }
             () = token.cancelled() => {
                 ready.store(false, Ordering::SeqCst);

@@ -64,6 +64,9 @@ pub enum Error {
     /// A read from the stream leader failed.
     #[error("cannot read the journal from its leader")]
     ReadLeader(#[source] LastRawMessageError),
+    /// The journal's sagas could not be listed.
+    #[error("cannot list the journal's sagas")]
+    List(#[source] async_nats::jetstream::stream::InfoError),
     /// An append failed (other than by a conflict).
     #[error("cannot append to the journal")]
     Append(#[source] PublishError),
@@ -77,7 +80,11 @@ impl Error {
             Error::Corrupt { .. } | Error::Encode(_) => ErrorKind::Corrupt,
             Error::Read(e) if e.kind() == DirectGetErrorKind::TimedOut => ErrorKind::Timeout,
             Error::Append(e) if e.kind() == PublishErrorKind::TimedOut => ErrorKind::Timeout,
-            Error::Open(_) | Error::Read(_) | Error::ReadLeader(_) | Error::Append(_) => {
+            Error::Open(_)
+            | Error::Read(_)
+            | Error::ReadLeader(_)
+            | Error::List(_)
+            | Error::Append(_) => {
                 ErrorKind::Unavailable
             }
         }
@@ -163,6 +170,23 @@ impl Store {
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(Error::Conflict),
             Err(e) => Err(Error::Append(e)),
         }
+    }
+
+    /// The id of every saga in the journal (one subject each), from the stream's
+    /// subject listing: one request per page of subjects, not per saga.
+    pub async fn saga_ids(&self) -> Result<Vec<String>, Error> {
+        use futures::TryStreamExt;
+        let prefix = journal_subject("");
+        let subjects = self
+            .stream
+            .info_with_subjects(journal_subject(">"))
+            .await
+            .map_err(Error::List)?;
+        subjects
+            .map_ok(|(subject, _)| subject.strip_prefix(&prefix).unwrap_or(&subject).to_owned())
+            .try_collect()
+            .await
+            .map_err(Error::List)
     }
 
     /// Every record of a saga's journal, oldest first.

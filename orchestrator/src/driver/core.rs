@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use jetsaga_sagas::protocol::{self, Body};
-use jetsaga_sagas::{Action, Cause, Definition, Input, Phase, Rejected, Saga, Transition};
+use jetsaga_sagas::{Action, Definition, Input, Phase, Rejected, Saga, Transition};
 
 use super::plan::{self, round_up};
 use super::{ApiError, Error, IDLE_EVICTION, IoErrorKind, Source, Started};
@@ -689,7 +689,7 @@ impl<H: Handles> Core<H> {
         }
         for (phase, count) in Phase::ALL.iter().zip(counts) {
             self.metrics
-                .in_flight
+                .in_memory
                 .with_label_values(&[phase.as_str()])
                 .set(count);
         }
@@ -920,6 +920,7 @@ impl<H: Handles> Core<H> {
                 match next {
                     Some(at) => {
                         let saga_id = work.saga_id().to_owned();
+                        self.metrics.observe_timer_writes(true, false);
                         self.check_out(&saga_id, work, Stage::Rearming(stored));
                         self.io.push_back(Io::SetTimer { saga_id, at });
                         None
@@ -1086,6 +1087,8 @@ impl<H: Handles> Core<H> {
                 return Some(failed);
             }
         };
+        self.metrics
+            .observe_timer_writes(write.set_timer.is_some(), write.clear_timer);
         let saga_id = work.saga_id().to_owned();
         self.check_out(&saga_id, work, stage(Box::new(write.record)));
         self.io.push_back(Io::Write {
@@ -1105,26 +1108,18 @@ impl<H: Handles> Core<H> {
 
     /// Counts a transition in the metrics.
     fn observe(&self, def: &Definition, saga: &Saga, transition: &Transition) {
-        let metrics = &self.metrics;
-        let entry = &transition.entry;
         for action in &transition.actions {
             match action {
-                Action::Send { command, .. } if command.compensation => metrics
+                Action::Send { command, .. } if command.compensation => self
+                    .metrics
                     .compensations
                     .with_label_values(&[&saga.saga_type, &command.step])
                     .inc(),
                 // The outcome metrics count every outcome a saga reached: finished
                 // (completed, compensated) or parked as failed for an operator.
                 Action::Finish { .. } | Action::Park { .. } => {
-                    let phase = saga.phase();
-                    metrics
-                        .finished
-                        .with_label_values(&[&saga.saga_type, phase.as_str()])
-                        .inc();
-                    metrics
-                        .saga_duration
-                        .with_label_values(&[&saga.saga_type, phase.as_str()])
-                        .observe(seconds(saga.created_at, entry.at));
+                    self.metrics
+                        .observe_finish(saga, saga.phase(), transition.entry.at);
                 }
                 Action::Send { .. }
                 | Action::Publish { .. }
@@ -1132,40 +1127,8 @@ impl<H: Handles> Core<H> {
                 | Action::ClearTimer => {}
             }
         }
-        metrics
-            .transitions
-            .with_label_values(&[&saga.saga_type, cause_label(entry.cause)])
-            .inc();
-        let Some(step) = &entry.step else {
-            return;
-        };
-        match entry.cause {
-            Cause::StepTimeout => metrics
-                .timeouts
-                .with_label_values(&[&saga.saga_type, step])
-                .inc(),
-            Cause::RetryDue => metrics
-                .retries
-                .with_label_values(&[&saga.saga_type, step])
-                .inc(),
-            Cause::ReplyOk => {
-                if let Some(record) = def.step_index(step).map(|i| &saga.steps[i])
-                    && let Some(started) = record.started_at
-                {
-                    metrics
-                        .step_duration
-                        .with_label_values(&[&saga.saga_type, step])
-                        .observe(seconds(started, entry.at));
-                }
-            }
-            Cause::Start
-            | Cause::ReplyFailed
-            | Cause::Deadline
-            | Cause::OperatorRetry
-            | Cause::OperatorAbort
-            | Cause::Ignored
-            | Cause::Resent => {}
-        }
+        self.metrics
+            .observe_transition(def, saga, &transition.entry);
     }
 
     /// Work done without a write: the saga stays as stored.
@@ -1263,25 +1226,6 @@ struct Pending {
     publish: Vec<Outbound>,
     clear_timer: bool,
     expected: u64,
-}
-
-fn seconds(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
-    (to - from).num_milliseconds().max(0) as f64 / 1000.0
-}
-
-fn cause_label(cause: Cause) -> &'static str {
-    match cause {
-        Cause::Start => "start",
-        Cause::ReplyOk => "reply_ok",
-        Cause::ReplyFailed => "reply_failed",
-        Cause::StepTimeout => "step_timeout",
-        Cause::RetryDue => "retry_due",
-        Cause::Deadline => "deadline",
-        Cause::OperatorRetry => "operator_retry",
-        Cause::OperatorAbort => "operator_abort",
-        Cause::Ignored => "ignored",
-        Cause::Resent => "resent",
-    }
 }
 
 #[cfg(test)]
