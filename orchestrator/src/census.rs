@@ -123,7 +123,10 @@ fn publish(metrics: &Metrics, types: &mut HashSet<String>, counts: &Counts) {
                 .with_label_values(&[saga_type, phase.as_str()])
                 .set(n);
             if phase == Phase::Failed {
-                metrics.failed_waiting.with_label_values(&[saga_type]).set(n);
+                metrics
+                    .failed_waiting
+                    .with_label_values(&[saga_type])
+                    .set(n);
             }
         }
         let stuck = counts.stuck.get(saga_type).copied().unwrap_or(0);

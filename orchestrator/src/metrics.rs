@@ -295,7 +295,8 @@ impl Metrics {
                     .with_label_values(&[saga_type, phase.as_str()]);
             }
             for phase in [Phase::Completed, Phase::Compensated, Phase::Failed] {
-                self.finished.with_label_values(&[saga_type, phase.as_str()]);
+                self.finished
+                    .with_label_values(&[saga_type, phase.as_str()]);
             }
         }
     }

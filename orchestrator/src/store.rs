@@ -84,9 +84,7 @@ impl Error {
             | Error::Read(_)
             | Error::ReadLeader(_)
             | Error::List(_)
-            | Error::Append(_) => {
-                ErrorKind::Unavailable
-            }
+            | Error::Append(_) => ErrorKind::Unavailable,
         }
     }
 }

@@ -3,7 +3,12 @@
 //! Labels are bounded: the participant name, actions it has handlers for (anything else is
 //! counted as `unknown`), results and dead-letter kinds; never a saga or command id.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// Commands handled, by `participant`, `action` and `result`.
 pub const COMMANDS_TOTAL: &str = "jetsaga_participant_commands_total";
@@ -13,6 +18,13 @@ pub const DUPLICATES_TOTAL: &str = "jetsaga_participant_duplicates_total";
 pub const HANDLER_DURATION_SECONDS: &str = "jetsaga_participant_handler_duration_seconds";
 /// Messages terminated and copied to the dead-letter stream, by `participant` and `kind`.
 pub const DEAD_LETTERS_TOTAL: &str = "jetsaga_participant_dead_letters_total";
+
+/// Commands being handled right now, by `participant`.
+pub const IN_FLIGHT: &str = "jetsaga_participant_commands_in_flight";
+/// 1 while the participant's NATS connection is up, by `participant`.
+pub const NATS_CONNECTED: &str = "jetsaga_participant_nats_connected";
+/// Reconnections to NATS after the first connect, by `participant`.
+pub const NATS_RECONNECTS_TOTAL: &str = "jetsaga_participant_nats_reconnects_total";
 
 /// Label names.
 pub mod label {
@@ -50,6 +62,19 @@ pub struct Metrics {
     pub(crate) duplicates: IntCounterVec,
     pub(crate) duration: HistogramVec,
     pub(crate) dead_letters: IntCounterVec,
+    pub(crate) in_flight: IntGaugeVec,
+    pub(crate) nats_connected: IntGaugeVec,
+    pub(crate) nats_reconnects: IntCounterVec,
+}
+
+/// Counts a command in flight while alive.
+#[derive(Debug)]
+pub(crate) struct InFlight(IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Metrics {
@@ -89,6 +114,24 @@ impl Metrics {
             ),
             &[PARTICIPANT, KIND],
         )?;
+        let in_flight = IntGaugeVec::new(
+            Opts::new(IN_FLIGHT, "Commands being handled right now."),
+            &[PARTICIPANT],
+        )?;
+        let nats_connected = IntGaugeVec::new(
+            Opts::new(NATS_CONNECTED, "1 while connected to NATS."),
+            &[PARTICIPANT],
+        )?;
+        let nats_reconnects = IntCounterVec::new(
+            Opts::new(
+                NATS_RECONNECTS_TOTAL,
+                "Reconnections to NATS after the first connect.",
+            ),
+            &[PARTICIPANT],
+        )?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(nats_connected.clone()))?;
+        registry.register(Box::new(nats_reconnects.clone()))?;
         registry.register(Box::new(commands.clone()))?;
         registry.register(Box::new(duplicates.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -98,7 +141,61 @@ impl Metrics {
             duplicates,
             duration,
             dead_letters,
+            in_flight,
+            nats_connected,
+            nats_reconnects,
         })
+    }
+
+    /// Registers `participant`'s series at 0, so "no duplicates yet" is a 0 and not a gap.
+    pub(crate) fn register_actions<'a>(
+        &self,
+        participant: &str,
+        actions: impl IntoIterator<Item = &'a str>,
+    ) {
+        for action in actions {
+            self.duplicates.with_label_values(&[participant, action]);
+            self.commands
+                .with_label_values(&[participant, action, result::OK]);
+        }
+        self.in_flight.with_label_values(&[participant]);
+        self.nats_connected.with_label_values(&[participant]);
+        self.nats_reconnects.with_label_values(&[participant]);
+    }
+
+    /// Counts one command in flight until the guard drops.
+    pub(crate) fn in_flight(&self, participant: &str) -> InFlight {
+        let gauge = self.in_flight.with_label_values(&[participant]);
+        gauge.inc();
+        InFlight(gauge)
+    }
+
+    /// Keeps the connection gauge and the reconnect counter current until cancelled.
+    pub(crate) async fn watch_connection(
+        self,
+        participant: String,
+        client: async_nats::Client,
+        token: tokio_util::sync::CancellationToken,
+    ) {
+        let connected = self.nats_connected.with_label_values(&[&participant]);
+        let reconnects = self.nats_reconnects.with_label_values(&[&participant]);
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = token.cancelled() => return,
+            }
+            let up = client.connection_state() == async_nats::connection::State::Connected;
+            connected.set(i64::from(up));
+            let seen = client
+                .statistics()
+                .connects
+                .load(Ordering::Relaxed)
+                .saturating_sub(1);
+            if seen > reconnects.get() {
+                reconnects.inc_by(seen - reconnects.get());
+            }
+        }
     }
 
     /// Counts a dead letter of `kind` for `participant`.

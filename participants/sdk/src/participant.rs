@@ -192,6 +192,7 @@ impl Builder {
         }
         let registry = self.registry.unwrap_or_default();
         let metrics = Metrics::register(&registry)?;
+        metrics.register_actions(&self.name, self.handlers.keys().map(String::as_str));
         Ok(Participant {
             name: self.name.into(),
             handlers: self.handlers,
@@ -282,6 +283,14 @@ impl Participant {
         let settings = self.settings.clone();
         info!(participant = %self.name, consumer = %self.consumer_name(), "participant started");
         let name = self.name.clone();
+        let watch_token = tokio_util::sync::CancellationToken::new();
+        let watcher = tokio_util::task::TaskTracker::new();
+        watcher.spawn(self.metrics.clone().watch_connection(
+            name.to_string(),
+            client.clone(),
+            watch_token.clone(),
+        ));
+        watcher.close();
         let worker = Arc::new(Worker {
             name: self.name,
             handlers: self.handlers,
@@ -307,6 +316,8 @@ impl Participant {
         if drained.left > 0 {
             warn!(participant = %name, left = drained.left, "commands left in flight will be redelivered");
         }
+        watch_token.cancel();
+        watcher.wait().await;
         if settings.drain {
             if let Err(e) = client.drain().await {
                 warn!(error = %e, "draining the nats connection failed");
@@ -412,6 +423,7 @@ enum Decision {
 
 impl consume::Handler for Worker {
     async fn handle(&self, msg: &Message) -> AckKind {
+        let _in_flight = self.metrics.in_flight(&self.name);
         self.handle_command(msg).await
     }
 }
