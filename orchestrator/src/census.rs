@@ -11,18 +11,16 @@
 //!
 //! It sets [`SAGAS_IN_FLIGHT`](crate::metrics::SAGAS_IN_FLIGHT) (running,
 //! compensating, failed), [`SAGAS_FAILED_WAITING`](crate::metrics::SAGAS_FAILED_WAITING)
-//! and [`SAGAS_STUCK`](crate::metrics::SAGAS_STUCK): a running or compensating
-//! saga with no transition for [`STUCK_FACTOR`] × its definition's longest step
-//! timeout. Timeouts and retries are transitions, so a healthy saga never goes
-//! that long without one.
+//! and [`SAGAS_STUCK`](crate::metrics::SAGAS_STUCK): a saga in the same step (forward
+//! or compensating) for [`STUCK_FACTOR`] × that step's timeout (see [`is_stuck`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use jetsaga_sagas::Phase;
+use jetsaga_sagas::{Definition, Phase, Saga, State};
 use tokio_util::sync::CancellationToken;
 
 use crate::definitions::Registry;
@@ -33,8 +31,9 @@ use crate::store::Store;
 pub const INTERVAL: Duration = Duration::from_secs(5);
 /// Direct gets in flight at once.
 pub const CONCURRENCY: usize = 32;
-/// A saga is stuck after this many times its longest step timeout without a transition.
-pub const STUCK_FACTOR: u32 = 3;
+/// A saga is stuck once it has been in one step for this many times the step's timeout
+/// (5: a step's default three attempts, with backoff, stay below it).
+pub const STUCK_FACTOR: u32 = 5;
 
 /// What one census found.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -69,17 +68,38 @@ pub async fn count(store: &Store, registry: &Registry) -> Result<Counts, crate::
         if phase == Phase::Failed {
             continue;
         }
-        let longest = registry
-            .get(&saga.saga_type, saga.version)
-            .and_then(|def| def.steps.iter().map(|s| s.timeout).max());
-        if let Some(longest) = longest
-            && let Ok(limit) = chrono::Duration::from_std(longest * STUCK_FACTOR)
-            && now - saga.updated_at > limit
+        if let Some(def) = registry.get(&saga.saga_type, saga.version)
+            && is_stuck(def, saga, now)
         {
             *counts.stuck.entry(saga.saga_type.clone()).or_default() += 1;
         }
     }
     Ok(counts)
+}
+
+/// Whether `saga` has been in its current step for [`STUCK_FACTOR`] × the step's timeout.
+///
+/// A forward step counts from its first command; a compensation from the last time any
+/// step finished (what started this compensation: a later step failing, or the next
+/// step's compensation completing), as the compensation's own start is not recorded.
+pub fn is_stuck(def: &Definition, saga: &Saga, now: DateTime<Utc>) -> bool {
+    let (step, since) = match &saga.state {
+        State::Running { step, .. } => (*step, saga.steps.get(*step).and_then(|s| s.started_at)),
+        State::Compensating { step, .. } => {
+            (*step, saga.steps.iter().filter_map(|s| s.finished_at).max())
+        }
+        State::Completed { .. } | State::Compensated { .. } | State::Failed { .. } => {
+            return false;
+        }
+    };
+    let Some(timeout) = def.steps.get(step).map(|s| s.timeout) else {
+        return false;
+    };
+    let (Some(since), Ok(limit)) = (since, chrono::Duration::from_std(timeout * STUCK_FACTOR))
+    else {
+        return false;
+    };
+    now - since > limit
 }
 
 /// Runs the census every [`INTERVAL`] until cancelled.
@@ -133,4 +153,32 @@ fn publish(metrics: &Metrics, types: &mut HashSet<String>, counts: &Counts) {
         metrics.stuck.with_label_values(&[saga_type]).set(stuck);
     }
     metrics.census_timestamp.set(Utc::now().timestamp());
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_saga_is_stuck_after_the_factor_times_its_step_timeout() {
+        let registry = Registry::builtin();
+        let def = registry.latest("order-creation").unwrap();
+        let input = serde_json::json!({"customer_id": "c-1", "email": "ana@example.com",
+            "items": [{"sku": "sku-1", "quantity": 1}], "amount_cents": 100,
+            "currency": "EUR", "card_token": "tok_ok"});
+        let t0 = Utc::now();
+        let (saga, _) = Saga::start(def, "s-1".into(), "k".into(), input, None, t0).unwrap();
+        let timeout = chrono::Duration::from_std(def.steps[0].timeout).unwrap();
+        let limit = timeout * i32::try_from(STUCK_FACTOR).unwrap();
+        assert!(!is_stuck(def, &saga, t0));
+        assert!(!is_stuck(def, &saga, t0 + timeout * 2));
+        assert!(!is_stuck(def, &saga, t0 + limit));
+        assert!(is_stuck(
+            def,
+            &saga,
+            t0 + limit + chrono::Duration::seconds(1)
+        ));
+    }
 }
