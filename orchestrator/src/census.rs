@@ -6,7 +6,8 @@
 //! instead: every [`INTERVAL`] it lists the journal's saga subjects (one request
 //! per page of subjects) and reads the last record of each (one direct get per
 //! saga, [`CONCURRENCY`] at a time). Its cost grows with the sagas the journal
-//! retains, which the journal's retention bounds. Every instance runs it and
+//! retains, which the journal's retention bounds; a slow census runs less often
+//! (it sleeps nine times its own duration). Every instance runs it and
 //! reports the same numbers: aggregate across instances with `max`, not `sum`.
 //!
 //! It sets [`SAGAS_IN_FLIGHT`](crate::metrics::SAGAS_IN_FLIGHT) (running,
@@ -27,7 +28,8 @@ use crate::definitions::Registry;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
-/// How often the census runs.
+/// How often the census runs (less often when one census takes longer than a
+/// ninth of this: see [`run`]).
 pub const INTERVAL: Duration = Duration::from_secs(5);
 /// Direct gets in flight at once.
 pub const CONCURRENCY: usize = 32;
@@ -109,14 +111,14 @@ pub(crate) async fn run(
     metrics: Metrics,
     token: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut types: HashSet<String> = registry.all().map(|d| d.name.clone()).collect();
+    let mut pause = Duration::ZERO;
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            () = tokio::time::sleep(pause) => {}
             () = token.cancelled() => return,
         }
+        let began = std::time::Instant::now();
         let counts = tokio::select! {
             counts = count(&store, &registry) => counts,
             () = token.cancelled() => return,
@@ -125,6 +127,9 @@ pub(crate) async fn run(
             Ok(counts) => publish(&metrics, &mut types, &counts),
             Err(e) => tracing::warn!(error = %e, "saga census failed; keeping the last counts"),
         }
+        // A large journal makes a census slow: keep its share of the time (and of
+        // NATS) to about a tenth.
+        pause = INTERVAL.max(began.elapsed() * 9);
     }
 }
 
