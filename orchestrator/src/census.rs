@@ -90,7 +90,7 @@ pub fn is_stuck(def: &Definition, saga: &Saga, now: DateTime<Utc>) -> bool {
         State::Compensating { step, .. } => {
             (*step, saga.steps.iter().filter_map(|s| s.finished_at).max())
         }
-        State::Completed { .. } | State::Compensated { .. } | State::Failed { .. } => {
+        State::Completed | State::Compensated { .. } | State::Failed { .. } => {
             return false;
         }
     };
