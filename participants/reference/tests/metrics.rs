@@ -29,7 +29,7 @@ const WAIT: Duration = Duration::from_secs(120);
 const PARKED: &str = r#"
 name = "order-parked"
 version = 1
-input = "order"
+input-schema = "order-creation.input.schema.json"
 deadline = "5m"
 [events]
 completed = ["order.confirmed"]
@@ -196,6 +196,14 @@ async fn metrics_match_a_known_run_and_pass_promtool() {
     let url = server.url();
     let defs = tempfile::tempdir().unwrap();
     std::fs::write(defs.path().join("parked.toml"), PARKED).unwrap();
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../sagas/definitions/order-creation.input.schema.json"
+        ),
+        defs.path().join("order-creation.input.schema.json"),
+    )
+    .unwrap();
 
     let mut config = OrchestratorConfig::default();
     config.nats.url = url.clone();
