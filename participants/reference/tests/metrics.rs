@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self};
 use jetsaga_orchestrator::config::{Config as OrchestratorConfig, Storage};
 use jetsaga_orchestrator::{Handle, Running, Service};
-use jetsaga_participants::{inventory, payment};
+use jetsaga_reference::{inventory, payment};
 use jetsaga_sagas::Phase;
 use jetsaga_testkit::{NatsServer, wait_until};
 use serde_json::{Value, json};

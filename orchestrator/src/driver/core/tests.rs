@@ -3,6 +3,7 @@
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use chrono::Duration as Ms;
+use jetsaga_sagas::Cause;
 use jetsaga_sagas::protocol::{Outcome, Reply, Start, VERSION};
 use serde_json::{Value, json};
 
