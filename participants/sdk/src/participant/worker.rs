@@ -289,7 +289,10 @@ impl Worker {
     async fn recorded(
         &self,
         command: &Command,
-    ) -> Result<Option<jetstream::message::StreamMessage>, String> {
+    ) -> Result<
+        Option<jetstream::message::StreamMessage>,
+        async_nats::jetstream::stream::DirectGetError,
+    > {
         match self
             .replies
             .direct_get_last_for_subject(command.reply_to.clone())
@@ -297,7 +300,7 @@ impl Worker {
         {
             Ok(message) => Ok(Some(message)),
             Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => Ok(None),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e),
         }
     }
 
@@ -306,13 +309,11 @@ impl Worker {
         subject: String,
         headers: HeaderMap,
         payload: bytes::Bytes,
-    ) -> Result<(), String> {
+    ) -> Result<(), async_nats::jetstream::context::PublishError> {
         self.js
             .publish_with_headers(subject, headers, payload)
-            .await
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?
+            .await?;
         Ok(())
     }
 }
