@@ -107,12 +107,7 @@ impl config::Validate for Config {
         self.telemetry.validate()?;
         self.faults.validate()?;
         let s = &self.notification;
-        if !service::is_key_safe(&s.bucket) || s.bucket.contains('.') {
-            return Err(config::Error::field(
-                "notification.bucket",
-                "must be letters, digits, - or _",
-            ));
-        }
+        service::validate_bucket("notification.bucket", &s.bucket)?;
         if !jetsaga_sagas::definition::is_subject_token(&s.consumer) {
             return Err(config::Error::field(
                 "notification.consumer",

@@ -100,12 +100,7 @@ impl config::Validate for Config {
         self.metrics.validate()?;
         self.telemetry.validate()?;
         self.faults.validate()?;
-        if !service::is_key_safe(&self.payment.bucket) || self.payment.bucket.contains('.') {
-            return Err(config::Error::field(
-                "payment.bucket",
-                "must be letters, digits, - or _",
-            ));
-        }
+        service::validate_bucket("payment.bucket", &self.payment.bucket)?;
         if self.payment.limit_cents == 0 {
             return Err(config::Error::field(
                 "payment.limit-cents",

@@ -81,6 +81,22 @@ pub async fn serve_metrics(
     Ok(address)
 }
 
+/// Checks that `bucket`, the value of config field `field`, can name a KV bucket.
+///
+/// # Errors
+///
+/// A field error naming `field` when it cannot.
+pub fn validate_bucket(field: &str, bucket: &str) -> Result<(), crate::config::Error> {
+    if is_key_safe(bucket) && !bucket.contains('.') {
+        Ok(())
+    } else {
+        Err(crate::config::Error::field(
+            field,
+            "must be letters, digits, - or _",
+        ))
+    }
+}
+
 /// Whether a string can be part of a KV key (`[-/_=.a-zA-Z0-9]`, no leading or trailing dot).
 pub fn is_key_safe(text: &str) -> bool {
     !text.is_empty()
@@ -106,4 +122,20 @@ pub fn builder(
         .shutdown_grace(consumer.shutdown_grace)
         .streams(streams.clone())
         .registry(registry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_names_are_checked_naming_the_field() {
+        assert!(validate_bucket("payment.bucket", "jetsaga_payment").is_ok());
+        for bad in ["", "a.b", "a b", ".x"] {
+            let error = validate_bucket("payment.bucket", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("payment.bucket"), "{bad:?}: {error}");
+        }
+    }
 }

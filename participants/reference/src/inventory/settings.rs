@@ -82,12 +82,7 @@ impl config::Validate for Config {
         self.telemetry.validate()?;
         self.faults.validate()?;
         let s = &self.inventory;
-        if !service::is_key_safe(&s.bucket) || s.bucket.contains('.') {
-            return Err(config::Error::field(
-                "inventory.bucket",
-                "must be letters, digits, - or _",
-            ));
-        }
+        service::validate_bucket("inventory.bucket", &s.bucket)?;
         if let Some(sku) = s.catalogue.keys().find(|k| !service::is_key_safe(k)) {
             return Err(config::Error::field(
                 "inventory.catalogue",
