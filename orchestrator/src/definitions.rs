@@ -119,6 +119,60 @@ impl Registry {
         self.by_name.get(name)?.values().next_back()
     }
 
+    /// Refuses definitions that wait longer than storage keeps what they wait
+    /// on: a timer or command older than `retention` (the timers' and
+    /// commands' max age) is deleted before it is due, so a deadline, step
+    /// timeout or backoff must be shorter.
+    ///
+    /// # Errors
+    ///
+    /// One error per wait that is too long, naming the definition and step.
+    pub fn check_storage(&self, retention: std::time::Duration) -> Result<(), Vec<Error>> {
+        let mut errors = Vec::new();
+        let too_long = |what: &str, wait: std::time::Duration| {
+            (wait >= retention).then(|| {
+                format!(
+                    "{what} {} is not shorter than streams.retention ({}): its timer or \
+                     command would be deleted before it is due",
+                    humantime::format_duration(wait),
+                    humantime::format_duration(retention)
+                )
+            })
+        };
+        for def in self.all() {
+            let file = format!("{} v{}", def.name, def.version);
+            let mut push = |step: Option<&str>, problem: Option<String>| {
+                if let Some(problem) = problem {
+                    errors.push(Error {
+                        file: file.clone(),
+                        step: step.map(str::to_owned),
+                        problem,
+                    });
+                }
+            };
+            push(None, too_long("deadline", def.deadline));
+            push(
+                None,
+                too_long(
+                    "compensation-retry.max-backoff",
+                    def.compensation_retry.max_backoff,
+                ),
+            );
+            for step in &def.steps {
+                push(Some(&step.name), too_long("timeout", step.timeout));
+                push(
+                    Some(&step.name),
+                    too_long("retry.max-backoff", step.retry.max_backoff),
+                );
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+
     /// Every definition, every version.
     pub fn all(&self) -> impl Iterator<Item = &Arc<Definition>> {
         self.by_name.values().flat_map(|versions| versions.values())
@@ -144,6 +198,38 @@ pub fn load_file(path: &Path) -> Result<Definition, Vec<Error>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn definitions_that_wait_longer_than_storage_keeps_are_refused() {
+        let registry = Registry::builtin();
+        registry
+            .check_storage(jetsaga_sagas::streams::DEFAULT_RETENTION)
+            .unwrap();
+        // order-creation's deadline is longer than 2 minutes.
+        let errors = registry
+            .check_storage(std::time::Duration::from_secs(120))
+            .unwrap_err();
+        let deadline = errors
+            .iter()
+            .find(|e| e.step.is_none() && e.problem.starts_with("deadline"))
+            .expect("the deadline is named");
+        assert_eq!(deadline.file, "order-creation v1");
+        assert!(
+            deadline.problem.contains("streams.retention (2m)"),
+            "{deadline:?}"
+        );
+        // A step whose timeout alone exceeds it is named with its step.
+        let errors = registry
+            .check_storage(std::time::Duration::from_secs(5))
+            .unwrap_err();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.step.as_deref() == Some("reserve-stock")
+                    && e.problem.starts_with("timeout")),
+            "{errors:?}"
+        );
+    }
 
     #[test]
     fn builtin_directory_and_versions() {

@@ -151,6 +151,9 @@ impl Service {
             Some(dir) => Registry::with_dir(dir).map_err(Error::Definitions)?,
             None => Registry::builtin(),
         };
+        registry
+            .check_storage(config.streams.retention)
+            .map_err(Error::Definitions)?;
         let registry = Arc::new(registry);
         let metrics = Metrics::new()?;
         metrics.register_types(registry.all().map(|d| d.name.as_str()));
@@ -236,7 +239,13 @@ impl Service {
         ));
 
         let (request_tx, request_rx) = mpsc::channel(1024);
-        let driver = Driver::new(js.clone(), store.clone(), metrics.clone(), registry.clone());
+        let driver = Driver::new(
+            js.clone(),
+            store.clone(),
+            metrics.clone(),
+            registry.clone(),
+            config.streams.finished_retention,
+        );
         let (driver_done_tx, driver_done) = oneshot::channel();
         let driver_token = token.clone();
         tracker.spawn(async move {
@@ -407,12 +416,10 @@ impl Handle {
 
     /// The saga's journal, oldest first.
     pub async fn journal(&self, saga_id: &str) -> Result<Vec<Entry>, ApiError> {
-        let records = self
-            .store
+        self.store
             .history(saga_id)
             .await
-            .map_err(|e| ApiError::from(driver::Error::from(e)))?;
-        Ok(records.into_iter().map(|r| r.entry).collect())
+            .map_err(|e| ApiError::from(driver::Error::from(e)))
     }
 
     /// The definitions this instance knows.

@@ -1,9 +1,13 @@
 //! The journal's record format and the messages a record implies, with no I/O.
 //!
 //! Every transition appends one [`Record`] to the saga's journal subject: the
-//! journal entry, the saga after it, the effects it caused and the armed timer.
-//! The effects are kept by reference, so a transition interrupted after its
-//! record was stored is completed later from the record alone ([`rebuild`]).
+//! journal entry (and the entries before it), the saga after it, the effects it
+//! caused and the armed timer. The effects are kept by reference, so a
+//! transition interrupted after its record was stored is completed later from
+//! the record alone ([`rebuild`]). Because each record carries the whole
+//! journal, a finished saga's last record replaces the rest of its subject
+//! (`Nats-Rollup: sub`) and expires with a TTL ([`headers`]): what a finished
+//! saga keeps is one message, for a bounded time.
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -44,9 +48,19 @@ pub struct Outbound {
     pub body: Bytes,
 }
 
+/// The most earlier entries a record carries; a saga that retried for days
+/// keeps its newest ones and counts the rest in [`Record::omitted`].
+pub(crate) const MAX_EARLIER: usize = 200;
+
 /// One message of the journal.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
+    /// The journal before this record, oldest first (at most [`MAX_EARLIER`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<Entry>,
+    /// How many of the oldest entries were dropped from `earlier`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub omitted: u64,
     /// What happened.
     pub entry: Entry,
     /// The saga after it.
@@ -71,7 +85,51 @@ pub struct Stored {
     pub seq: u64,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 impl Record {
+    /// The record of `entry` following `previous` (none for a start): it carries
+    /// the journal so far.
+    pub fn next(
+        previous: Option<&Record>,
+        entry: Entry,
+        saga: Saga,
+        effects: Vec<Effect>,
+        timer_at: Option<DateTime<Utc>>,
+    ) -> Self {
+        let (mut earlier, mut omitted) = match previous {
+            Some(p) => {
+                let mut earlier = Vec::with_capacity(p.earlier.len() + 1);
+                earlier.extend_from_slice(&p.earlier);
+                earlier.push(p.entry.clone());
+                (earlier, p.omitted)
+            }
+            None => (Vec::new(), 0),
+        };
+        if earlier.len() > MAX_EARLIER {
+            let drop = earlier.len() - MAX_EARLIER;
+            earlier.drain(..drop);
+            omitted += drop as u64;
+        }
+        Self {
+            earlier,
+            omitted,
+            entry,
+            saga,
+            effects,
+            timer_at,
+        }
+    }
+
+    /// The saga's journal as this record knows it, oldest first.
+    pub fn journal(&self) -> Vec<Entry> {
+        let mut entries = self.earlier.clone();
+        entries.push(self.entry.clone());
+        entries
+    }
+
     /// The record as it is stored.
     pub fn encode(&self) -> Result<Bytes, serde_json::Error> {
         serde_json::to_vec(self).map(Bytes::from)
@@ -81,6 +139,41 @@ impl Record {
     pub fn decode(payload: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(payload)
     }
+}
+
+/// The headers of a stored record: what the saga listing reads without the body
+/// (id, type, phase, step, key, timer, start time) and, once the saga is
+/// finished, the rollup that replaces its earlier records and the TTL
+/// (`finished_retention`) after which the record goes.
+pub(crate) fn headers(
+    record: &Record,
+    finished_retention: std::time::Duration,
+) -> Vec<(&'static str, String)> {
+    let saga = &record.saga;
+    let phase = saga.phase();
+    let mut headers = vec![
+        (header::SAGA_ID, saga.id.clone()),
+        (header::SAGA_TYPE, saga.saga_type.clone()),
+        (header::PHASE, phase.as_str().to_owned()),
+        (header::CREATED, saga.created_at.to_rfc3339()),
+    ];
+    if let Some(step) = saga.current_step() {
+        headers.push((header::STEP, step.to_owned()));
+    }
+    if saga.key.len() <= 256 && saga.key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        headers.push((header::KEY, saga.key.clone()));
+    }
+    if let Some(at) = record.timer_at {
+        headers.push((header::TIMER_AT, at.to_rfc3339()));
+    }
+    if phase.is_finished() {
+        headers.push((header::ROLLUP, "sub".to_owned()));
+        headers.push((
+            header::TTL,
+            format!("{}s", finished_retention.as_secs().max(1)),
+        ));
+    }
+    headers
 }
 
 /// The message an action publishes and the effect that records it; `None` for
@@ -208,12 +301,7 @@ mod tests {
                 id: "s1:reserve-stock:undo:1".into()
             }]
         );
-        let record = Record {
-            entry: transition.entry,
-            saga,
-            effects,
-            timer_at: None,
-        };
+        let record = Record::next(None, transition.entry, saga, effects, None);
         let stored = Record::decode(&record.encode().unwrap()).unwrap();
         let rebuilt = rebuild(&stored, &def);
         assert_eq!(rebuilt.len(), messages.len());

@@ -1,11 +1,12 @@
 //! Saga persistence on the journal stream.
 //!
 //! Each saga has one subject, `saga.journal.<saga id>`. Every transition appends
-//! one [`Record`]: the journal entry plus the saga's state after it and the
-//! effects it caused. The last record is therefore the current state, and the
-//! whole subject is the saga's audit log. Appends carry
-//! `Nats-Expected-Last-Subject-Sequence`, so two writers can never both apply a
-//! transition to the same state: the loser reloads and re-applies.
+//! one [`Record`]: the journal so far, the saga's state after it and the effects
+//! it caused. The last record is therefore both the current state and the audit
+//! log. Appends carry `Nats-Expected-Last-Subject-Sequence`, so two writers can
+//! never both apply a transition to the same state: the loser reloads and
+//! re-applies. A finished saga's record rolls the subject up and expires (see
+//! [`crate::record::headers`]).
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::context::{GetStreamError, PublishError, PublishErrorKind};
@@ -133,26 +134,20 @@ impl Store {
         })
     }
 
-    /// Appends a record if the journal's last sequence is still `expected` (0: new saga).
-    pub async fn append(
-        &self,
-        saga_id: &str,
-        record: &Record,
-        expected: u64,
-    ) -> Result<u64, Error> {
-        let body = record.encode().map_err(Error::Encode)?;
-        self.append_encoded(saga_id, body, expected).await
-    }
-
-    /// As [`Store::append`], with the record already encoded.
+    /// Appends an encoded record with its `headers` (see
+    /// [`crate::record::headers`]) if the journal's last sequence is still
+    /// `expected` (0: new saga).
     pub async fn append_encoded(
         &self,
         saga_id: &str,
+        record_headers: &[(&'static str, String)],
         body: Bytes,
         expected: u64,
     ) -> Result<u64, Error> {
         let mut headers = HeaderMap::new();
-        headers.insert(header::SAGA_ID, saga_id);
+        for (name, value) in record_headers {
+            headers.insert(*name, value.as_str());
+        }
         headers.insert(
             header::EXPECTED_LAST_SUBJECT_SEQUENCE,
             expected.to_string().as_str(),
@@ -187,25 +182,14 @@ impl Store {
             .map_err(Error::List)
     }
 
-    /// Every record of a saga's journal, oldest first.
-    pub async fn history(&self, saga_id: &str) -> Result<Vec<Record>, Error> {
-        let subject = journal_subject(saga_id);
-        let mut records = Vec::new();
-        let mut next = 0;
-        loop {
-            let message = match self
-                .stream
-                .direct_get_next_for_subject(&subject, Some(next))
-                .await
-            {
-                Ok(m) => m,
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
-                Err(e) => return Err(Error::Read(e)),
-            };
-            records.push(decode(message.sequence, &message.payload)?);
-            next = message.sequence + 1;
-        }
-        Ok(records)
+    /// A saga's journal, oldest first (empty for an unknown saga): its last
+    /// record carries it, so this is one read.
+    pub async fn history(&self, saga_id: &str) -> Result<Vec<jetsaga_sagas::Entry>, Error> {
+        Ok(self
+            .load(saga_id, false)
+            .await?
+            .map(|stored| stored.record.journal())
+            .unwrap_or_default())
     }
 }
 

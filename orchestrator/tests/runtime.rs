@@ -14,44 +14,6 @@ use jetsaga_sagas::{Cause, Phase, State, StepStatus};
 use jetsaga_testkit::{NatsServer, wait_until};
 use serde_json::json;
 
-/// order-creation with tight timeouts and small retry budgets, for failure tests.
-const FAST_ORDER: &str = r#"
-name = "fast-order"
-version = 1
-input-schema = "order-creation.input.schema.json"
-deadline = "1m"
-[events]
-completed = ["order.confirmed"]
-compensated = ["order.cancelled"]
-[compensation-retry]
-max-attempts = 3
-initial-backoff = "50ms"
-max-backoff = "100ms"
-[[steps]]
-name = "reserve-stock"
-participant = "inventory"
-action = "reserve"
-compensation = "release"
-kind = "compensatable"
-timeout = "5s"
-retry = { max-attempts = 1 }
-[[steps]]
-name = "take-payment"
-participant = "payment"
-action = "charge"
-compensation = "refund"
-kind = "pivot"
-timeout = "1s"
-retry = { max-attempts = 1 }
-[[steps]]
-name = "confirm-order"
-participant = "inventory"
-action = "commit"
-kind = "retriable"
-timeout = "5s"
-retry = { initial-backoff = "50ms", max-backoff = "200ms" }
-"#;
-
 async fn start_fast(handle: &jetsaga_orchestrator::Handle, key: &str, card: &str) -> String {
     let Started { saga_id, .. } = handle.start("fast-order", key, order(card)).await.unwrap();
     saga_id
@@ -319,18 +281,7 @@ async fn failing_compensation_parks_the_saga_until_an_operator_retries() {
     let handle = running.handle().clone();
     let js = js(&server).await;
     // Releases fail until the inventory "recovers".
-    let inventory = Responder::start(
-        &js,
-        "inventory",
-        Arc::new(|c: &protocol::Command| {
-            if c.action == "release" {
-                failed("db_down", true)
-            } else {
-                ok()
-            }
-        }),
-    )
-    .await;
+    let inventory = Responder::start(&js, "inventory", releases_fail()).await;
     let _payment = Responder::start(&js, "payment", by_card()).await;
 
     let id = start_fast(&handle, "stuck-1", "tok_decline").await;

@@ -42,9 +42,19 @@ pub struct Streams {
     pub storage: Storage,
     /// Replicas per stream and bucket (3 in a 3-node cluster).
     pub replicas: usize,
-    /// How long journals (saga state), commands, replies, events and timers are kept.
+    /// How long commands, replies, events and timers are kept: the longest a
+    /// message may wait for its consumer. Live sagas' journals are never aged
+    /// out, and saga definitions must finish their waits well within it.
     #[serde(with = "config::duration")]
     pub retention: Duration,
+    /// How long a finished (completed or compensated) saga's record stays: its
+    /// state, its journal, and the idempotency of its start key.
+    #[serde(with = "config::duration")]
+    pub finished_retention: Duration,
+    /// The most bytes each stream may hold. At the limit new messages are
+    /// refused (nothing is dropped), and the orchestrator refuses new starts a
+    /// little before it so that running sagas still have room to finish.
+    pub max_bytes: bytesize::ByteSize,
 }
 
 impl Default for Streams {
@@ -53,9 +63,14 @@ impl Default for Streams {
             storage: Storage::File,
             replicas: 1,
             retention: specs::DEFAULT_RETENTION,
+            finished_retention: DEFAULT_FINISHED_RETENTION,
+            max_bytes: bytesize::ByteSize::gib(2),
         }
     }
 }
+
+/// How long a finished saga is kept by default.
+pub const DEFAULT_FINISHED_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 impl Streams {
     /// Checks the section.
@@ -70,10 +85,25 @@ impl Streams {
                 "must be between 1 and 5",
             ));
         }
-        if self.retention < Duration::from_secs(60) {
+        if self.retention < specs::DEDUP {
             return Err(config::Error::field(
                 "streams.retention",
-                "must be at least 1m",
+                format!(
+                    "must be at least the duplicate window, {}",
+                    humantime::format_duration(specs::DEDUP)
+                ),
+            ));
+        }
+        if self.finished_retention < Duration::from_secs(1) {
+            return Err(config::Error::field(
+                "streams.finished-retention",
+                "must be at least 1s",
+            ));
+        }
+        if self.max_bytes < bytesize::ByteSize::mib(1) {
+            return Err(config::Error::field(
+                "streams.max-bytes",
+                "must be at least 1 MiB",
             ));
         }
         Ok(())
@@ -164,7 +194,13 @@ pub fn config(spec: &Spec, settings: &Streams) -> stream::Config {
         allow_message_schedules: spec.allow_msg_schedules,
         allow_message_ttl: spec.allow_msg_ttl,
         duplicate_window: spec.duplicate_window,
-        discard: stream::DiscardPolicy::Old,
+        allow_rollup: spec.allow_rollup,
+        max_bytes: i64::try_from(settings.max_bytes.as_u64()).unwrap_or(i64::MAX),
+        discard: if spec.discard_new {
+            stream::DiscardPolicy::New
+        } else {
+            stream::DiscardPolicy::Old
+        },
         ..Default::default()
     }
 }
@@ -301,6 +337,14 @@ pub fn verify(found: &stream::Config, wanted: &stream::Config) -> Result<(), Err
         &wanted.num_replicas.max(1),
     )?;
     check(name, "max_age", &found.max_age, &wanted.max_age)?;
+    check(name, "max_bytes", &found.max_bytes, &wanted.max_bytes)?;
+    check(name, "discard", &found.discard, &wanted.discard)?;
+    check(
+        name,
+        "allow_rollup",
+        &found.allow_rollup,
+        &wanted.allow_rollup,
+    )?;
     check(
         name,
         "duplicate_window",

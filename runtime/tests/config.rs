@@ -75,6 +75,7 @@ fn defaults_then_file_then_environment() {
     let toml = file(
         "[engine]\nmax-in-flight = 32\nack-wait = \"90s\"\n\
          [streams]\nstorage = \"memory\"\nretention = \"7d\"\n\
+         finished-retention = \"6h\"\nmax-bytes = \"512 MiB\"\n\
          [nats]\nurl = [\"nats://a:4222\", \"nats://b:4222\"]\n",
     );
     let config: Config = config::load(Some(toml.path()), env(&[])).unwrap();
@@ -90,6 +91,11 @@ fn defaults_then_file_then_environment() {
     );
     assert_eq!(config.streams.storage, Storage::Memory);
     assert_eq!(config.streams.retention, Duration::from_secs(7 * 24 * 3600));
+    assert_eq!(
+        config.streams.finished_retention,
+        Duration::from_secs(6 * 3600)
+    );
+    assert_eq!(config.streams.max_bytes, bytesize::ByteSize::mib(512));
     assert_eq!(
         config.nats.url, "nats://a:4222,nats://b:4222",
         "a list of URLs"
@@ -116,6 +122,29 @@ fn defaults_then_file_then_environment() {
         Duration::from_secs(90),
         "still the file's"
     );
+}
+
+#[test]
+fn retention_below_the_duplicate_window_and_tiny_byte_bounds_are_refused() {
+    for (var, value, field) in [
+        ("JETSAGA_STREAMS__RETENTION", "90s", "streams.retention"),
+        ("JETSAGA_STREAMS__RETENTION", "1m", "streams.retention"),
+        (
+            "JETSAGA_STREAMS__FINISHED_RETENTION",
+            "0s",
+            "streams.finished-retention",
+        ),
+        ("JETSAGA_STREAMS__MAX_BYTES", "1000", "streams.max-bytes"),
+    ] {
+        let err = config::load::<Config>(None, env(&[(var, value)])).unwrap_err();
+        assert_eq!(err.field_name(), Some(field), "{var}={value}: {err}");
+    }
+    let err =
+        config::load::<Config>(None, env(&[("JETSAGA_STREAMS__RETENTION", "90s")])).unwrap_err();
+    assert!(err.to_string().contains("duplicate window"), "{err}");
+    let err =
+        config::load::<Config>(None, env(&[("JETSAGA_STREAMS__MAX_BYTES", "lots")])).unwrap_err();
+    assert!(err.to_string().contains("max-bytes"), "{err}");
 }
 
 #[test]

@@ -25,18 +25,39 @@ async fn ensure_creates_then_accepts_then_refuses_a_mismatch() {
         .await
         .unwrap();
 
-    // One that keeps journals for an hour refuses the week-long ones it finds.
+    // One that keeps commands for an hour refuses the week-long ones it finds.
     let shorter = Streams {
         retention: Duration::from_secs(3600),
         ..Streams::default()
     };
-    let err = streams::ensure(&js, &specs::JOURNAL, &shorter)
+    let err = streams::ensure(&js, &specs::COMMANDS, &shorter)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Mismatch);
     assert!(
         matches!(&err, streams::Error::Mismatch { stream, setting, .. }
-            if stream == "JETSAGA_JOURNAL" && *setting == "max_age"),
+            if stream == "JETSAGA_COMMANDS" && *setting == "max_age"),
+        "{err}"
+    );
+    // Live journals never age out, whatever the retention: the journal is the
+    // same for both, and only a finished saga's record expires (by its TTL).
+    let journal = streams::ensure(&js, &specs::JOURNAL, &shorter)
+        .await
+        .unwrap();
+    let journal = journal.cached_info().config.clone();
+    assert_eq!(journal.max_age, Duration::ZERO);
+    assert!(journal.allow_message_ttl && journal.allow_rollup);
+    assert_eq!(journal.discard, jetstream::stream::DiscardPolicy::New);
+    // Another byte bound is refused by name too.
+    let smaller = Streams {
+        max_bytes: bytesize::ByteSize::mib(64),
+        ..Streams::default()
+    };
+    let err = streams::ensure(&js, &specs::JOURNAL, &smaller)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, streams::Error::Mismatch { setting, .. } if *setting == "max_bytes"),
         "{err}"
     );
 

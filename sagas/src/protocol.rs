@@ -44,6 +44,18 @@ pub mod header {
     pub const SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
     /// A per-message time to live (`1s`).
     pub const TTL: &str = "Nats-TTL";
+    /// `sub`: the message replaces every earlier one on its subject.
+    pub const ROLLUP: &str = "Nats-Rollup";
+    /// On a journal record: the saga's phase after it (`running`, `compensating`,
+    /// `completed`, `compensated`, `failed`).
+    pub const PHASE: &str = "Jetsaga-Phase";
+    /// On a journal record: the saga's business key, when it is printable ASCII of
+    /// at most 256 bytes (the record body always has it).
+    pub const KEY: &str = "Jetsaga-Key";
+    /// On a journal record: when the saga's armed timer fires (RFC 3339).
+    pub const TIMER_AT: &str = "Jetsaga-Timer-At";
+    /// On a journal record: when the saga started (RFC 3339).
+    pub const CREATED: &str = "Jetsaga-Created";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
 }

@@ -34,6 +34,12 @@ pub struct Spec {
     pub allow_msg_schedules: bool,
     /// Whether per-message TTLs are enabled.
     pub allow_msg_ttl: bool,
+    /// Whether `Nats-Rollup` headers are allowed (a finished saga's record
+    /// replaces its journal).
+    pub allow_rollup: bool,
+    /// What happens at the byte limit: `true` refuses new messages (state is
+    /// never dropped to make room), `false` drops the oldest.
+    pub discard_new: bool,
     /// The `Nats-Msg-Id` de-duplication window.
     pub duplicate_window: Duration,
 }
@@ -41,10 +47,15 @@ pub struct Spec {
 const DAY: Duration = Duration::from_secs(24 * 3600);
 const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// The default retention of journals, commands, replies, events and timers; the
-/// orchestrator's `streams.retention` setting replaces it for those streams.
+/// The default retention of commands, replies, events and timers: the longest a
+/// message waits for its consumer (an outage of a participant or of every
+/// orchestrator). The `streams.retention` setting replaces it for those streams.
 pub const DEFAULT_RETENTION: Duration = WEEK;
-const DEDUP: Duration = Duration::from_secs(120);
+/// The `Nats-Msg-Id` de-duplication window of every stream; a retention shorter
+/// than it is a configuration error.
+pub const DEDUP: Duration = Duration::from_secs(120);
+/// "Keep until deleted": a live saga's journal never ages out.
+pub const FOREVER: Duration = Duration::ZERO;
 
 const fn spec(name: &'static str, subjects: &'static [&'static str], max_age: Duration) -> Spec {
     Spec {
@@ -56,6 +67,8 @@ const fn spec(name: &'static str, subjects: &'static [&'static str], max_age: Du
         allow_direct: false,
         allow_msg_schedules: false,
         allow_msg_ttl: false,
+        allow_rollup: false,
+        discard_new: true,
         duplicate_window: DEDUP,
     }
 }
@@ -73,14 +86,24 @@ pub const REPLIES: Spec = Spec {
 /// Start requests: `saga.start.<saga type>`.
 pub const STARTS: Spec = spec("JETSAGA_STARTS", &[subject::STARTS], DAY);
 
-/// Domain events: `saga.event.<name>`.
-pub const EVENTS: Spec = spec("JETSAGA_EVENTS", &[subject::EVENTS], WEEK);
+/// Domain events: `saga.event.<name>`. At the byte limit the oldest (long
+/// consumed) events make room.
+pub const EVENTS: Spec = Spec {
+    discard_new: false,
+    ..spec("JETSAGA_EVENTS", &[subject::EVENTS], WEEK)
+};
 
 /// Saga journals: `saga.journal.<saga id>`; each message is one transition and
 /// carries the saga's state after it, so the last message is the current state.
+/// Nothing ages out: a live saga (running, compensating, parked `failed`) is kept
+/// as long as it lives. A finished saga's last record rolls its subject up
+/// (`Nats-Rollup: sub`, it carries the whole journal) and expires with a
+/// `Nats-TTL` of `streams.finished-retention`.
 pub const JOURNAL: Spec = Spec {
     allow_direct: true,
-    ..spec("JETSAGA_JOURNAL", &[subject::JOURNALS], WEEK)
+    allow_msg_ttl: true,
+    allow_rollup: true,
+    ..spec("JETSAGA_JOURNAL", &[subject::JOURNALS], FOREVER)
 };
 
 /// Durable timers: a schedule on `saga.timer.set.<saga id>` fires into
@@ -89,6 +112,11 @@ pub const TIMERS: Spec = Spec {
     allow_msg_schedules: true,
     allow_msg_ttl: true,
     max_msgs_per_subject: Some(1),
+    // The server turns rollups on for schedules (a schedule replaces the last).
+    allow_rollup: true,
+    // The server refuses discard-new with schedules. One message per live
+    // saga: at ~100 B each the byte limit is tens of millions of sagas away.
+    discard_new: false,
     ..spec("JETSAGA_TIMERS", &[subject::TIMERS], WEEK)
 };
 

@@ -405,7 +405,7 @@ impl NatsServer {
 
     fn write_config(&self, options: &Options) -> Result<(), Error> {
         let mut jetstream = format!(
-            "  store_dir: {store:?}\n  max_memory_store: 256MB\n  max_file_store: 2GB\n",
+            "  store_dir: {store:?}\n  max_memory_store: 16GB\n  max_file_store: 16GB\n",
             store = self.store_dir.display().to_string(),
         );
         if options.sync_always {

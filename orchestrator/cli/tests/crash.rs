@@ -182,7 +182,6 @@ async fn sigkill_three_times_during_a_thousand_sagas_loses_nothing() {
         let mut seen = HashSet::new();
         for entry in history
             .iter()
-            .map(|r| &r.entry)
             .filter(|e| !matches!(e.cause, Cause::Ignored | Cause::Resent))
         {
             assert!(
@@ -191,10 +190,7 @@ async fn sigkill_three_times_during_a_thousand_sagas_loses_nothing() {
             );
         }
         assert_eq!(
-            history
-                .iter()
-                .filter(|r| r.entry.cause == Cause::Start)
-                .count(),
+            history.iter().filter(|e| e.cause == Cause::Start).count(),
             1
         );
     }
@@ -269,7 +265,7 @@ async fn a_timeout_that_expires_while_the_orchestrator_is_down_fires_after_resta
     })
     .await;
     let history = store.history(&id).await.unwrap();
-    assert!(history.iter().any(|r| r.entry.cause == Cause::StepTimeout));
+    assert!(history.iter().any(|e| e.cause == Cause::StepTimeout));
     let refunds = payment
         .commands()
         .iter()
@@ -326,7 +322,7 @@ async fn sigterm_drains_in_flight_work_and_a_restart_finishes_the_rest() {
         assert_eq!(
             history
                 .iter()
-                .filter(|r| !matches!(r.entry.cause, Cause::Ignored | Cause::Resent))
+                .filter(|e| !matches!(e.cause, Cause::Ignored | Cause::Resent))
                 .count(),
             4,
             "{history:?}"

@@ -150,6 +150,8 @@ pub(crate) struct Write {
 /// A journal append with optimistic concurrency.
 #[derive(Debug)]
 pub(crate) struct Append {
+    /// Its headers.
+    pub(crate) headers: Vec<(&'static str, String)>,
     /// The encoded record.
     pub(crate) body: Bytes,
     /// The journal sequence it must follow (0: a new saga).
@@ -383,6 +385,8 @@ struct Slot<H: Handles> {
 pub(crate) struct Core<H: Handles> {
     registry: Arc<Registry>,
     metrics: Metrics,
+    /// The TTL of a finished saga's record.
+    finished_retention: std::time::Duration,
     slots: HashMap<String, Slot<H>>,
     io: VecDeque<Io<H>>,
     /// Set by [`Core::handle_shutdown`]: new work is refused.
@@ -399,10 +403,15 @@ impl<H: Handles> std::fmt::Debug for Core<H> {
 }
 
 impl<H: Handles> Core<H> {
-    pub(crate) fn new(registry: Arc<Registry>, metrics: Metrics) -> Self {
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        metrics: Metrics,
+        finished_retention: std::time::Duration,
+    ) -> Self {
         Self {
             registry,
             metrics,
+            finished_retention,
             slots: HashMap::new(),
             io: VecDeque::new(),
             stopping: false,
@@ -845,7 +854,7 @@ impl<H: Handles> Core<H> {
                 match started {
                     Ok((saga, transition)) => {
                         self.metrics.started.with_label_values(&[&def.name]).inc();
-                        self.write(&def, saga, transition, None, 0, work)
+                        self.write(&def, None, saga, transition, None, 0, work)
                     }
                     Err(invalid) => {
                         self.conclude(
@@ -899,7 +908,10 @@ impl<H: Handles> Core<H> {
             timer_at = None;
         }
         match saga.apply(&def, input.clone(), now) {
-            Ok(transition) => self.write(&def, saga, transition, timer_at, stored.seq, work),
+            Ok(transition) => {
+                let previous = Some(&stored.record);
+                self.write(&def, previous, saga, transition, timer_at, stored.seq, work)
+            }
             Err(Rejected::NotDue | Rejected::Finished) if input == Input::Wake && cached => {
                 // A stale copy could re-arm the timer too late: decide from the journal.
                 self.recheck(work)
@@ -937,12 +949,13 @@ impl<H: Handles> Core<H> {
                 // publish), and recovery completes the last record's effects only.
                 self.metrics.duplicates.inc();
                 let entry = saga.ignored_entry(&input, &rejected, now);
-                let record = Record {
+                let record = Record::next(
+                    Some(&stored.record),
                     entry,
                     saga,
-                    effects: stored.record.effects.clone(),
+                    stored.record.effects.clone(),
                     timer_at,
-                };
+                );
                 let write = Pending {
                     record,
                     set_timer: None,
@@ -985,9 +998,11 @@ impl<H: Handles> Core<H> {
     }
 
     /// Turns a transition into its writes and starts them.
+    #[allow(clippy::too_many_arguments)]
     fn write(
         &mut self,
         def: &Definition,
+        previous: Option<&Record>,
         saga: Saga,
         transition: Transition,
         armed: Option<DateTime<Utc>>,
@@ -996,12 +1011,13 @@ impl<H: Handles> Core<H> {
     ) -> Option<Known> {
         self.observe(def, &saga, &transition);
         let plan = plan::plan(&transition.actions, armed, saga.traceparent.as_deref());
-        let record = Record {
-            entry: transition.entry,
+        let record = Record::next(
+            previous,
+            transition.entry,
             saga,
-            effects: plan.effects,
-            timer_at: plan.timer_at,
-        };
+            plan.effects,
+            plan.timer_at,
+        );
         let write = Pending {
             record,
             set_timer: plan.set_timer,
@@ -1057,12 +1073,13 @@ impl<H: Handles> Core<H> {
         };
         let plan = plan::plan(&transition.actions, armed, saga.traceparent.as_deref());
         Some(Pending {
-            record: Record {
-                entry: transition.entry,
+            record: Record::next(
+                Some(&stored.record),
+                transition.entry,
                 saga,
-                effects: Vec::new(),
-                timer_at: plan.timer_at,
-            },
+                Vec::new(),
+                plan.timer_at,
+            ),
             set_timer: plan.set_timer,
             publish: Vec::new(),
             clear_timer: false,
@@ -1087,6 +1104,7 @@ impl<H: Handles> Core<H> {
                 return Some(failed);
             }
         };
+        let headers = crate::record::headers(&write.record, self.finished_retention);
         self.metrics
             .observe_timer_writes(write.set_timer.is_some(), write.clear_timer);
         let saga_id = work.saga_id().to_owned();
@@ -1096,6 +1114,7 @@ impl<H: Handles> Core<H> {
             write: Write {
                 set_timer: write.set_timer,
                 append: Append {
+                    headers,
                     body,
                     expected: write.expected,
                 },

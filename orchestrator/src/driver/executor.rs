@@ -62,9 +62,10 @@ impl Driver {
         store: Store,
         metrics: Metrics,
         registry: std::sync::Arc<crate::definitions::Registry>,
+        finished_retention: Duration,
     ) -> Self {
         Self {
-            core: Core::new(registry, metrics),
+            core: Core::new(registry, metrics, finished_retention),
             js,
             store,
             inflight: FuturesUnordered::new(),
@@ -236,7 +237,12 @@ async fn perform_write(
         set_timer(js, saga_id, at).await?;
     }
     let seq = store
-        .append_encoded(saga_id, write.append.body, write.append.expected)
+        .append_encoded(
+            saga_id,
+            &write.append.headers,
+            write.append.body,
+            write.append.expected,
+        )
         .await?;
     // The record is stored: if what follows fails, the effects are published
     // again when the saga is next loaded (the input is redelivered or its timer fires).

@@ -20,6 +20,44 @@ use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// order-creation with tight timeouts and small retry budgets, for failure tests.
+pub const FAST_ORDER: &str = r#"
+name = "fast-order"
+version = 1
+input-schema = "order-creation.input.schema.json"
+deadline = "1m"
+[events]
+completed = ["order.confirmed"]
+compensated = ["order.cancelled"]
+[compensation-retry]
+max-attempts = 3
+initial-backoff = "50ms"
+max-backoff = "100ms"
+[[steps]]
+name = "reserve-stock"
+participant = "inventory"
+action = "reserve"
+compensation = "release"
+kind = "compensatable"
+timeout = "5s"
+retry = { max-attempts = 1 }
+[[steps]]
+name = "take-payment"
+participant = "payment"
+action = "charge"
+compensation = "refund"
+kind = "pivot"
+timeout = "1s"
+retry = { max-attempts = 1 }
+[[steps]]
+name = "confirm-order"
+participant = "inventory"
+action = "commit"
+kind = "retriable"
+timeout = "5s"
+retry = { initial-backoff = "50ms", max-backoff = "200ms" }
+"#;
+
 pub fn order(card: &str) -> Value {
     json!({"customer_id": "c-42", "email": "ana@example.com",
         "items": [{"sku": "sku-1", "quantity": 2}], "amount_cents": 4999,
@@ -67,6 +105,17 @@ pub fn by_card() -> Behaviour {
     Arc::new(|c: &protocol::Command| {
         if c.action == "charge" && c.input["card_token"] == "tok_decline" {
             failed("card_declined", false)
+        } else {
+            ok()
+        }
+    })
+}
+
+/// Answers everything ok except releases, which fail retryably (`db_down`).
+pub fn releases_fail() -> Behaviour {
+    Arc::new(|c: &protocol::Command| {
+        if c.action == "release" {
+            failed("db_down", true)
         } else {
             ok()
         }

@@ -128,22 +128,30 @@ mod raw {
     fn streams() -> Vec<stream::Config> {
         const DAY: u64 = 24 * 3600;
         [
-            ("JETSAGA_COMMANDS", "saga.cmd.>", 7 * DAY, false),
-            ("JETSAGA_REPLIES", "saga.reply.>", 7 * DAY, true),
-            ("JETSAGA_EVENTS", "saga.event.>", 7 * DAY, false),
-            ("JETSAGA_DEAD_LETTERS", "saga.dead.>", 30 * DAY, true),
+            ("JETSAGA_COMMANDS", "saga.cmd.>", 7 * DAY, false, true),
+            ("JETSAGA_REPLIES", "saga.reply.>", 7 * DAY, true, true),
+            ("JETSAGA_EVENTS", "saga.event.>", 7 * DAY, false, false),
+            ("JETSAGA_DEAD_LETTERS", "saga.dead.>", 30 * DAY, true, true),
         ]
         .into_iter()
-        .map(|(name, subject, max_age, allow_direct)| stream::Config {
-            name: name.to_owned(),
-            subjects: vec![subject.to_owned()],
-            retention: stream::RetentionPolicy::Limits,
-            storage: stream::StorageType::File,
-            max_age: Duration::from_secs(max_age),
-            duplicate_window: Duration::from_secs(120),
-            allow_direct,
-            ..Default::default()
-        })
+        .map(
+            |(name, subject, max_age, allow_direct, discard_new)| stream::Config {
+                name: name.to_owned(),
+                subjects: vec![subject.to_owned()],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                max_age: Duration::from_secs(max_age),
+                duplicate_window: Duration::from_secs(120),
+                allow_direct,
+                max_bytes: 2 << 30,
+                discard: if discard_new {
+                    stream::DiscardPolicy::New
+                } else {
+                    stream::DiscardPolicy::Old
+                },
+                ..Default::default()
+            },
+        )
         .collect()
     }
 

@@ -132,6 +132,16 @@ impl Saga {
         }
     }
 
+    /// The step the saga is at (running, compensating or parked on), if any.
+    pub fn current_step(&self) -> Option<&str> {
+        match &self.state {
+            State::Running { step, .. }
+            | State::Compensating { step, .. }
+            | State::Failed { step, .. } => self.steps.get(*step).map(|s| s.name.as_str()),
+            State::Completed | State::Compensated { .. } => None,
+        }
+    }
+
     /// When the saga's timer should fire next, if it needs one.
     pub fn next_timer(&self, def: &Definition) -> Option<DateTime<Utc>> {
         match &self.state {

@@ -40,6 +40,7 @@ fn core() -> Core<Test> {
     Core::new(
         Arc::new(Registry::builtin()),
         Metrics::new().expect("metrics"),
+        std::time::Duration::from_secs(3600),
     )
 }
 
@@ -108,12 +109,7 @@ fn stored(key: &str, seq: u64) -> Stored {
     let (_, saga, transition) = crate::record::started_order(&saga_id, "tok_ok", None, t0());
     let plan = plan::plan(&transition.actions, None, None);
     Stored {
-        record: Record {
-            entry: transition.entry,
-            saga,
-            effects: plan.effects,
-            timer_at: plan.timer_at,
-        },
+        record: Record::next(None, transition.entry, saga, plan.effects, plan.timer_at),
         seq,
     }
 }
@@ -666,12 +662,7 @@ fn completed(key: &str, seq: u64) -> Stored {
     assert_eq!(saga.phase(), Phase::Completed);
     let plan = plan::plan(&transition.actions, armed, None);
     Stored {
-        record: Record {
-            entry: transition.entry,
-            saga,
-            effects: plan.effects,
-            timer_at: plan.timer_at,
-        },
+        record: Record::next(None, transition.entry, saga, plan.effects, plan.timer_at),
         seq,
     }
 }
