@@ -930,6 +930,47 @@ fn duplicate_stale_and_unknown_replies_change_nothing() {
 }
 
 #[test]
+fn a_refusal_past_the_pivot_parks_the_saga_until_an_operator_retries_the_step() {
+    let (mut h, _) = Harness::order();
+    h.ok("s-1:reserve-stock:do:1");
+    h.ok("s-1:take-payment:do:1");
+    // Retrying what the participant refused for good would repeat the refusal
+    // forever: the saga parks, with no timer.
+    let parked = h.fail("s-1:confirm-order:do:1", "invalid_state", false);
+    assert_eq!(parked, ["clear timer", "park confirm-order"]);
+    let refusal = Failure::new("invalid_state", "invalid_state happened", false);
+    assert_eq!(
+        h.saga.state,
+        State::Failed {
+            step: 2,
+            error: refusal.clone(),
+            cause: refusal,
+            forward: true,
+        }
+    );
+    assert_eq!(h.timer(), None);
+    assert_eq!(h.saga.steps[2].status, StepStatus::Failed);
+    // Nothing is compensated past the pivot, and an abort is refused.
+    assert_eq!(h.saga.steps[1].compensation_attempts, 0);
+    assert!(matches!(h.reject(abort("no")), Rejected::NotAllowed(_)));
+    // The operator fixed the cause: a retry sends the step again, and it completes.
+    let retried = h.step(Input::Retry);
+    assert_eq!(
+        retried[0],
+        "send saga.cmd.inventory.commit s-1:confirm-order:do:2"
+    );
+    assert_eq!(h.saga.phase(), Phase::Running);
+    assert_eq!(
+        h.ok("s-1:confirm-order:do:2"),
+        [
+            "clear timer",
+            "publish saga.event.order.confirmed",
+            "finish completed"
+        ]
+    );
+}
+
+#[test]
 fn retriable_steps_retry_until_they_succeed_and_ignore_the_deadline() {
     let (mut h, _) = Harness::order();
     h.ok("s-1:reserve-stock:do:1");
@@ -953,7 +994,7 @@ fn retriable_steps_retry_until_they_succeed_and_ignore_the_deadline() {
                 h.now = h.timer().unwrap();
                 h.wake()
             }
-            1 => h.fail(&id, "invalid_state", false),
+            1 => h.fail(&id, "locked", true),
             _ => h.fail(&id, "unavailable", true),
         };
         assert_eq!(actions.len(), 1, "a backoff timer only: {actions:?}");
@@ -1128,7 +1169,8 @@ fn a_compensation_that_keeps_failing_parks_the_saga_until_an_operator_retries() 
         State::Failed {
             step: 0,
             error: last_error.clone(),
-            cause: cause.clone()
+            cause: cause.clone(),
+            forward: false,
         }
     );
     assert_eq!(

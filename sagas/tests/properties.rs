@@ -601,7 +601,7 @@ impl Checker {
                 assert!(
                     !matches!(
                         before.state,
-                        State::Compensating { .. } | State::Failed { .. }
+                        State::Compensating { .. } | State::Failed { forward: false, .. }
                     ),
                     "a forward command while compensating"
                 );
@@ -712,12 +712,21 @@ impl Checker {
                 if *s == step && *a == attempt
         );
         match direction {
-            Direction::Forward if spec.kind == StepKind::Retriable => {
+            Direction::Forward if spec.kind == StepKind::Retriable && retryable => {
                 assert!(
                     backing_off,
                     "a retriable step must retry: {:?}",
                     self.saga.state
                 );
+            }
+            Direction::Forward if spec.kind == StepKind::Retriable => {
+                // Refused for good past the pivot: parked for an operator, nothing undone.
+                assert!(
+                    matches!(&self.saga.state, State::Failed { step: s, forward: true, .. } if *s == step),
+                    "a refused retriable step must park: {:?}",
+                    self.saga.state
+                );
+                assert!(!undo_sent(step));
             }
             Direction::Forward => {
                 let again = retryable && spec.retry.max_attempts.is_some_and(|max| attempt < max);
@@ -849,6 +858,17 @@ impl Checker {
                     }
                 }
             }
+            State::Failed {
+                step,
+                forward: true,
+                ..
+            } => {
+                // Parked past the pivot: a retriable step refused, nothing undone.
+                assert!(self.pivot_passed);
+                assert_eq!(def.steps[*step].kind, StepKind::Retriable);
+                assert_eq!(saga.steps[*step].status, StepStatus::Failed);
+                assert!(saga.steps.iter().all(|s| s.compensation_attempts == 0));
+            }
             State::Failed { step, .. } => {
                 assert!(!self.pivot_passed);
                 assert_eq!(saga.steps[*step].status, StepStatus::CompensationFailed);
@@ -923,6 +943,8 @@ fn check(def: Definition, input: Value, ops: &[Op]) {
     let end = checker.saga.phase();
     match phase {
         Phase::Completed | Phase::Compensated => assert_eq!(end, phase),
+        // Parked past the pivot, a retry resumes the step: it completes.
+        Phase::Failed if pivot_passed => assert_eq!(end, Phase::Completed),
         Phase::Compensating | Phase::Failed => assert_eq!(end, Phase::Compensated),
         Phase::Running if pivot_passed => assert_eq!(end, Phase::Completed),
         Phase::Running => {}

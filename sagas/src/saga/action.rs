@@ -38,7 +38,7 @@ pub enum Action {
     /// A compensation kept failing: the saga is parked, with no timer, until an
     /// operator retries it. It is not finished.
     Park {
-        /// The step whose compensation failed.
+        /// The step that failed (its compensation, or itself past the pivot).
         step: String,
     },
 }

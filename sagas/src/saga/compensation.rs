@@ -57,6 +57,19 @@ impl Saga {
         };
         let spec = &def.steps[index];
         self.steps[index].last_error = Some(failure.clone());
+        if spec.kind == StepKind::Retriable && !failure.retryable && !may_be_applied {
+            // Past the pivot there is no way back, and retrying what the
+            // participant refused for good would only repeat the refusal: park.
+            self.steps[index].status = StepStatus::Failed;
+            self.steps[index].finished_at = Some(now);
+            self.state = State::Failed {
+                step: index,
+                error: failure.clone(),
+                cause: failure,
+                forward: true,
+            };
+            return;
+        }
         let retry = spec.kind == StepKind::Retriable
             || (failure.retryable && spec.retry.allows_another(attempt));
         if retry {
@@ -113,6 +126,7 @@ impl Saga {
             step: index,
             error: failure,
             cause,
+            forward: false,
         };
     }
 

@@ -10,7 +10,8 @@ use crate::protocol::Failure;
 
 impl Saga {
     /// Resumes a failed saga: a new round of attempts (a fresh budget) to
-    /// compensate the step whose compensation failed.
+    /// compensate the step whose compensation failed, or a new attempt of the
+    /// step past the pivot that failed.
     pub(super) fn on_retry(
         &mut self,
         def: &Definition,
@@ -18,6 +19,19 @@ impl Saga {
         actions: &mut Vec<Action>,
     ) -> Result<Change, Rejected> {
         let (index, cause) = match &self.state {
+            State::Failed {
+                step,
+                forward: true,
+                ..
+            } => {
+                let index = *step;
+                self.send_forward(def, index, now, actions);
+                return Ok(Change::operator(
+                    Cause::OperatorRetry,
+                    &def.steps[index].name,
+                    None,
+                ));
+            }
             State::Failed { step, cause, .. } => (*step, cause.clone()),
             State::Running { .. }
             | State::Compensating { .. }

@@ -35,15 +35,19 @@ pub enum State {
         /// Why it was compensated.
         cause: Failure,
     },
-    /// A compensation kept failing; the saga is parked until an operator retries it.
+    /// A compensation kept failing, or a step past the pivot (retried until it
+    /// succeeds) failed for good: the saga is parked until an operator retries it.
     /// Not finished (see [`Phase::is_finished`]).
     Failed {
-        /// Index of the step whose compensation failed.
+        /// Index of the step that failed (its compensation, unless `forward`).
         step: usize,
-        /// The compensation's last error.
+        /// Its last error.
         error: Failure,
-        /// Why the saga was being compensated.
+        /// Why the saga was being compensated (for `forward`, the error itself).
         cause: Failure,
+        /// The step failed forward, past the pivot: a retry sends it again.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        forward: bool,
     },
 }
 
