@@ -10,6 +10,8 @@
 //! - [`http`]: health, readiness and metrics over HTTP.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`census`]: true counts of the journal's sagas by state, for the metrics.
+//! - `trace`: one OpenTelemetry trace per saga (root, step attempts, compensations,
+//!   replies), derived from the persisted saga, when an OTLP endpoint is configured.
 //!
 //! [`Service::start`] connects, provisions, and starts the driver; the returned
 //! [`Running`] gives a [`Handle`] for starting, retrying and aborting sagas.
@@ -39,6 +41,7 @@ pub mod metrics;
 pub mod provision;
 mod record;
 pub mod store;
+mod trace;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -236,7 +239,15 @@ impl Service {
         ));
 
         let (request_tx, request_rx) = mpsc::channel(1024);
-        let driver = Driver::new(js.clone(), store.clone(), metrics.clone(), registry.clone());
+        // Saga spans only when traces are exported: otherwise none is built.
+        let trace = (!config.telemetry.otlp_endpoint.is_empty()).then(trace::Tracer::global);
+        let driver = Driver::new(
+            js.clone(),
+            store.clone(),
+            metrics.clone(),
+            registry.clone(),
+            trace,
+        );
         let (driver_done_tx, driver_done) = oneshot::channel();
         let driver_token = token.clone();
         tracker.spawn(async move {

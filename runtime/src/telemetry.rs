@@ -1,8 +1,14 @@
 //! The `[telemetry]` section and its setup: `tracing` logs to stderr (text or JSON, with a
 //! filter) and, when an endpoint is configured, OTLP/gRPC trace export.
+//!
+//! The tracer provider is also installed as OpenTelemetry's global one, so a service can emit
+//! spans of its own with explicit times and ids ([`with_ids`]): the orchestrator's saga spans
+//! are derived from what the saga persisted, not from in-memory state.
 
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use std::cell::Cell;
+
+use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracerProvider};
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -110,12 +116,13 @@ pub fn init(service: &'static str, config: &Telemetry) -> Result<Guard, Error> {
         let resource = opentelemetry_sdk::Resource::builder()
             .with_service_name(service)
             .build();
-        Some(
-            SdkTracerProvider::builder()
-                .with_batch_exporter(exporter)
-                .with_resource(resource)
-                .build(),
-        )
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .with_id_generator(Ids::default())
+            .build();
+        opentelemetry::global::set_tracer_provider(provider.clone());
+        Some(provider)
     };
     let otel = provider
         .as_ref()
@@ -126,4 +133,60 @@ pub fn init(service: &'static str, config: &Telemetry) -> Result<Guard, Error> {
         .with(otel)
         .try_init()?;
     Ok(Guard { provider })
+}
+
+thread_local! {
+    /// The ids the next span built on this thread takes (see [`with_ids`]).
+    static NEXT_IDS: Cell<Option<(TraceId, SpanId)>> = const { Cell::new(None) };
+}
+
+/// Builds a span with the given ids: `build` must start exactly one span, synchronously, with
+/// the installed provider. The trace id is used only when the span has no parent (a child
+/// takes its parent's). The OpenTelemetry SDK always draws ids from its generator, so spans
+/// whose ids are derived from persisted state (the same span emitted by whichever instance
+/// gets there) go through this.
+pub fn with_ids<R>(trace_id: TraceId, span_id: SpanId, build: impl FnOnce() -> R) -> R {
+    NEXT_IDS.with(|ids| ids.set(Some((trace_id, span_id))));
+    let built = build();
+    NEXT_IDS.with(|ids| ids.set(None));
+    built
+}
+
+/// Random ids, unless [`with_ids`] set the next ones.
+#[derive(Debug, Default)]
+struct Ids {
+    random: RandomIdGenerator,
+}
+
+impl IdGenerator for Ids {
+    fn new_trace_id(&self) -> TraceId {
+        match NEXT_IDS.with(Cell::get) {
+            Some((trace_id, _)) => trace_id,
+            None => self.random.new_trace_id(),
+        }
+    }
+
+    fn new_span_id(&self) -> SpanId {
+        match NEXT_IDS.with(Cell::get) {
+            Some((_, span_id)) => span_id,
+            None => self.random.new_span_id(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_the_ones_asked_for_inside_with_ids_and_random_outside() {
+        let ids = Ids::default();
+        let (trace_id, span_id) = (TraceId::from(7u128), SpanId::from(9u64));
+        with_ids(trace_id, span_id, || {
+            assert_eq!(ids.new_trace_id(), trace_id);
+            assert_eq!(ids.new_span_id(), span_id);
+        });
+        assert_ne!(ids.new_span_id(), span_id);
+        assert_ne!(ids.new_trace_id(), trace_id);
+    }
 }

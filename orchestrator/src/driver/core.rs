@@ -21,6 +21,7 @@ use super::{ApiError, Error, IDLE_EVICTION, IoErrorKind, Source, Started};
 use crate::definitions::Registry;
 use crate::metrics::Metrics;
 use crate::record::{Effect, Outbound, Record, Stored, rebuild};
+use crate::trace::Tracer;
 
 /// The executor's types for what the core hands back to be settled or answered.
 pub(crate) trait Handles {
@@ -387,6 +388,8 @@ pub(crate) struct Core<H: Handles> {
     io: VecDeque<Io<H>>,
     /// Set by [`Core::handle_shutdown`]: new work is refused.
     stopping: bool,
+    /// Saga spans, when traces are exported.
+    trace: Option<Tracer>,
 }
 
 impl<H: Handles> std::fmt::Debug for Core<H> {
@@ -406,7 +409,14 @@ impl<H: Handles> Core<H> {
             slots: HashMap::new(),
             io: VecDeque::new(),
             stopping: false,
+            trace: None,
         }
+    }
+
+    /// Emits saga spans with `trace` (`None`: tracing is off, nothing is built).
+    pub(crate) fn with_tracer(mut self, trace: Option<Tracer>) -> Self {
+        self.trace = trace;
+        self
     }
 
     /// The next I/O request, if any.
@@ -553,6 +563,9 @@ impl<H: Handles> Core<H> {
     /// The outcome of an I/O request.
     pub(crate) fn handle_io_done(&mut self, now: DateTime<Utc>, done: Done) {
         let saga_id = done.saga_id().to_owned();
+        if let (Some(trace), Done::Written { result, .. }) = (&mut self.trace, &done) {
+            trace.written(&saga_id, result.is_ok(), now);
+        }
         let Some(slot) = self.slots.get_mut(&saga_id) else {
             tracing::error!(saga_id, "I/O finished for a saga with no slot");
             return;
@@ -834,16 +847,28 @@ impl<H: Handles> Core<H> {
                 None,
             ) => {
                 let def = def.clone();
+                // Traced: the saga's context names a root span of its own, below the caller's.
+                let (traceparent, caller) = match (&self.trace, traceparent) {
+                    (Some(_), caller) => {
+                        let (root, caller) = Tracer::root(caller.as_deref());
+                        (Some(root), caller)
+                    }
+                    (None, traceparent) => (traceparent.clone(), None),
+                };
                 let started = Saga::start(
                     &def,
                     saga_id.clone(),
                     key.clone(),
                     input.clone(),
-                    traceparent.clone(),
+                    traceparent,
                     now,
                 );
                 match started {
-                    Ok((saga, transition)) => {
+                    Ok((mut saga, transition)) => {
+                        saga.caller_traceparent = caller;
+                        if let Some(trace) = &mut self.trace {
+                            trace.decided(&def, None, &saga, &transition.entry);
+                        }
                         self.metrics.started.with_label_values(&[&def.name]).inc();
                         self.write(&def, saga, transition, None, 0, work)
                     }
@@ -899,7 +924,12 @@ impl<H: Handles> Core<H> {
             timer_at = None;
         }
         match saga.apply(&def, input.clone(), now) {
-            Ok(transition) => self.write(&def, saga, transition, timer_at, stored.seq, work),
+            Ok(transition) => {
+                if let Some(trace) = &mut self.trace {
+                    trace.decided(&def, Some(&stored.record.saga), &saga, &transition.entry);
+                }
+                self.write(&def, saga, transition, timer_at, stored.seq, work)
+            }
             Err(Rejected::NotDue | Rejected::Finished) if input == Input::Wake && cached => {
                 // A stale copy could re-arm the timer too late: decide from the journal.
                 self.recheck(work)
@@ -1036,7 +1066,7 @@ impl<H: Handles> Core<H> {
     /// never have gone out before: a crash between the append and the publish),
     /// so a recovery costs no attempt; `None` if the saga waits for none of them.
     /// Its record has no pending effects: they were just acknowledged.
-    fn resent(&self, now: DateTime<Utc>, work: &Work<H>, stored: &Stored) -> Option<Pending> {
+    fn resent(&mut self, now: DateTime<Utc>, work: &Work<H>, stored: &Stored) -> Option<Pending> {
         let mut saga = stored.record.saga.clone();
         let def = self.registry.get(&saga.saga_type, saga.version)?.clone();
         let transition = stored
@@ -1048,6 +1078,9 @@ impl<H: Handles> Core<H> {
                 Effect::Event { .. } => None,
             })?;
         self.observe(&def, &saga, &transition);
+        if let Some(trace) = &mut self.trace {
+            trace.decided(&def, Some(&stored.record.saga), &saga, &transition.entry);
+        }
         // A wake's timer is gone: the renewed wait needs a new one.
         let armed = match work {
             Work::Input {

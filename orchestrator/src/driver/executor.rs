@@ -62,9 +62,10 @@ impl Driver {
         store: Store,
         metrics: Metrics,
         registry: std::sync::Arc<crate::definitions::Registry>,
+        trace: Option<crate::trace::Tracer>,
     ) -> Self {
         Self {
-            core: Core::new(registry, metrics),
+            core: Core::new(registry, metrics).with_tracer(trace),
             js,
             store,
             inflight: FuturesUnordered::new(),
