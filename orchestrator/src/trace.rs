@@ -452,3 +452,241 @@ fn cause_name(cause: Cause) -> &'static str {
         Cause::Resent => "resent",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use jetsaga_sagas::Input;
+    use jetsaga_sagas::protocol::{Failure, Outcome};
+
+    use super::*;
+
+    const CALLER: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn ok() -> Outcome {
+        Outcome::Ok {
+            result: serde_json::json!({}),
+        }
+    }
+
+    fn failed(retryable: bool) -> Outcome {
+        Outcome::Failed {
+            error: Failure::new("card_declined", "no", retryable),
+        }
+    }
+
+    /// Applies `input` at `at` and lets the tracer see it; the spans it left pending.
+    fn step(
+        tracer: &mut Tracer,
+        def: &Definition,
+        saga: &mut Saga,
+        input: Input,
+        at: DateTime<Utc>,
+    ) -> Vec<Finished> {
+        let before = saga.clone();
+        let transition = saga.apply(def, input, at).unwrap();
+        tracer.decided(def, Some(&before), saga, &transition.entry);
+        tracer.pending.remove(&saga.id).unwrap_or_default()
+    }
+
+    fn reply(id: &str, outcome: Outcome) -> Input {
+        Input::Reply {
+            command_id: id.to_owned(),
+            outcome,
+        }
+    }
+
+    fn attr<'a>(span: &'a Finished, key: &str) -> Option<&'a opentelemetry::Value> {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| &kv.value)
+    }
+
+    fn event_names(span: &Finished) -> Vec<&str> {
+        span.events.iter().map(|e| e.name.as_ref()).collect()
+    }
+
+    #[test]
+    fn a_root_context_joins_the_callers_trace_or_starts_one() {
+        let (root, caller) = Tracer::root(Some(CALLER));
+        let tp = TraceParent::parse(&root).unwrap();
+        assert_eq!(tp.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(tp.span_id, "00f067aa0ba902b7", "a span of its own");
+        assert_eq!(caller.as_deref(), Some(CALLER));
+        for caller in [None, Some("garbage")] {
+            let (root, kept) = Tracer::root(caller);
+            let tp = TraceParent::parse(&root).unwrap();
+            assert_ne!(tp.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+            assert_eq!(tp.flags, "01");
+            assert_eq!(kept, None);
+        }
+    }
+
+    #[test]
+    fn attempts_replies_compensations_and_the_root_become_linked_spans() {
+        let t0 = Utc::now();
+        let (root, caller) = Tracer::root(Some(CALLER));
+        let (def, mut saga, start) =
+            crate::record::started_order("s1", "tok_decline", Some(&root), t0);
+        saga.caller_traceparent = caller;
+        let mut tracer = Tracer::global();
+        tracer.decided(&def, None, &saga, &start.entry);
+        assert!(tracer.pending.is_empty(), "a start ends no span");
+        let root_id = SpanId::from_hex(TraceParent::parse(&root).unwrap().span_id).unwrap();
+
+        let t1 = t0 + chrono::Duration::milliseconds(10);
+        let spans = step(
+            &mut tracer,
+            &def,
+            &mut saga,
+            reply("s1:reserve-stock:do:1", ok()),
+            t1,
+        );
+        let [attempt, applied] = &spans[..] else {
+            panic!("an attempt and its reply: {spans:#?}")
+        };
+        assert_eq!(attempt.name, "reserve-stock");
+        assert_eq!(
+            attempt.span_id,
+            SpanId::from(protocol::span_id_of("s1:reserve-stock:do:1"))
+        );
+        assert_eq!(
+            attempt.parent.as_ref().map(SpanContext::span_id),
+            Some(root_id)
+        );
+        assert_eq!(
+            (attempt.start, attempt.end),
+            (t0, Some(t1)),
+            "sent → reply applied"
+        );
+        assert_eq!(attempt.error, None);
+        assert_eq!(attr(attempt, "saga.compensation"), Some(&false.into()));
+        assert_eq!(event_names(attempt), ["command sent", "reply"]);
+        assert_eq!(applied.name, "reply reserve-stock");
+        assert_eq!(
+            applied.parent.as_ref().map(SpanContext::span_id),
+            Some(attempt.span_id)
+        );
+        assert_eq!((applied.start, applied.end), (t1, None), "ends when stored");
+
+        // A retryable failure: the attempt ends with the retry scheduled.
+        let t2 = t1 + chrono::Duration::milliseconds(10);
+        let spans = step(
+            &mut tracer,
+            &def,
+            &mut saga,
+            reply("s1:take-payment:do:1", failed(true)),
+            t2,
+        );
+        assert_eq!(spans[0].name, "take-payment");
+        assert_eq!((spans[0].start, spans[0].end), (t1, Some(t2)));
+        assert_eq!(
+            event_names(&spans[0]),
+            ["command sent", "reply", "retry scheduled"]
+        );
+        assert!(spans[0].error.is_some());
+        // The retry goes out: no span ends.
+        let t3 = t2 + chrono::Duration::seconds(5);
+        assert!(step(&mut tracer, &def, &mut saga, Input::Wake, t3).is_empty());
+        // Its timeout ends attempt 2, whose span starts when it was sent.
+        let t4 = t3 + chrono::Duration::seconds(60);
+        let spans = step(&mut tracer, &def, &mut saga, Input::Wake, t4);
+        assert_eq!(spans.len(), 1, "no reply span for a timeout: {spans:#?}");
+        assert_eq!(
+            spans[0].span_id,
+            SpanId::from(protocol::span_id_of("s1:take-payment:do:2"))
+        );
+        assert_eq!((spans[0].start, spans[0].end), (t3, Some(t4)));
+        assert!(event_names(&spans[0]).contains(&"timeout"));
+        // Attempt 3 declines for good: the way back starts.
+        let t5 = t4 + chrono::Duration::seconds(60);
+        assert!(step(&mut tracer, &def, &mut saga, Input::Wake, t5).is_empty());
+        let t6 = t5 + chrono::Duration::milliseconds(10);
+        let spans = step(
+            &mut tracer,
+            &def,
+            &mut saga,
+            reply("s1:take-payment:do:3", failed(false)),
+            t6,
+        );
+        assert_eq!(spans[0].name, "take-payment");
+        assert_eq!(saga.phase(), Phase::Compensating);
+        let command = saga
+            .steps
+            .iter()
+            .find(|s| s.compensation_attempts > 0)
+            .map(|s| format!("s1:{}:undo:1", s.name))
+            .unwrap();
+
+        // The compensation is marked, and the root ends with the saga, under the caller.
+        let t7 = t6 + chrono::Duration::milliseconds(10);
+        let spans = step(&mut tracer, &def, &mut saga, reply(&command, ok()), t7);
+        let names: Vec<_> = spans.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names[..2],
+            ["compensate reserve-stock", "reply reserve-stock"]
+        );
+        assert_eq!(attr(&spans[0], "saga.compensation"), Some(&true.into()));
+        assert_eq!((spans[0].start, spans[0].end), (t6, Some(t7)));
+        let root_span = spans.last().unwrap();
+        assert_eq!(root_span.name, "saga order-creation");
+        assert_eq!(root_span.span_id, root_id);
+        assert_eq!(
+            root_span.parent.as_ref().map(SpanContext::span_id),
+            Some(SpanId::from_hex("00f067aa0ba902b7").unwrap())
+        );
+        assert_eq!((root_span.start, root_span.end), (t0, Some(t7)));
+        assert_eq!(attr(root_span, "saga.outcome"), Some(&"compensated".into()));
+        for span in &spans {
+            assert_eq!(span.trace_id, root_span.trace_id);
+        }
+    }
+
+    #[test]
+    fn spans_wait_for_the_write_and_a_failed_write_drops_them() {
+        let t0 = Utc::now();
+        let (root, _) = Tracer::root(None);
+        let (def, mut saga, _) = crate::record::started_order("s2", "tok_ok", Some(&root), t0);
+        let mut tracer = Tracer::global();
+        let before = saga.clone();
+        let transition = saga
+            .apply(&def, reply("s2:reserve-stock:do:1", ok()), t0)
+            .unwrap();
+        tracer.decided(&def, Some(&before), &saga, &transition.entry);
+        tracer.written("s2", false, t0);
+        assert!(
+            tracer.pending.is_empty(),
+            "dropped: the input is applied again"
+        );
+        tracer.decided(&def, Some(&before), &saga, &transition.entry);
+        tracer.written("s2", true, t0);
+        assert!(tracer.pending.is_empty(), "emitted");
+
+        // A saga with no trace context leaves nothing pending.
+        let (def, mut saga, _) = crate::record::started_order("s3", "tok_ok", None, t0);
+        let before = saga.clone();
+        let transition = saga
+            .apply(&def, reply("s3:reserve-stock:do:1", ok()), t0)
+            .unwrap();
+        tracer.decided(&def, Some(&before), &saga, &transition.entry);
+        assert!(tracer.pending.is_empty());
+    }
+
+    #[test]
+    fn a_resent_command_adds_a_span_under_its_attempt() {
+        let t0 = Utc::now();
+        let (root, _) = Tracer::root(None);
+        let (def, mut saga, _) = crate::record::started_order("s4", "tok_ok", Some(&root), t0);
+        let mut tracer = Tracer::global();
+        let before = saga.clone();
+        let transition = saga.resent(&def, "s4:reserve-stock:do:1", t0).unwrap();
+        tracer.decided(&def, Some(&before), &saga, &transition.entry);
+        let spans = tracer.pending.remove("s4").unwrap();
+        assert_eq!(spans.len(), 1);
+        assert_eq!(spans[0].name, "resend reserve-stock");
+        assert_eq!(
+            spans[0].parent.as_ref().map(SpanContext::span_id),
+            Some(SpanId::from(protocol::span_id_of("s4:reserve-stock:do:1")))
+        );
+    }
+}
