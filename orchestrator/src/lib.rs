@@ -240,7 +240,8 @@ impl Service {
 
         let (request_tx, request_rx) = mpsc::channel(1024);
         // Saga spans only when traces are exported: otherwise none is built.
-        let trace = (!config.telemetry.otlp_endpoint.is_empty()).then(trace::Tracer::global);
+        let trace = (!config.telemetry.otlp_endpoint.is_empty())
+            .then(|| trace::Tracer::global(config.telemetry.sampling_ratio));
         let driver = Driver::new(
             js.clone(),
             store.clone(),

@@ -35,6 +35,8 @@ pub(crate) const SCOPE: &str = "jetsaga-orchestrator";
 /// Emits saga spans through the installed OpenTelemetry provider.
 pub(crate) struct Tracer {
     tracer: opentelemetry::global::BoxedTracer,
+    /// The share of new sagas whose trace is recorded (`telemetry.sampling-ratio`).
+    ratio: f64,
     /// The spans of the transition each saga is writing, emitted once it is stored.
     pending: HashMap<String, Vec<Finished>>,
 }
@@ -65,18 +67,22 @@ struct Finished {
 }
 
 impl Tracer {
-    /// A tracer on the global provider (installed by `jetsaga_runtime::telemetry::init`).
-    pub(crate) fn global() -> Self {
+    /// A tracer on the global provider (installed by `jetsaga_runtime::telemetry::init`;
+    /// without it, spans are built and dropped), recording `ratio` of the new sagas.
+    pub(crate) fn global(ratio: f64) -> Self {
         Self {
             tracer: opentelemetry::global::tracer(SCOPE),
+            ratio,
             pending: HashMap::new(),
         }
     }
 
     /// The trace context of a new saga's root span and the caller's context it
-    /// descends from: the caller's trace if `caller` is a valid `traceparent`, else a
-    /// new trace.
-    pub(crate) fn root(caller: Option<&str>) -> (String, Option<String>) {
+    /// descends from: the caller's trace (and sampling decision) if `caller` is a valid
+    /// `traceparent`, else a new trace, sampled as the SDK's ratio sampler decides for
+    /// its id, so the root (sampled by the SDK) and its children (which follow the
+    /// persisted flag) agree.
+    pub(crate) fn root(&self, caller: Option<&str>) -> (String, Option<String>) {
         let parsed = caller.and_then(TraceParent::parse);
         let span_id = random_u64();
         match parsed {
@@ -89,7 +95,12 @@ impl Tracer {
                     );
                 }
                 let trace_id = uuid::Uuid::new_v4().as_u128().max(1);
-                (format!("00-{trace_id:032x}-{span_id:016x}-01"), None)
+                let flags = if sampled(self.ratio, trace_id) {
+                    "01"
+                } else {
+                    "00"
+                };
+                (format!("00-{trace_id:032x}-{span_id:016x}-{flags}"), None)
             }
         }
     }
@@ -108,6 +119,7 @@ impl Tracer {
             .as_deref()
             .and_then(TraceParent::parse)
             .and_then(|tp| remote(tp.trace_id, tp.span_id, tp.flags))
+            .filter(SpanContext::is_sampled)
         else {
             self.pending.remove(&after.id);
             return;
@@ -433,6 +445,15 @@ fn event(name: &'static str, at: DateTime<Utc>, attributes: Vec<KeyValue>) -> Ev
     Event::new(name, SystemTime::from(at), attributes, 0)
 }
 
+/// The SDK's `TraceIdRatioBased` decision for `trace_id`.
+fn sampled(ratio: f64, trace_id: u128) -> bool {
+    if ratio >= 1.0 {
+        return true;
+    }
+    let bound = (ratio.max(0.0) * (1u64 << 63) as f64) as u64;
+    ((trace_id as u64) >> 1) < bound
+}
+
 fn random_u64() -> u64 {
     (uuid::Uuid::new_v4().as_u128() as u64).max(1)
 }
@@ -508,13 +529,14 @@ mod tests {
 
     #[test]
     fn a_root_context_joins_the_callers_trace_or_starts_one() {
-        let (root, caller) = Tracer::root(Some(CALLER));
+        let tracer = Tracer::global(1.0);
+        let (root, caller) = tracer.root(Some(CALLER));
         let tp = TraceParent::parse(&root).unwrap();
         assert_eq!(tp.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_ne!(tp.span_id, "00f067aa0ba902b7", "a span of its own");
         assert_eq!(caller.as_deref(), Some(CALLER));
         for caller in [None, Some("garbage")] {
-            let (root, kept) = Tracer::root(caller);
+            let (root, kept) = tracer.root(caller);
             let tp = TraceParent::parse(&root).unwrap();
             assert_ne!(tp.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
             assert_eq!(tp.flags, "01");
@@ -525,11 +547,11 @@ mod tests {
     #[test]
     fn attempts_replies_compensations_and_the_root_become_linked_spans() {
         let t0 = Utc::now();
-        let (root, caller) = Tracer::root(Some(CALLER));
+        let (root, caller) = Tracer::global(1.0).root(Some(CALLER));
         let (def, mut saga, start) =
             crate::record::started_order("s1", "tok_decline", Some(&root), t0);
         saga.caller_traceparent = caller;
-        let mut tracer = Tracer::global();
+        let mut tracer = Tracer::global(1.0);
         tracer.decided(&def, None, &saga, &start.entry);
         assert!(tracer.pending.is_empty(), "a start ends no span");
         let root_id = SpanId::from_hex(TraceParent::parse(&root).unwrap().span_id).unwrap();
@@ -643,11 +665,34 @@ mod tests {
     }
 
     #[test]
+    fn an_unsampled_saga_builds_no_span_and_its_commands_say_so() {
+        let t0 = Utc::now();
+        let never = Tracer::global(0.0);
+        let (root, _) = never.root(None);
+        assert!(root.ends_with("-00"), "{root}");
+        assert!(
+            never.root(Some(CALLER)).0.ends_with("-01"),
+            "the caller's decision is kept"
+        );
+        let (def, mut saga, _) = crate::record::started_order("s5", "tok_ok", Some(&root), t0);
+        let mut tracer = never;
+        let before = saga.clone();
+        let transition = saga
+            .apply(&def, reply("s5:reserve-stock:do:1", ok()), t0)
+            .unwrap();
+        tracer.decided(&def, Some(&before), &saga, &transition.entry);
+        assert!(tracer.pending.is_empty());
+        assert!(protocol::command_traceparent(&root, "s5:take-payment:do:1").ends_with("-00"));
+        // The decision is the SDK's ratio sampler's, by trace id.
+        assert!(sampled(0.5, 0) && !sampled(0.5, u128::from(u64::MAX)) && !sampled(0.0, 0));
+    }
+
+    #[test]
     fn spans_wait_for_the_write_and_a_failed_write_drops_them() {
         let t0 = Utc::now();
-        let (root, _) = Tracer::root(None);
+        let (root, _) = Tracer::global(1.0).root(None);
         let (def, mut saga, _) = crate::record::started_order("s2", "tok_ok", Some(&root), t0);
-        let mut tracer = Tracer::global();
+        let mut tracer = Tracer::global(1.0);
         let before = saga.clone();
         let transition = saga
             .apply(&def, reply("s2:reserve-stock:do:1", ok()), t0)
@@ -675,9 +720,9 @@ mod tests {
     #[test]
     fn a_resent_command_adds_a_span_under_its_attempt() {
         let t0 = Utc::now();
-        let (root, _) = Tracer::root(None);
+        let (root, _) = Tracer::global(1.0).root(None);
         let (def, mut saga, _) = crate::record::started_order("s4", "tok_ok", Some(&root), t0);
-        let mut tracer = Tracer::global();
+        let mut tracer = Tracer::global(1.0);
         let before = saga.clone();
         let transition = saga.resent(&def, "s4:reserve-stock:do:1", t0).unwrap();
         tracer.decided(&def, Some(&before), &saga, &transition.entry);

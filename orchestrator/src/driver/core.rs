@@ -849,8 +849,8 @@ impl<H: Handles> Core<H> {
                 let def = def.clone();
                 // Traced: the saga's context names a root span of its own, below the caller's.
                 let (traceparent, caller) = match (&self.trace, traceparent) {
-                    (Some(_), caller) => {
-                        let (root, caller) = Tracer::root(caller.as_deref());
+                    (Some(trace), caller) => {
+                        let (root, caller) = trace.root(caller.as_deref());
                         (Some(root), caller)
                     }
                     (None, traceparent) => (traceparent.clone(), None),

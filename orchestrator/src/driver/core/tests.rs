@@ -1028,7 +1028,7 @@ fn a_traced_start_gets_a_root_span_of_its_own_and_commands_name_their_attempt() 
     assert_eq!(header, protocol::command_traceparent(CALLER, &command));
 
     // On: a root span in the caller's trace, the caller kept as its parent.
-    let (record, header) = start_traced(core().with_tracer(Some(Tracer::global())), CALLER);
+    let (record, header) = start_traced(core().with_tracer(Some(Tracer::global(1.0))), CALLER);
     let root = record.saga.traceparent.clone().unwrap();
     assert_ne!(root, CALLER);
     assert_eq!(
