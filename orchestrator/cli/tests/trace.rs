@@ -26,10 +26,12 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 
-/// One span as the collector received it; ids in hex, `parent` empty for a root.
+/// One span as the collector received it; ids in hex, `parent` empty for a root. The
+/// orchestrator's spans have `saga.*` attributes, the participants' `saga_id`, `command_id`.
 #[derive(Debug, Clone)]
 struct Received {
     service: String,
+    resource: HashMap<String, String>,
     trace_id: String,
     span_id: String,
     parent: String,
@@ -55,13 +57,23 @@ impl TraceService for Collector {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.receive(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+impl Collector {
+    fn receive(&self, request: ExportTraceServiceRequest) {
         let mut received = Vec::new();
-        for resource_spans in request.into_inner().resource_spans {
-            let service = resource_spans
+        for resource_spans in request.resource_spans {
+            let resource = resource_spans
                 .resource
                 .as_ref()
-                .and_then(|r| text_attributes(&r.attributes).remove("service.name"))
+                .map(|r| text_attributes(&r.attributes))
                 .unwrap_or_default();
+            let service = resource.get("service.name").cloned().unwrap_or_default();
             for span in resource_spans
                 .scope_spans
                 .into_iter()
@@ -69,6 +81,7 @@ impl TraceService for Collector {
             {
                 received.push(Received {
                     service: service.clone(),
+                    resource: resource.clone(),
                     trace_id: hex(&span.trace_id),
                     span_id: hex(&span.span_id),
                     parent: hex(&span.parent_span_id),
@@ -78,19 +91,19 @@ impl TraceService for Collector {
             }
         }
         self.spans.lock().unwrap().extend(received);
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
     }
-}
 
-impl Collector {
-    /// Starts serving; returns the endpoint to export to.
+    /// Starts serving OTLP/gRPC; returns the endpoint to export to.
     async fn start() -> (Self, String) {
+        let collector = Self::default();
+        let endpoint = collector.serve_grpc().await;
+        (collector, endpoint)
+    }
+
+    async fn serve_grpc(&self) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let collector = Self::default();
-        let service = TraceServiceServer::new(collector.clone());
+        let service = TraceServiceServer::new(self.clone());
         tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(service)
@@ -98,7 +111,40 @@ impl Collector {
                 .await
                 .unwrap();
         });
-        (collector, endpoint)
+        endpoint
+    }
+
+    /// Also serves OTLP/HTTP (protobuf bodies on `POST /v1/traces`); returns its base URL.
+    async fn serve_http(&self) -> String {
+        use prost::Message as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let collector = self.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| async move {
+                match ExportTraceServiceRequest::decode(body) {
+                    Ok(request) => {
+                        collector.receive(request);
+                        let response = ExportTraceServiceResponse {
+                            partial_success: None,
+                        };
+                        (
+                            axum::http::StatusCode::OK,
+                            [("content-type", "application/x-protobuf")],
+                            response.encode_to_vec(),
+                        )
+                    }
+                    Err(_) => (
+                        axum::http::StatusCode::BAD_REQUEST,
+                        [("content-type", "text/plain")],
+                        b"undecodable".to_vec(),
+                    ),
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        endpoint
     }
 
     fn spans(&self) -> Vec<Received> {
@@ -109,7 +155,7 @@ impl Collector {
     fn of_saga(&self, id: &str) -> Vec<Received> {
         self.spans()
             .into_iter()
-            .filter(|s| s.service == "jetsaga" && s.attr("saga.id") == Some(id))
+            .filter(|s| s.attr("saga.id") == Some(id))
             .collect()
     }
 
@@ -154,7 +200,17 @@ fn patient_order() -> tempfile::TempDir {
 const EXPORT_DELAY_MS: &str = "50";
 
 fn serve(url: &str, otlp: &str, definitions: &std::path::Path) -> ChildGuard {
+    serve_with(url, otlp, definitions, &[])
+}
+
+fn serve_with(
+    url: &str,
+    otlp: &str,
+    definitions: &std::path::Path,
+    env: &[(&str, &str)],
+) -> ChildGuard {
     let mut command = Command::new(cargo_bin("jetsaga"));
+    command.envs(env.iter().copied());
     command
         .arg("serve")
         .env("JETSAGA_NATS__URL", url)
@@ -277,7 +333,7 @@ fn check_trace(
         // The participant handled the command as a child of the attempt.
         let handled: Vec<_> = all
             .iter()
-            .filter(|s| s.service != "jetsaga" && s.attr("command_id") == Some(command_id))
+            .filter(|s| s.attr("command_id") == Some(command_id))
             .collect();
         assert!(!handled.is_empty(), "no participant span for {command_id}");
         for span in handled {
@@ -323,7 +379,7 @@ async fn each_saga_is_one_trace_down_to_the_participants_and_a_compensation_is_m
         collector
             .spans()
             .iter()
-            .filter(|s| s.service != "jetsaga" && s.attr("command_id").is_some())
+            .filter(|s| s.attr("command_id").is_some())
             .count()
             >= 5
     })
@@ -422,7 +478,7 @@ async fn a_saga_whose_orchestrator_was_killed_mid_way_is_still_one_trace() {
         collector
             .spans()
             .iter()
-            .filter(|s| s.service != "jetsaga" && s.attr("saga_id") == Some(id.as_str()))
+            .filter(|s| s.attr("saga_id") == Some(id.as_str()))
             .count()
             >= 3
     })
@@ -450,4 +506,75 @@ async fn a_saga_whose_orchestrator_was_killed_mid_way_is_still_one_trace() {
             ),
         ],
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_protobuf_export_carries_the_configured_service_name_and_resource() {
+    let server = NatsServer::start();
+    let (collector, grpc) = Collector::start().await;
+    let http = collector.serve_http().await;
+    let defs = patient_order();
+    let _orchestrator = serve_with(
+        &server.url(),
+        &http,
+        defs.path(),
+        &[
+            ("JETSAGA_TELEMETRY__OTLP_PROTOCOL", "http/protobuf"),
+            ("JETSAGA_TELEMETRY__SERVICE_NAME", "orchestrator-eu"),
+            (
+                "JETSAGA_TELEMETRY__RESOURCE_ATTRIBUTES",
+                "{ \"deployment.environment\" = \"test\" }",
+            ),
+        ],
+    );
+    let js = js(&server).await;
+    let _inventory = participant("jetsaga-inventory", &server.url(), &grpc);
+    let _payment = participant("jetsaga-payment", &server.url(), &grpc);
+    let id = start_saga(&js, "trace-http", "tok_ok").await;
+    let store = Store::new(js.clone()).await.unwrap();
+    let saga = wait_saga(&store, &id, Phase::Completed).await;
+    wait_until("the root span is exported over HTTP", WAIT, || async {
+        collector.has(&id, "saga patient-order")
+    })
+    .await;
+    wait_until("the participants' spans are exported", WAIT, || async {
+        collector
+            .spans()
+            .iter()
+            .filter(|s| s.attr("saga_id") == Some(id.as_str()))
+            .count()
+            >= 3
+    })
+    .await;
+    let spans = check_trace(
+        &collector,
+        &saga,
+        "completed",
+        &[
+            (
+                "reserve-stock",
+                command_id(&id, "reserve-stock", "do"),
+                "inventory reserve",
+            ),
+            (
+                "take-payment",
+                command_id(&id, "take-payment", "do"),
+                "payment charge",
+            ),
+            (
+                "confirm-order",
+                command_id(&id, "confirm-order", "do"),
+                "inventory commit",
+            ),
+        ],
+    );
+    for span in spans {
+        assert_eq!(span.service, "orchestrator-eu");
+        assert_eq!(
+            span.resource
+                .get("deployment.environment")
+                .map(String::as_str),
+            Some("test")
+        );
+    }
 }
