@@ -242,6 +242,19 @@ fn participant(binary: &str, url: &str, otlp: &str) -> ChildGuard {
     ChildGuard::spawn(command).expect("the participant starts")
 }
 
+/// Waits until the orchestrator child created its streams (the participants check them).
+async fn wait_provisioned(js: &async_nats::jetstream::Context) {
+    wait_until("the orchestrator created its streams", WAIT, || async {
+        for spec in jetsaga_sagas::streams::ALL {
+            if js.get_stream(spec.name).await.is_err() {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+}
+
 async fn start_saga(js: &async_nats::jetstream::Context, key: &str, card: &str) -> String {
     let start = protocol::Start {
         protocol: protocol::VERSION,
@@ -362,6 +375,7 @@ async fn each_saga_is_one_trace_down_to_the_participants_and_a_compensation_is_m
     let defs = patient_order();
     let _orchestrator = serve(&server.url(), &otlp, defs.path());
     let js = js(&server).await;
+    wait_provisioned(&js).await;
     let _inventory = participant("jetsaga-inventory", &server.url(), &otlp);
     let _payment = participant("jetsaga-payment", &server.url(), &otlp);
     let ok = start_saga(&js, "trace-ok", "tok_ok").await;
@@ -440,6 +454,7 @@ async fn a_saga_whose_orchestrator_was_killed_mid_way_is_still_one_trace() {
     let defs = patient_order();
     let mut orchestrator = serve(&server.url(), &otlp, defs.path());
     let js = js(&server).await;
+    wait_provisioned(&js).await;
     // No payment participant yet: the saga stops at its second step.
     let _inventory = participant("jetsaga-inventory", &server.url(), &otlp);
     let id = start_saga(&js, "trace-crash", "tok_ok").await;
@@ -528,6 +543,7 @@ async fn http_protobuf_export_carries_the_configured_service_name_and_resource()
         ],
     );
     let js = js(&server).await;
+    wait_provisioned(&js).await;
     let _inventory = participant("jetsaga-inventory", &server.url(), &grpc);
     let _payment = participant("jetsaga-payment", &server.url(), &grpc);
     let id = start_saga(&js, "trace-http", "tok_ok").await;
