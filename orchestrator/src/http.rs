@@ -50,6 +50,7 @@ impl From<ApiError> for HttpError {
             ApiError::InvalidInput(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "saga_not_found"),
             ApiError::NotAllowed(_) => (StatusCode::CONFLICT, "not_allowed"),
+            ApiError::KeyHorizon(_) => (StatusCode::CONFLICT, "key_horizon_passed"),
             ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };

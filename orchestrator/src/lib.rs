@@ -10,6 +10,8 @@
 //! - [`http`]: health, readiness and metrics over HTTP.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`census`]: true counts of the journal's sagas by state, for the metrics.
+//! - `trace`: one OpenTelemetry trace per saga (root, step attempts, compensations,
+//!   replies), derived from the persisted saga, when an OTLP endpoint is configured.
 //!
 //! [`Service::start`] connects, provisions, and starts the driver; the returned
 //! [`Running`] gives a [`Handle`] for starting, retrying and aborting sagas.
@@ -39,6 +41,7 @@ pub mod metrics;
 pub mod provision;
 mod record;
 pub mod store;
+mod trace;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -239,12 +242,16 @@ impl Service {
         ));
 
         let (request_tx, request_rx) = mpsc::channel(1024);
+        // Saga spans only when traces are exported: otherwise none is built.
+        let trace = (!config.telemetry.otlp_endpoint.is_empty())
+            .then(|| trace::Tracer::global(config.telemetry.sampling_ratio));
         let driver = Driver::new(
             js.clone(),
             store.clone(),
             metrics.clone(),
             registry.clone(),
             config.streams.finished_retention,
+            trace,
         );
         let (driver_done_tx, driver_done) = oneshot::channel();
         let driver_token = token.clone();
@@ -359,6 +366,22 @@ impl Handle {
         input: serde_json::Value,
         traceparent: Option<String>,
     ) -> Result<Started, ApiError> {
+        self.start_requested(saga_type, key, input, traceparent, None)
+            .await
+    }
+
+    /// As [`Handle::start_traced`], for a request the client made at
+    /// `requested_at`: if its key has no saga and the request is older than
+    /// the key horizon (`streams.finished-retention`) it is refused with
+    /// [`ApiError::KeyHorizon`], since a saga it started may have expired.
+    pub async fn start_requested(
+        &self,
+        saga_type: &str,
+        key: &str,
+        input: serde_json::Value,
+        traceparent: Option<String>,
+        requested_at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<Started, ApiError> {
         let def = self
             .registry
             .latest(saga_type)
@@ -377,6 +400,7 @@ impl Handle {
             key,
             input,
             traceparent,
+            requested_at,
             origin: Origin::Api(reply),
         })
         .await

@@ -11,7 +11,7 @@
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use jetsaga_sagas::protocol::{Body, header};
+use jetsaga_sagas::protocol::{self, Body, header};
 use jetsaga_sagas::{Action, Definition, Entry, Saga};
 use serde::{Deserialize, Serialize};
 
@@ -189,7 +189,13 @@ pub fn outbound(action: &Action, traceparent: Option<&str>) -> Option<(Effect, O
                 (header::ATTEMPT, command.attempt.to_string()),
                 (header::COMMAND_ID, command.command_id.clone()),
             ];
-            headers.extend(trace);
+            // A command names its attempt's span (see `crate::trace`), the same on every instance.
+            headers.extend(traceparent.map(|tp| {
+                (
+                    header::TRACEPARENT,
+                    protocol::command_traceparent(tp, &command.command_id),
+                )
+            }));
             let effect = Effect::Command {
                 id: command.command_id.clone(),
             };

@@ -201,6 +201,7 @@ async fn a_saga_type_from_files_runs_end_to_end_and_bad_starts_name_every_violat
         protocol: protocol::VERSION,
         key: "bad-3".into(),
         input: bad_parcel(),
+        requested_at: None,
     };
     publish_stored(&js, "saga.start.ship-parcel", start.encode()).await;
     wait_until("the bad start is dead-lettered", WAIT, || async {

@@ -131,3 +131,98 @@ async fn a_parked_saga_outlives_retention_and_can_still_be_retried() {
     .await;
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_key_runs_once_within_the_horizon_and_an_older_request_is_refused() {
+    let server = NatsServer::start();
+    let mut config = config(&server.url(), None);
+    config.streams.finished_retention = Duration::from_secs(2);
+    let running = orchestrator_with(config.clone()).await;
+    let handle = running.handle().clone();
+    let js = js(&server).await;
+    let inventory = Responder::start(&js, "inventory", by_card()).await;
+    let _payment = Responder::start(&js, "payment", by_card()).await;
+
+    let first = handle
+        .start("order-creation", "once-1", order("tok_ok"))
+        .await
+        .unwrap();
+    assert!(first.created);
+    wait_phase(&handle, &first.saga_id, Phase::Completed).await;
+    // Within the horizon the key is the saga: nothing runs again.
+    let again = handle
+        .start("order-creation", "once-1", order("tok_ok"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.saga_id.as_str(), again.created),
+        (first.saga_id.as_str(), false)
+    );
+    let reserves = || {
+        inventory
+            .commands()
+            .iter()
+            .filter(|c| c.action == "reserve")
+            .count()
+    };
+    assert_eq!(reserves(), 1);
+
+    wait_until("the finished saga expires", WAIT, || async {
+        handle.saga(&first.saga_id).await.unwrap().is_none()
+    })
+    .await;
+    // A new instance, so no cached copy of the finished saga answers for the journal.
+    running.shutdown().await;
+    let running = orchestrator_with(config.clone()).await;
+    let handle = running.handle().clone();
+    // A request made before the horizon, once the record is gone, could be the
+    // same order again: refused, by the API and on the start subject.
+    let long_ago = chrono::Utc::now() - chrono::Duration::seconds(60);
+    let refused = handle
+        .start_requested(
+            "order-creation",
+            "once-1",
+            order("tok_ok"),
+            None,
+            Some(long_ago),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, jetsaga_orchestrator::ApiError::KeyHorizon(reason) if reason.contains("key horizon")),
+        "{refused:?}"
+    );
+    let start = jetsaga_sagas::protocol::Start {
+        protocol: jetsaga_sagas::protocol::VERSION,
+        key: "once-1".to_owned(),
+        input: order("tok_ok"),
+        requested_at: Some(long_ago),
+    };
+    publish_stored(
+        &js,
+        &subject::start("order-creation"),
+        serde_json::to_vec(&start).unwrap(),
+    )
+    .await;
+    wait_until("the old start is dead-lettered", WAIT, || async {
+        dead_letters(&js)
+            .await
+            .iter()
+            .any(|(_, reason)| reason.contains("key horizon"))
+    })
+    .await;
+    assert_eq!(reserves(), 1, "the order never ran twice");
+    // A fresh request with the same key is a new order: it runs.
+    let fresh = handle
+        .start_requested(
+            "order-creation",
+            "once-1",
+            order("tok_ok"),
+            None,
+            Some(chrono::Utc::now()),
+        )
+        .await
+        .unwrap();
+    assert!(fresh.created);
+    running.shutdown().await;
+}

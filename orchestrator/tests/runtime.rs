@@ -128,6 +128,7 @@ async fn same_key_starts_one_saga_over_api_and_subject() {
             protocol: protocol::VERSION,
             key: "subject-key".into(),
             input: order("tok_ok"),
+            requested_at: None,
         };
         js.publish("saga.start.order-creation", start.encode().into())
             .await
@@ -395,6 +396,7 @@ async fn poison_messages_are_dead_lettered_with_their_reason() {
             protocol: 1,
             key: "k".into(),
             input: order("tok_ok"),
+            requested_at: None,
         }
         .encode(),
     )
@@ -403,6 +405,7 @@ async fn poison_messages_are_dead_lettered_with_their_reason() {
         protocol: 1,
         key: "k2".into(),
         input: json!({"customer_id": "x"}),
+        requested_at: None,
     };
     publish("saga.start.order-creation", bad_input.encode()).await;
     publish(
@@ -476,6 +479,7 @@ async fn two_instances_share_the_load_without_applying_a_transition_twice() {
             protocol: protocol::VERSION,
             key: format!("aa-{i}"),
             input: order(if i % 10 == 0 { "tok_decline" } else { "tok_ok" }),
+            requested_at: None,
         };
         let ack = js
             .publish("saga.start.order-creation", start.encode().into())
@@ -685,6 +689,7 @@ async fn start_ids_never_collide_across_types_or_corrected_inputs() {
                 protocol: protocol::VERSION,
                 key: key.to_owned(),
                 input,
+                requested_at: None,
             };
             let ack = js
                 .publish_with_headers(

@@ -162,6 +162,69 @@ pub fn start_msg_id(saga_type: &str, key: &str, input: &serde_json::Value) -> St
     format!("start:{saga_type}:{key}:{}", digest.simple())
 }
 
+/// A W3C `traceparent` (`00-<trace id>-<span id>-<flags>`), borrowed from its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent<'a> {
+    /// 32 lowercase hex digits, not all zero.
+    pub trace_id: &'a str,
+    /// 16 lowercase hex digits, not all zero.
+    pub span_id: &'a str,
+    /// 2 hex digits (`01`: sampled).
+    pub flags: &'a str,
+}
+
+impl<'a> TraceParent<'a> {
+    /// Parses version `00` of the format; `None` if `text` is not one.
+    pub fn parse(text: &'a str) -> Option<Self> {
+        let mut parts = text.split('-');
+        let (version, trace_id, span_id, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let hex = |s: &str, len: usize| {
+            s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        };
+        let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+        (parts.next().is_none()
+            && version == "00"
+            && hex(trace_id, 32)
+            && nonzero(trace_id)
+            && hex(span_id, 16)
+            && nonzero(span_id)
+            && hex(flags, 2))
+        .then_some(Self {
+            trace_id,
+            span_id,
+            flags,
+        })
+    }
+
+    /// The same trace and flags, naming span `span_id` instead.
+    pub fn with_span(&self, span_id: u64) -> String {
+        format!("00-{}-{span_id:016x}-{}", self.trace_id, self.flags)
+    }
+}
+
+/// The span id of something the orchestrator traces, derived from a stable name (a
+/// command id): every instance computes the same one, so a command re-sent by
+/// another instance names the same span. FNV-1a, never zero.
+pub fn span_id_of(name: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in name.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash.max(1)
+}
+
+/// The `traceparent` a command carries: the saga's trace, naming the span of the
+/// attempt (derived from the command id), so the participant's span becomes its
+/// child. A malformed saga context is passed on unchanged.
+pub fn command_traceparent(saga: &str, command_id: &str) -> String {
+    match TraceParent::parse(saga) {
+        Some(tp) => tp.with_span(span_id_of(command_id)),
+        None => saga.to_owned(),
+    }
+}
+
 /// Which way a command goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -321,6 +384,12 @@ pub struct Start {
     pub key: String,
     /// The saga's input, checked against the definition's validator.
     pub input: serde_json::Value,
+    /// When the client made the request (e.g. when the order was placed). A
+    /// start older than the orchestrator's key horizon
+    /// (`streams.finished-retention`) is refused when its key has no saga:
+    /// one it started may have finished and expired since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_at: Option<DateTime<Utc>>,
 }
 
 /// A domain event (body of a `saga.event.<name>` message).
@@ -431,6 +500,36 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn traceparents_parse_strictly_and_commands_name_their_own_span() {
+        let saga = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let tp = TraceParent::parse(saga).unwrap();
+        assert_eq!(tp.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(tp.span_id, "00f067aa0ba902b7");
+        assert_eq!(tp.flags, "01");
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "{bad}");
+        }
+        let a = command_traceparent(saga, "s:reserve-stock:do:1");
+        assert_eq!(a, command_traceparent(saga, "s:reserve-stock:do:1"));
+        assert_ne!(a, command_traceparent(saga, "s:reserve-stock:do:2"));
+        let child = TraceParent::parse(&a).unwrap();
+        assert_eq!((child.trace_id, child.flags), (tp.trace_id, tp.flags));
+        assert_eq!(
+            u64::from_str_radix(child.span_id, 16).unwrap(),
+            span_id_of("s:reserve-stock:do:1")
+        );
+        assert_eq!(command_traceparent("garbage", "c"), "garbage");
+    }
 
     #[test]
     fn start_ids_differ_by_type_and_input_only() {

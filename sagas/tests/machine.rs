@@ -403,6 +403,7 @@ fn happy_path_runs_every_step_in_order_then_completes() {
         let i = i as i64;
         assert_eq!((record.attempts, record.compensation_attempts), (1, 0));
         assert_eq!(record.started_at, Some(at(i * 1_000)));
+        assert_eq!(record.sent_at, record.started_at, "one command each");
         assert_eq!(record.finished_at, Some(at((i + 1) * 1_000)));
         assert_eq!(record.last_error, None);
     }
@@ -470,6 +471,9 @@ fn payment_declined_at_the_pivot_releases_the_stock_only() {
     assert_eq!(h.saga.steps[1].last_error, Some(cause.clone()));
     // One attempt only: a definitive failure is not retried.
     assert_eq!(h.saga.steps[1].attempts, 1);
+    // The release's span starts when it went out, the step's first command long before.
+    assert_eq!(h.saga.steps[0].sent_at, Some(at(2_000)));
+    assert_eq!(h.saga.steps[0].started_at, Some(at(0)));
 
     h.at(3_000);
     assert_eq!(
@@ -560,6 +564,7 @@ fn retryable_failures_and_timeouts_are_retried_per_policy() {
         Some(t0()),
         "the first attempt started the step"
     );
+    assert_eq!(h.saga.steps[0].sent_at, Some(at(600)), "attempt 2 went out");
     // A late answer to attempt 1 is for an attempt that is no longer current.
     assert_eq!(h.reject(reply("s-1:a:do:1", ok())), Rejected::Stale);
     assert_eq!(h.at(1_599).reject(Input::Wake), Rejected::NotDue);

@@ -137,11 +137,13 @@ fn kinds() -> Vec<Kind> {
                     protocol: protocol::VERSION,
                     key: "order-2024-000123".into(),
                     input: order.clone(),
+                    requested_at: None,
                 }),
                 to_value(&Start {
                     protocol: protocol::VERSION,
                     key: "k".into(),
                     input: Value::Null,
+                    requested_at: None,
                 }),
             ],
         },

@@ -481,6 +481,7 @@ async fn publish_start(
         protocol: protocol::VERSION,
         key,
         input,
+        requested_at: None,
     };
     js.publish_with_headers(
         protocol::subject::start(saga_type),

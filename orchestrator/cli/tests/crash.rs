@@ -97,6 +97,7 @@ async fn sigkill_three_times_during_a_thousand_sagas_loses_nothing() {
                     protocol: protocol::VERSION,
                     key: format!("crash-{i}"),
                     input: order(if i % 10 == 0 { "tok_decline" } else { "tok_ok" }),
+                    requested_at: None,
                 };
                 publish_stored(&js, "saga.start.patient-order", start.encode()).await;
                 if i % 50 == 0 {
@@ -238,6 +239,7 @@ async fn a_timeout_that_expires_while_the_orchestrator_is_down_fires_after_resta
         protocol: protocol::VERSION,
         key: "t-1".into(),
         input: order("tok_ok"),
+        requested_at: None,
     };
     publish_stored(&js, "saga.start.timeout-order", start.encode()).await;
     wait_until("the charge is out", WAIT, || async {
@@ -296,6 +298,7 @@ async fn sigterm_drains_in_flight_work_and_a_restart_finishes_the_rest() {
             protocol: protocol::VERSION,
             key: format!("term-{i}"),
             input: order("tok_ok"),
+            requested_at: None,
         };
         publish_stored(&js, "saga.start.order-creation", start.encode()).await;
     }

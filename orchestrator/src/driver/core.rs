@@ -21,6 +21,7 @@ use super::{ApiError, Error, IDLE_EVICTION, IoErrorKind, Source, Started};
 use crate::definitions::Registry;
 use crate::metrics::Metrics;
 use crate::record::{Effect, Outbound, Record, Stored, rebuild};
+use crate::trace::Tracer;
 
 /// The executor's types for what the core hands back to be settled or answered.
 pub(crate) trait Handles {
@@ -56,6 +57,8 @@ pub(crate) enum Work<H: Handles> {
         key: String,
         input: serde_json::Value,
         traceparent: Option<String>,
+        /// When the client made the request, if it said.
+        requested_at: Option<DateTime<Utc>>,
         origin: Origin<H::Message, H::StartReply>,
     },
     /// Apply an input to an existing saga.
@@ -230,6 +233,8 @@ pub(crate) enum Poison {
     UnknownCommand(String),
     #[error("the loaded definition does not fit the saga: {0}")]
     WrongDefinition(String),
+    #[error("{0}")]
+    KeyHorizon(String),
 }
 
 impl Poison {
@@ -241,6 +246,7 @@ impl Poison {
             Poison::UnknownCommand(reason) => ApiError::NotAllowed(reason),
             other @ Poison::WrongDefinition(_) => ApiError::NotAllowed(other.to_string()),
             Poison::InvalidInput(reason) => ApiError::InvalidInput(reason),
+            Poison::KeyHorizon(reason) => ApiError::KeyHorizon(reason),
             other @ (Poison::Decode(_)
             | Poison::ForeignCommand { .. }
             | Poison::Subject { .. }
@@ -391,6 +397,8 @@ pub(crate) struct Core<H: Handles> {
     io: VecDeque<Io<H>>,
     /// Set by [`Core::handle_shutdown`]: new work is refused.
     stopping: bool,
+    /// Saga spans, when traces are exported.
+    trace: Option<Tracer>,
 }
 
 impl<H: Handles> std::fmt::Debug for Core<H> {
@@ -415,7 +423,14 @@ impl<H: Handles> Core<H> {
             slots: HashMap::new(),
             io: VecDeque::new(),
             stopping: false,
+            trace: None,
         }
+    }
+
+    /// Emits saga spans with `trace` (`None`: tracing is off, nothing is built).
+    pub(crate) fn with_tracer(mut self, trace: Option<Tracer>) -> Self {
+        self.trace = trace;
+        self
     }
 
     /// The next I/O request, if any.
@@ -450,6 +465,7 @@ impl<H: Handles> Core<H> {
                     key: start.key,
                     input: start.input,
                     traceparent,
+                    requested_at: start.requested_at,
                     origin: Origin::Message {
                         message,
                         source,
@@ -562,6 +578,9 @@ impl<H: Handles> Core<H> {
     /// The outcome of an I/O request.
     pub(crate) fn handle_io_done(&mut self, now: DateTime<Utc>, done: Done) {
         let saga_id = done.saga_id().to_owned();
+        if let (Some(trace), Done::Written { result, .. }) = (&mut self.trace, &done) {
+            trace.written(&saga_id, result.is_ok(), now);
+        }
         let Some(slot) = self.slots.get_mut(&saga_id) else {
             tracing::error!(saga_id, "I/O finished for a saga with no slot");
             return;
@@ -833,6 +852,25 @@ impl<H: Handles> Core<H> {
             (Work::Start { .. }, Some(stored)) => Some(self.unchanged(work, stored)),
             (
                 Work::Start {
+                    requested_at: Some(requested_at),
+                    ..
+                },
+                None,
+            ) if *requested_at + self.finished_retention < now => {
+                // Its key may have run a saga whose record has expired since:
+                // running it now could do the order twice.
+                let horizon = humantime::format_duration(self.finished_retention);
+                let reason = format!(
+                    "the start was requested at {}, longer ago than the key horizon \
+                     (streams.finished-retention = {horizon}); a saga it started may have \
+                     finished and expired since, so it is not started again",
+                    requested_at.to_rfc3339()
+                );
+                self.conclude(work, Verdict::Poison(Poison::KeyHorizon(reason)));
+                Some(Known::Missing)
+            }
+            (
+                Work::Start {
                     saga_id,
                     def,
                     key,
@@ -843,16 +881,28 @@ impl<H: Handles> Core<H> {
                 None,
             ) => {
                 let def = def.clone();
+                // Traced: the saga's context names a root span of its own, below the caller's.
+                let (traceparent, caller) = match (&self.trace, traceparent) {
+                    (Some(trace), caller) => {
+                        let (root, caller) = trace.root(caller.as_deref());
+                        (Some(root), caller)
+                    }
+                    (None, traceparent) => (traceparent.clone(), None),
+                };
                 let started = Saga::start(
                     &def,
                     saga_id.clone(),
                     key.clone(),
                     input.clone(),
-                    traceparent.clone(),
+                    traceparent,
                     now,
                 );
                 match started {
-                    Ok((saga, transition)) => {
+                    Ok((mut saga, transition)) => {
+                        saga.caller_traceparent = caller;
+                        if let Some(trace) = &mut self.trace {
+                            trace.decided(&def, None, &saga, &transition.entry);
+                        }
                         self.metrics.started.with_label_values(&[&def.name]).inc();
                         self.write(&def, None, saga, transition, None, 0, work)
                     }
@@ -909,6 +959,9 @@ impl<H: Handles> Core<H> {
         }
         match saga.apply(&def, input.clone(), now) {
             Ok(transition) => {
+                if let Some(trace) = &mut self.trace {
+                    trace.decided(&def, Some(&stored.record.saga), &saga, &transition.entry);
+                }
                 let previous = Some(&stored.record);
                 self.write(&def, previous, saga, transition, timer_at, stored.seq, work)
             }
@@ -1052,7 +1105,7 @@ impl<H: Handles> Core<H> {
     /// never have gone out before: a crash between the append and the publish),
     /// so a recovery costs no attempt; `None` if the saga waits for none of them.
     /// Its record has no pending effects: they were just acknowledged.
-    fn resent(&self, now: DateTime<Utc>, work: &Work<H>, stored: &Stored) -> Option<Pending> {
+    fn resent(&mut self, now: DateTime<Utc>, work: &Work<H>, stored: &Stored) -> Option<Pending> {
         let mut saga = stored.record.saga.clone();
         let def = self.registry.get(&saga.saga_type, saga.version)?.clone();
         let transition = stored
@@ -1064,6 +1117,9 @@ impl<H: Handles> Core<H> {
                 Effect::Event { .. } => None,
             })?;
         self.observe(&def, &saga, &transition);
+        if let Some(trace) = &mut self.trace {
+            trace.decided(&def, Some(&stored.record.saga), &saga, &transition.entry);
+        }
         // A wake's timer is gone: the renewed wait needs a new one.
         let armed = match work {
             Work::Input {

@@ -63,9 +63,10 @@ impl Driver {
         metrics: Metrics,
         registry: std::sync::Arc<crate::definitions::Registry>,
         finished_retention: Duration,
+        trace: Option<crate::trace::Tracer>,
     ) -> Self {
         Self {
-            core: Core::new(registry, metrics, finished_retention),
+            core: Core::new(registry, metrics, finished_retention).with_tracer(trace),
             js,
             store,
             inflight: FuturesUnordered::new(),

@@ -74,6 +74,10 @@ pub enum ApiError {
     /// The saga's state does not allow it.
     #[error("{0}")]
     NotAllowed(String),
+    /// A start older than the key horizon, whose key has no saga (any it
+    /// started may have expired): not started again.
+    #[error("{0}")]
+    KeyHorizon(String),
     /// The orchestrator is stopping.
     #[error("the orchestrator is shutting down")]
     ShuttingDown,
@@ -88,7 +92,7 @@ impl ApiError {
         match self {
             ApiError::UnknownType(_) | ApiError::NotFound(_) => ErrorKind::NotFound,
             ApiError::InvalidInput(_) => ErrorKind::BadRequest,
-            ApiError::NotAllowed(_) => ErrorKind::Conflict,
+            ApiError::NotAllowed(_) | ApiError::KeyHorizon(_) => ErrorKind::Conflict,
             ApiError::ShuttingDown => ErrorKind::Unavailable,
             ApiError::Unavailable(e) => match e.kind() {
                 IoErrorKind::Timeout => ErrorKind::Timeout,

@@ -165,7 +165,7 @@ impl Saga {
         now: DateTime<Utc>,
         actions: &mut Vec<Action>,
     ) {
-        let attempt = self.steps[index].begin_compensation_attempt();
+        let attempt = self.steps[index].begin_compensation_attempt(now);
         let Undo {
             first_attempt,
             cause,

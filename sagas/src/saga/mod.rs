@@ -32,7 +32,7 @@ pub use journal::{Actor, Cause, Entry};
 pub use state::{End, Phase, State, StepRecord, StepStatus, Wait};
 
 use crate::definition::{Definition, StepKind};
-use crate::protocol::{CommandId, Outcome};
+use crate::protocol::{self, CommandId, Outcome};
 
 /// One saga: its identity, input, per-step records and state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,6 +49,10 @@ pub struct Saga {
     pub input: serde_json::Value,
     /// W3C trace context of the saga's root span, so later steps join the trace.
     pub traceparent: Option<String>,
+    /// The trace context the saga was started in (the root span's parent), when the
+    /// orchestrator made a root span of its own below it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller_traceparent: Option<String>,
     /// When it started.
     pub created_at: DateTime<Utc>,
     /// When it last changed.
@@ -121,6 +125,15 @@ pub enum Rejected {
 }
 
 impl Saga {
+    /// The id of the saga's trace (32 lowercase hex digits), from its `traceparent`;
+    /// `None` when it has none or it is malformed.
+    pub fn trace_id(&self) -> Option<&str> {
+        self.traceparent
+            .as_deref()
+            .and_then(protocol::TraceParent::parse)
+            .map(|tp| tp.trace_id)
+    }
+
     /// The state name.
     pub fn phase(&self) -> Phase {
         match self.state {

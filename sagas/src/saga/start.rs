@@ -33,6 +33,7 @@ impl Saga {
             key,
             input,
             traceparent,
+            caller_traceparent: None,
             created_at: now,
             updated_at: now,
             deadline_at: now

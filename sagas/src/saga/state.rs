@@ -228,6 +228,10 @@ pub struct StepRecord {
     pub started_at: Option<DateTime<Utc>>,
     /// When it succeeded, failed or was compensated.
     pub finished_at: Option<DateTime<Utc>>,
+    /// When its latest command (forward or compensation) went out: the start of that
+    /// attempt's span, whichever instance ends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<DateTime<Utc>>,
 }
 
 impl StepRecord {
@@ -241,6 +245,7 @@ impl StepRecord {
             last_error: None,
             started_at: None,
             finished_at: None,
+            sent_at: None,
         }
     }
 
@@ -257,12 +262,14 @@ impl StepRecord {
         self.attempts += 1;
         self.status = StepStatus::Running;
         self.started_at.get_or_insert(now);
+        self.sent_at = Some(now);
         self.attempts
     }
 
     /// Records a compensation attempt going out; returns its number.
-    pub(super) fn begin_compensation_attempt(&mut self) -> u32 {
+    pub(super) fn begin_compensation_attempt(&mut self, now: DateTime<Utc>) -> u32 {
         self.compensation_attempts += 1;
+        self.sent_at = Some(now);
         self.status = StepStatus::Compensating;
         self.compensation_attempts
     }

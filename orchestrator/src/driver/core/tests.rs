@@ -59,6 +59,7 @@ fn api_start(key: &str, caller: u32) -> Work<Test> {
         key: key.to_owned(),
         input: order("tok_ok"),
         traceparent: None,
+        requested_at: None,
         origin: Origin::Api(caller),
     }
 }
@@ -407,6 +408,7 @@ fn poison_is_dead_lettered_and_callers_are_refused() {
         protocol: VERSION,
         key: "k".into(),
         input: order("tok_ok"),
+        requested_at: None,
     };
     let start_subject = protocol::subject::start("no-such-saga");
     message(
@@ -422,6 +424,7 @@ fn poison_is_dead_lettered_and_callers_are_refused() {
         protocol: VERSION,
         key: "k".into(),
         input: json!({"customer_id": "x"}),
+        requested_at: None,
     };
     let start_subject = protocol::subject::start(TYPE);
     message(
@@ -685,6 +688,7 @@ fn a_start_of_a_finished_saga_publishes_nothing() {
         protocol: VERSION,
         key: "k13".into(),
         input: order("tok_ok"),
+        requested_at: None,
     };
     let subject = protocol::subject::start(TYPE);
     message(
@@ -761,6 +765,7 @@ fn an_ignored_record_keeps_the_effects_of_the_transition_before_it() {
         protocol: VERSION,
         key: "k1".into(),
         input: order("tok_ok"),
+        requested_at: None,
     };
     let subject = protocol::subject::start(TYPE);
     message(
@@ -983,4 +988,54 @@ fn an_input_for_a_saga_its_definition_does_not_fit_is_dead_lettered() {
     let io = drain(&mut core);
     assert_eq!(io.len(), 1, "{io:?}");
     assert_dead_letter(&io[0], 1, Source::Replies, "definition");
+}
+
+/// The record and the command's `traceparent` of a start carrying `caller`.
+fn start_traced(mut core: Core<Test>, caller: &str) -> (Record, String) {
+    let mut work = api_start("traced", 1);
+    if let Work::Start { traceparent, .. } = &mut work {
+        *traceparent = Some(caller.to_owned());
+    }
+    core.handle_input(at(0), work);
+    let saga_id = protocol::saga_id(TYPE, "traced");
+    assert_load(&drain(&mut core)[0], &saga_id, false);
+    loaded(&mut core, at(1), &saga_id, Ok(None));
+    let io = drain(&mut core);
+    let write = assert_write(&io[0], &saga_id, 0);
+    let record = Record::decode(&write.append.body).unwrap();
+    let header = write.publish[0]
+        .headers
+        .iter()
+        .find(|(name, _)| *name == protocol::header::TRACEPARENT)
+        .map(|(_, value)| value.clone())
+        .unwrap();
+    (record, header)
+}
+
+#[test]
+fn a_traced_start_gets_a_root_span_of_its_own_and_commands_name_their_attempt() {
+    const CALLER: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let command = format!("{}:reserve-stock:do:1", protocol::saga_id(TYPE, "traced"));
+
+    // Off: the caller's context is the saga's, as it came.
+    let (record, header) = start_traced(core(), CALLER);
+    assert_eq!(record.saga.traceparent.as_deref(), Some(CALLER));
+    assert_eq!(record.saga.caller_traceparent, None);
+    assert_eq!(header, protocol::command_traceparent(CALLER, &command));
+
+    // On: a root span in the caller's trace, the caller kept as its parent.
+    let (record, header) = start_traced(core().with_tracer(Some(Tracer::global(1.0))), CALLER);
+    let root = record.saga.traceparent.clone().unwrap();
+    assert_ne!(root, CALLER);
+    assert_eq!(
+        record.saga.trace_id(),
+        Some("4bf92f3577b34da6a3ce929d0e0e4736")
+    );
+    assert_eq!(record.saga.caller_traceparent.as_deref(), Some(CALLER));
+    assert_eq!(header, protocol::command_traceparent(&root, &command));
+    assert_eq!(
+        record.saga.steps[0].sent_at,
+        Some(at(1)),
+        "the attempt's start"
+    );
 }
