@@ -57,7 +57,7 @@ impl Default for Settings {
             consumer: NAME.to_owned(),
             concurrency: 32,
             max_deliver: 20,
-            ack_wait: Duration::from_secs(30),
+            ack_wait: jetsaga_participant::DEFAULT_ACK_WAIT,
         }
     }
 }

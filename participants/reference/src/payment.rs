@@ -96,7 +96,7 @@ impl config::Validate for Config {
     fn validate(&self) -> Result<(), config::Error> {
         self.nats.validate()?;
         self.streams.validate()?;
-        self.consumer.validate()?;
+        self.consumer.validate(&self.streams)?;
         self.metrics.validate()?;
         self.telemetry.validate()?;
         self.faults.validate()?;

@@ -119,6 +119,7 @@ pub fn builder(
         .max_ack_pending(consumer.max_ack_pending)
         .ack_wait(consumer.ack_wait)
         .max_deliver(consumer.max_deliver)
+        .reply_ttl(consumer.reply_ttl)
         .shutdown_grace(consumer.shutdown_grace)
         .streams(streams.clone())
         .registry(registry)

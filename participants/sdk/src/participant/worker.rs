@@ -138,7 +138,8 @@ impl Worker {
                     .as_ref()
                     .and_then(|h| h.get(header::TRACEPARENT))
                     .map(|v| v.as_str().to_owned());
-                let (headers, payload) = reply_message(&command, outcome, traceparent);
+                let (headers, payload) =
+                    reply_message(&command, outcome, traceparent, self.settings.reply_ttl);
                 match self
                     .publish(command.reply_to.clone(), headers, payload)
                     .await
@@ -323,6 +324,7 @@ fn reply_message(
     command: &Command,
     outcome: Outcome,
     traceparent: Option<String>,
+    ttl: Duration,
 ) -> (HeaderMap, bytes::Bytes) {
     let reply = Reply {
         protocol: protocol::VERSION,
@@ -334,10 +336,17 @@ fn reply_message(
     headers.insert(header::MSG_ID, reply_msg_id(&command.command_id));
     headers.insert(header::SAGA_ID, command.saga_id.as_str());
     headers.insert(header::COMMAND_ID, command.command_id.as_str());
+    // The recorded reply goes after `ttl`, and its subject with it (see `Builder::reply_ttl`).
+    headers.insert(header::TTL, ttl_header(ttl));
     if let Some(traceparent) = traceparent {
         headers.insert(header::TRACEPARENT, traceparent);
     }
     (headers, reply.encode().into())
+}
+
+/// A `Nats-TTL` value: whole seconds, at least one.
+pub(crate) fn ttl_header(ttl: Duration) -> String {
+    format!("{}s", ttl.as_secs().max(1))
 }
 
 /// The `Nats-Msg-Id` of the reply to `command_id`.
