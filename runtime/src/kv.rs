@@ -110,9 +110,9 @@ pub async fn write(
     }
 }
 
-/// The `Nats-TTL` header value of `ttl`: whole seconds, at least one.
+/// The `Nats-TTL` header value of `ttl`: whole seconds (as async-nats writes it), at least one.
 pub fn ttl_header(ttl: Duration) -> String {
-    format!("{}s", ttl.as_secs().max(1))
+    ttl.as_secs().max(1).to_string()
 }
 
 /// [`write`], and the record (its key, and the key's subject in the server's index) expires

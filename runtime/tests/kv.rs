@@ -66,7 +66,7 @@ async fn records_written_with_a_ttl_expire_and_others_stay() {
     let message = stream.direct_get(second).await.unwrap();
     assert_eq!(
         message.headers.get("Nats-TTL").map(|v| v.as_str()),
-        Some("2s")
+        Some("2")
     );
     assert_eq!(
         records::entry(&store, "a", Read::Leader)

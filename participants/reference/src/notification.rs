@@ -3,7 +3,9 @@
 //!
 //! It consumes domain events (not commands) with the durable consumer `notification` on
 //! `saga.event.order.>` and records each email as `email.<saga_id>` in KV with a create-only
-//! write: a second delivery of the event finds the record and sends nothing. Undecodable events
+//! write that expires after `notification.record-ttl`: a second delivery of the event finds the
+//! record and sends nothing, and an event older than 90 % of the TTL is not sent (its record
+//! may be gone). Undecodable events
 //! are terminated and dead-lettered to `saga.dead.participant.notification`.
 
 use std::future::Future;
@@ -28,7 +30,8 @@ use crate::{Error, service};
 
 /// The participant's name (dead-letter source, consumer name).
 pub const NAME: &str = "notification";
-/// Emails recorded, by `event` and `result` (`sent`, `duplicate`).
+/// Emails recorded, by `event` and `result` (`sent`, `duplicate`, `expired`: an event past
+/// the record horizon, not sent).
 pub const EMAILS_TOTAL: &str = "jetsaga_notification_emails_total";
 /// Undecodable events dead-lettered.
 pub const DEAD_LETTERS_TOTAL: &str = "jetsaga_notification_dead_letters_total";
@@ -48,6 +51,11 @@ pub struct Settings {
     /// Redelivery after this long without an ack.
     #[serde(with = "config::duration")]
     pub ack_wait: Duration,
+    /// How long an email record is kept; then its key expires. An event stored longer ago
+    /// than 90 % of it is acknowledged without sending (result `expired`), so a very late
+    /// redelivery never sends a second email. At least 1 s.
+    #[serde(with = "config::duration")]
+    pub record_ttl: Duration,
 }
 
 impl Default for Settings {
@@ -58,6 +66,7 @@ impl Default for Settings {
             concurrency: 32,
             max_deliver: 20,
             ack_wait: jetsaga_participant::DEFAULT_ACK_WAIT,
+            record_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -126,6 +135,7 @@ impl config::Validate for Config {
                 "must be at least 1",
             ));
         }
+        service::validate_record_ttl("notification.record-ttl", s.record_ttl, Duration::ZERO)?;
         if s.ack_wait < Duration::from_secs(1) {
             return Err(config::Error::field(
                 "notification.ack-wait",
@@ -168,6 +178,7 @@ pub async fn email(store: &kv::Store, saga_id: &str) -> Result<Option<Email>, Er
 
 struct Notifier {
     store: kv::Store,
+    record_ttl: Duration,
     js: jetstream::Context,
     faults: Faults,
     emails: IntCounterVec,
@@ -219,6 +230,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
         .map_err(|e| Error::Nats(format!("consumer {}: {e}", s.consumer)))?;
     let notifier = Arc::new(Notifier {
         store,
+        record_ttl: s.record_ttl,
         js,
         faults: config.faults,
         emails,
@@ -280,6 +292,21 @@ impl Handler for Notifier {
                 return AckKind::Ack;
             }
         };
+        let age = msg
+            .info()
+            .ok()
+            .and_then(|i| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::SystemTime::from(i.published))
+                    .ok()
+            })
+            .unwrap_or_default();
+        if service::past_horizon(age, self.record_ttl) {
+            // Its email record may have expired: sending now could send it twice.
+            warn!(saga_id = %event.saga_id, age_secs = age.as_secs(), "event past the record horizon; not sending");
+            self.emails.with_label_values(&[label, "expired"]).inc();
+            return AckKind::Ack;
+        }
         if !service::is_key_safe(&event.saga_id) {
             warn!(saga_id = %event.saga_id, "saga id cannot be a key; skipping");
             return AckKind::Ack;
@@ -296,10 +323,16 @@ impl Handler for Notifier {
             saga_id: event.saga_id.clone(),
             sent_at: chrono::Utc::now(),
         };
-        let value = serde_json::to_vec(&email).unwrap_or_default().into();
+        let value = match serde_json::to_vec(&email) {
+            Ok(value) => value.into(),
+            Err(e) => {
+                warn!(error = %e, "cannot encode the email record; will retry");
+                return AckKind::Nak(Some(Duration::from_millis(500)));
+            }
+        };
         match self
             .store
-            .create(format!("email.{}", event.saga_id), value)
+            .create_with_ttl(format!("email.{}", event.saga_id), value, self.record_ttl)
             .await
         {
             Ok(_) => {

@@ -50,10 +50,11 @@ impl consume::Handler for Worker {
 
 impl Worker {
     async fn handle_command(&self, msg: &Message) -> AckKind {
-        let delivered = msg
-            .info()
-            .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
-            .unwrap_or(1);
+        let info = msg.info().ok();
+        let delivered = info
+            .as_ref()
+            .map_or(1, |i| u32::try_from(i.delivered).unwrap_or(u32::MAX));
+        let stored_at = info.map(|i| std::time::SystemTime::from(i.published));
         let command = match self.decode(msg) {
             Ok(command) => command,
             Err(e) => return self.dead_letter(msg, &e).await,
@@ -122,7 +123,7 @@ impl Worker {
         // While the handler runs, the consumer's progress sweeper tells JetStream it is in
         // progress, so the command is not redelivered and run twice at the same time.
         let (decision, result) = self
-            .decide(&command, delivered)
+            .decide(&command, delivered, stored_at)
             .instrument(span.clone())
             .await;
         self.metrics
@@ -157,7 +158,12 @@ impl Worker {
     }
 
     /// Runs the handler (or not) and says what to do with the command.
-    async fn decide(&self, command: &Command, delivered: u32) -> (Decision, &'static str) {
+    async fn decide(
+        &self,
+        command: &Command,
+        delivered: u32,
+        stored_at: Option<std::time::SystemTime>,
+    ) -> (Decision, &'static str) {
         let max = self.settings.max_deliver;
         if delivered > max {
             warn!("no answer after {max} deliveries; recording a retryable failure");
@@ -189,6 +195,7 @@ impl Worker {
         let ctx = Context {
             command: command.clone(),
             delivered,
+            stored_at,
             participant: self.name.clone(),
             jetstream: self.js.clone(),
         };
@@ -337,16 +344,11 @@ fn reply_message(
     headers.insert(header::SAGA_ID, command.saga_id.as_str());
     headers.insert(header::COMMAND_ID, command.command_id.as_str());
     // The recorded reply goes after `ttl`, and its subject with it (see `Builder::reply_ttl`).
-    headers.insert(header::TTL, ttl_header(ttl));
+    headers.insert(header::TTL, jetsaga_runtime::kv::ttl_header(ttl));
     if let Some(traceparent) = traceparent {
         headers.insert(header::TRACEPARENT, traceparent);
     }
     (headers, reply.encode().into())
-}
-
-/// A `Nats-TTL` value: whole seconds, at least one.
-pub(crate) fn ttl_header(ttl: Duration) -> String {
-    format!("{}s", ttl.as_secs().max(1))
 }
 
 /// The `Nats-Msg-Id` of the reply to `command_id`.
