@@ -175,3 +175,85 @@ async fn killed_mid_load_and_restarted_keeps_every_invariant() {
         assert!(status.success(), "{status}");
     }
 }
+
+/// Issue 10, hole 12: a participant killed (SIGKILL) while every command is in its handler
+/// and restarted at once answers them all about `ack_wait` later, not after the old 30 s, and
+/// charges each saga exactly once. Prints the recovery time; run with
+/// `JETSAGA_CONSUMER__ACK_WAIT=30s` in the environment to measure the old default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_command_recovers_within_ack_wait_and_charges_once() {
+    const N: u32 = 40;
+    let server = NatsServer::start();
+    let url = server.url();
+    let client = async_nats::connect(url.clone()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let slow = |url: &str| {
+        let mut cmd = Command::new(cargo_bin("jetsaga-payment"));
+        cmd.env("JETSAGA_NATS__URL", url)
+            .env("JETSAGA_METRICS__LISTEN", "")
+            .env("JETSAGA_TELEMETRY__LOG_FILTER", "warn")
+            // Every command is still in its handler when the kill lands.
+            .env("JETSAGA_FAULTS__LATENCY", "1s");
+        ChildGuard::spawn(cmd).unwrap()
+    };
+    let mut payment_proc = slow(&url);
+    let stream = wait_for_consumer(&js, "participant-payment").await;
+    let replies = Replies::collect(&client).await;
+    let charges: Vec<_> = (0..N)
+        .map(|i| {
+            let input = order(&[("c-1", 1)], 100 + u64::from(i), "tok_ok");
+            command("payment", "charge", &format!("r-{i}"), 1, &input)
+        })
+        .collect();
+    send_all(&js, "payment", &charges).await;
+    wait_until("every charge is in a handler", WAIT, || async {
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer("participant-payment").await.unwrap();
+        consumer.info().await.unwrap().num_ack_pending == N as usize
+    })
+    .await;
+    payment_proc.kill().unwrap();
+    let answered_before_kill = replies.count();
+    let restarted = std::time::Instant::now();
+    let _payment_proc = slow(&url);
+    wait_until(
+        "every charge is answered after the restart",
+        WAIT,
+        || async { replies.all(&charges) },
+    )
+    .await;
+    let recovery = restarted.elapsed();
+    println!(
+        "recovery after a kill -9 and restart: {:.2}s for {N} commands in flight \
+         ({answered_before_kill} answered before the kill)",
+        recovery.as_secs_f64()
+    );
+    assert!(
+        answered_before_kill < charges.len(),
+        "the kill landed mid-command"
+    );
+    let store = js.get_key_value("jetsaga_payment").await.unwrap();
+    let ledger = payment::ledger(&store).await.unwrap();
+    assert_eq!(
+        ledger.charges,
+        u64::from(N),
+        "each saga charged exactly once"
+    );
+    for cmd in &charges {
+        for outcome in replies.all_of(cmd) {
+            assert_eq!(code(&outcome), None, "{}", cmd.saga_id);
+            assert_eq!(outcome, replies.of(cmd), "{}: one answer", cmd.saga_id);
+        }
+    }
+}
+
+async fn wait_for_consumer(js: &jetstream::Context, name: &str) -> jetstream::stream::Stream {
+    wait_until("the consumer exists", WAIT, || async {
+        let Ok(stream) = js.get_stream("JETSAGA_COMMANDS").await else {
+            return false;
+        };
+        stream.consumer_info(name).await.is_ok()
+    })
+    .await;
+    js.get_stream("JETSAGA_COMMANDS").await.unwrap()
+}

@@ -29,7 +29,7 @@ pub(crate) struct Settings {
 
 /// The default `ack_wait`: short, so a crashed participant's commands come back quickly;
 /// handlers running longer are kept alive by in-progress acks.
-pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(5);
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(3);
 
 /// How long a recorded reply answers a repeated command id by default.
 pub const DEFAULT_REPLY_TTL: Duration = Duration::from_secs(3600);
@@ -95,7 +95,7 @@ impl Builder {
     }
 
     /// The consumer's `ack_wait`: a command not acknowledged in this time is redelivered
-    /// (default 5 s). It bounds how long a crashed participant's commands wait before another
+    /// (default 3 s). It bounds how long a crashed participant's commands wait before another
     /// instance (or the restarted one) gets them; a handler running longer than a third of it
     /// is marked in progress (`+WPI`), so slow handlers are neither redelivered nor run twice.
     pub fn ack_wait(mut self, wait: Duration) -> Self {
