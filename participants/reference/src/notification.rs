@@ -5,8 +5,8 @@
 //! `saga.event.order.>` and records each email as `email.<saga_id>` in KV with a create-only
 //! write that expires after `notification.record-ttl`: a second delivery of the event finds the
 //! record and sends nothing, and an event older than 90 % of the TTL is not sent (its record
-//! may be gone). Undecodable events
-//! are terminated and dead-lettered to `saga.dead.participant.notification`.
+//! may be gone). Undecodable events, and events still failing transiently on their last
+//! delivery, are terminated and dead-lettered to `saga.dead.participant.notification`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -33,7 +33,7 @@ pub const NAME: &str = "notification";
 /// Emails recorded, by `event` and `result` (`sent`, `duplicate`, `expired`: an event past
 /// the record horizon, not sent).
 pub const EMAILS_TOTAL: &str = "jetsaga_notification_emails_total";
-/// Undecodable events dead-lettered.
+/// Events dead-lettered (undecodable, or failing on their last delivery).
 pub const DEAD_LETTERS_TOTAL: &str = "jetsaga_notification_dead_letters_total";
 
 /// The notification's own settings (section `[notification]`).
@@ -46,7 +46,8 @@ pub struct Settings {
     pub consumer: String,
     /// Events handled at the same time.
     pub concurrency: usize,
-    /// Deliveries of an event that keeps failing transiently.
+    /// Deliveries of an event that keeps failing transiently; on the last one it is
+    /// dead-lettered to `saga.dead.participant.notification`.
     pub max_deliver: i64,
     /// Redelivery after this long without an ack.
     #[serde(with = "config::duration")]
@@ -179,6 +180,7 @@ pub async fn email(store: &kv::Store, saga_id: &str) -> Result<Option<Email>, Er
 struct Notifier {
     store: kv::Store,
     record_ttl: Duration,
+    max_deliver: i64,
     js: jetstream::Context,
     faults: Faults,
     emails: IntCounterVec,
@@ -201,8 +203,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
         Opts::new(EMAILS_TOTAL, "Emails recorded, by event and result."),
         &["event", "result"],
     )?;
-    let dead_letters =
-        prometheus::IntCounter::new(DEAD_LETTERS_TOTAL, "Undecodable events dead-lettered.")?;
+    let dead_letters = prometheus::IntCounter::new(DEAD_LETTERS_TOTAL, "Events dead-lettered.")?;
     registry.register(Box::new(emails.clone()))?;
     registry.register(Box::new(dead_letters.clone()))?;
     let tracker = TaskTracker::new();
@@ -231,6 +232,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     let notifier = Arc::new(Notifier {
         store,
         record_ttl: s.record_ttl,
+        max_deliver: s.max_deliver,
         js,
         faults: config.faults,
         emails,
@@ -281,8 +283,9 @@ impl Handler for Notifier {
         if let Some(jetsaga_participant::Handled::Retry { reason, .. }) =
             self.faults.inject(label).await
         {
-            warn!(%reason, saga_id = %event.saga_id, "injected failure; will be redelivered");
-            return AckKind::Nak(Some(Duration::from_millis(200)));
+            return self
+                .transient(msg, &format!("injected failure: {reason}"))
+                .await;
         }
         let subject_line = match label {
             "order.confirmed" => "Your order is confirmed",
@@ -326,8 +329,9 @@ impl Handler for Notifier {
         let value = match serde_json::to_vec(&email) {
             Ok(value) => value.into(),
             Err(e) => {
-                warn!(error = %e, "cannot encode the email record; will retry");
-                return AckKind::Nak(Some(Duration::from_millis(500)));
+                return self
+                    .transient(msg, &format!("cannot encode the email record: {e}"))
+                    .await;
             }
         };
         match self
@@ -346,9 +350,30 @@ impl Handler for Notifier {
                 AckKind::Ack
             }
             Err(e) => {
-                warn!(error = %e, "cannot record the email; will retry");
-                AckKind::Nak(Some(Duration::from_millis(500)))
+                self.transient(msg, &format!("cannot record the email: {e}"))
+                    .await
             }
         }
+    }
+}
+
+impl Notifier {
+    /// A transient failure: redelivered after a pause, except on the consumer's last delivery,
+    /// where the event is dead-lettered (with `reason`) rather than dropped by JetStream with
+    /// only an advisory nobody may be listening to.
+    async fn transient(&self, msg: &Message, reason: &str) -> AckKind {
+        let delivered = msg.info().map_or(1, |i| i.delivered);
+        if delivered < self.max_deliver {
+            warn!(%reason, delivered, "cannot handle the event; will be redelivered");
+            return AckKind::Nak(Some(Duration::from_millis(200)));
+        }
+        let reason = format!("{reason} (after {delivered} deliveries)");
+        error!(%reason, subject = %msg.subject, "giving up on the event: dead-lettering it");
+        let source = format!("participant.{NAME}");
+        let kind = dead_letter::settle(&self.js, &source, msg, &reason).await;
+        if matches!(kind, AckKind::Term) {
+            self.dead_letters.inc();
+        }
+        kind
     }
 }
