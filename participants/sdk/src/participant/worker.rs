@@ -44,7 +44,10 @@ pub(super) enum Decision {
 impl consume::Handler for Worker {
     async fn handle(&self, msg: &Message) -> AckKind {
         let _in_flight = self.metrics.in_flight(&self.name);
-        self.handle_command(msg).await
+        match self.handle_command(msg).await {
+            AckKind::Nak(_) if self.is_last_delivery(msg) => self.unanswered(msg).await,
+            kind => kind,
+        }
     }
 }
 
@@ -274,6 +277,29 @@ impl Worker {
             )));
         }
         Ok(command)
+    }
+
+    /// Whether JetStream delivers `msg` no more (the consumer's `max_deliver` is the retry
+    /// budget plus one).
+    fn is_last_delivery(&self, msg: &Message) -> bool {
+        msg.info()
+            .is_ok_and(|i| i.delivered > i64::from(self.settings.max_deliver))
+    }
+
+    /// A nak on the last delivery would drop the command with only an advisory: keep a dead
+    /// letter instead, so an operator sees it (and the orchestrator's step timeout decides).
+    async fn unanswered(&self, msg: &Message) -> AckKind {
+        let reason = format!(
+            "no reply could be recorded after {} deliveries",
+            self.settings.max_deliver + 1
+        );
+        error!(participant = %self.name, subject = %msg.subject, %reason, "dead-lettering the command");
+        let source = format!("participant.{}", self.name);
+        let settled = jetsaga_runtime::dead_letter::settle(&self.js, &source, msg, &reason).await;
+        if matches!(settled, AckKind::Term) {
+            self.metrics.dead_letter(&self.name, "unanswered");
+        }
+        settled
     }
 
     async fn dead_letter(&self, msg: &Message, error: &DecodeError) -> AckKind {
