@@ -124,7 +124,7 @@ async fn replies_and_final_records_expire_and_nothing_applies_twice() {
                 !replies.all_of(&cmd).is_empty()
             })
             .await;
-            replies.all_of(&cmd).last().map(|o| code(o)).unwrap()
+            replies.all_of(&cmd).last().map(code).unwrap()
         }
     };
 
