@@ -128,10 +128,31 @@ mod raw {
     fn streams() -> Vec<stream::Config> {
         const DAY: u64 = 24 * 3600;
         [
-            ("JETSAGA_COMMANDS", "saga.cmd.>", 7 * DAY, false, true, false),
+            (
+                "JETSAGA_COMMANDS",
+                "saga.cmd.>",
+                7 * DAY,
+                false,
+                true,
+                false,
+            ),
             ("JETSAGA_REPLIES", "saga.reply.>", 7 * DAY, true, true, true),
-            ("JETSAGA_EVENTS", "saga.event.>", 7 * DAY, false, false, false),
-            ("JETSAGA_DEAD_LETTERS", "saga.dead.>", 30 * DAY, true, true, false),
+            (
+                "JETSAGA_EVENTS",
+                "saga.event.>",
+                7 * DAY,
+                false,
+                false,
+                false,
+            ),
+            (
+                "JETSAGA_DEAD_LETTERS",
+                "saga.dead.>",
+                30 * DAY,
+                true,
+                true,
+                false,
+            ),
         ]
         .into_iter()
         .map(
