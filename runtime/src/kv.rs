@@ -1,7 +1,15 @@
 //! Reading and compare-and-set writing of KV records, the way every participant keeps state.
+//!
+//! A write may carry a TTL (`Nats-TTL`, in a bucket created with TTL support by
+//! [`crate::streams::ensure_bucket`]): the key, and its subject in the server's index, is gone
+//! that long after the write. Participants write their final records so.
 
-use async_nats::jetstream::kv;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 
 /// A KV request failed (not a conflict: those are answers, see [`write`]).
@@ -60,10 +68,12 @@ pub async fn entry(
             let subject = format!("{}{key}", store.prefix);
             match store.stream.get_last_raw_message_by_subject(&subject).await {
                 Ok(message) => {
+                    // A delete, a purge, or the marker the server leaves when a TTL expires.
                     let deleted = message
                         .headers
                         .get("KV-Operation")
-                        .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+                        .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"))
+                        || message.headers.get("Nats-Marker-Reason").is_some();
                     Ok((!deleted).then_some((message.payload, message.sequence)))
                 }
                 Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(None),
@@ -74,7 +84,8 @@ pub async fn entry(
 }
 
 /// Writes `value` if the record is still at `revision` (`None`: absent) and returns the new
-/// revision; `None` on a conflict (re-read and decide again).
+/// revision; `None` on a conflict (re-read and decide again). The record stays until
+/// overwritten; see [`write_with_ttl`] for one that expires.
 ///
 /// # Errors
 ///
@@ -96,6 +107,60 @@ pub async fn write(
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
             Err(e) => Err(failed("update", key)(e)),
         },
+    }
+}
+
+/// The `Nats-TTL` header value of `ttl`: whole seconds (as async-nats writes it), at least one.
+pub fn ttl_header(ttl: Duration) -> String {
+    ttl.as_secs().max(1).to_string()
+}
+
+/// [`write`], and the record (its key, and the key's subject in the server's index) expires
+/// `ttl` after this write (whole seconds, at least one). `js` is the JetStream context the
+/// put goes through (the one `store` was opened with). The bucket must allow per-message TTLs.
+///
+/// # Errors
+///
+/// [`Error`] if the write failed for another reason than a conflict.
+pub async fn write_with_ttl(
+    js: &jetstream::Context,
+    store: &kv::Store,
+    key: &str,
+    value: Bytes,
+    revision: Option<u64>,
+    ttl: Duration,
+) -> Result<Option<u64>, Error> {
+    let Some(revision) = revision else {
+        return match store.create_with_ttl(key, value, ttl).await {
+            Ok(revision) => Ok(Some(revision)),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(failed("create", key)(e)),
+        };
+    };
+    // async-nats 0.51 has no update with a TTL: the put `Store::update` makes, plus `Nats-TTL`.
+    if store.use_jetstream_prefix {
+        return Err(failed("update", key)(
+            "a write with a TTL needs the default JetStream API prefix",
+        ));
+    }
+    let subject = format!(
+        "{}{key}",
+        store.put_prefix.as_ref().unwrap_or(&store.prefix)
+    );
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+        revision.to_string(),
+    );
+    headers.insert(async_nats::header::NATS_MESSAGE_TTL, ttl_header(ttl));
+    let published = match js.publish_with_headers(subject, headers, value).await {
+        Ok(ack) => ack.await,
+        Err(e) => Err(e),
+    };
+    match published {
+        Ok(ack) => Ok(Some(ack.sequence)),
+        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
+        Err(e) => Err(failed("update", key)(e)),
     }
 }
 

@@ -354,8 +354,12 @@ pub fn verify(found: &stream::Config, wanted: &stream::Config) -> Result<(), Err
     Ok(())
 }
 
-/// The KV bucket `name` (one value per key), created with `settings` when missing and checked
-/// (history, storage, replicas) when it exists.
+/// How long the server keeps the delete marker it leaves when a KV record's TTL expires: the
+/// shortest it allows, so an expired key's subject is gone a second later.
+pub const BUCKET_MARKER_TTL: Duration = Duration::from_secs(1);
+
+/// The KV bucket `name` (one value per key, per-message TTLs allowed), created with
+/// `settings` when missing and checked (history, storage, replicas, TTLs) when it exists.
 ///
 /// # Errors
 ///
@@ -373,6 +377,8 @@ pub async fn ensure_bucket(
         history: 1,
         num_replicas: settings.replicas.max(1),
         storage: settings.storage.into(),
+        // Per-message TTLs, so final records can expire (`kv::write_with_ttl`).
+        limit_markers: Some(BUCKET_MARKER_TTL),
         ..Default::default()
     };
     let store = match js.get_key_value(name).await {
@@ -407,6 +413,13 @@ pub async fn ensure_bucket(
             "history",
             found.max_messages_per_subject.to_string(),
             wanted.history.to_string(),
+        ));
+    }
+    if !found.allow_message_ttl {
+        return Err(mismatch(
+            "allow_msg_ttl",
+            "false".to_owned(),
+            "true".to_owned(),
         ));
     }
     if found.storage != wanted.storage {

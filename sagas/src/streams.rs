@@ -77,9 +77,11 @@ const fn spec(name: &'static str, subjects: &'static [&'static str], max_age: Du
 pub const COMMANDS: Spec = spec("JETSAGA_COMMANDS", &[subject::COMMANDS], WEEK);
 
 /// Replies from participants: `saga.reply.<participant>.<command id>`. The last
-/// message per subject is the participant's recorded reply (its idempotency record).
+/// message per subject is the participant's recorded reply (its idempotency record); each
+/// reply carries a `Nats-TTL` (the participant's reply TTL), so its subject goes with it.
 pub const REPLIES: Spec = Spec {
     allow_direct: true,
+    allow_msg_ttl: true,
     ..spec("JETSAGA_REPLIES", &[subject::REPLIES], WEEK)
 };
 

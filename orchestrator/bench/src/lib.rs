@@ -616,42 +616,70 @@ impl Args {
     }
 }
 
+/// A command-line value the load generator cannot use; clap prints it after the flag's name.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ArgError {
+    /// A negative or overflowing number of seconds.
+    #[error("\"{0}\" is not a non-negative number of seconds")]
+    Seconds(String),
+    /// Neither a number of seconds nor a duration.
+    #[error("\"{text}\" is not a duration like 30s, 2m or 180 ({source})")]
+    Duration {
+        /// The text given.
+        text: String,
+        /// Why it does not parse.
+        #[source]
+        source: humantime::DurationError,
+    },
+    /// Zero where only a positive value makes sense.
+    #[error("must be greater than zero")]
+    Zero,
+    /// Not a finite number above zero.
+    #[error("\"{0}\" is not a number greater than zero")]
+    NotPositive(String),
+    /// Not a number from 0 to 1.
+    #[error("\"{0}\" is not a number between 0 and 1")]
+    NotShare(String),
+}
+
 /// A duration on the command line: `250ms`, `30s`, `2m`, `1m30s`, or a bare number of seconds
 /// (`180`, `0.5`).
 ///
 /// # Errors
 ///
-/// A message naming the text when it is neither.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+/// [`ArgError::Seconds`] or [`ArgError::Duration`], naming the text.
+pub fn parse_duration(text: &str) -> Result<Duration, ArgError> {
     let text = text.trim();
     if let Ok(seconds) = text.parse::<f64>() {
         return Duration::try_from_secs_f64(seconds)
-            .map_err(|_| format!("\"{text}\" is not a non-negative number of seconds"));
+            .map_err(|_| ArgError::Seconds(text.to_owned()));
     }
-    humantime::parse_duration(text)
-        .map_err(|e| format!("\"{text}\" is not a duration like 30s, 2m or 180 ({e})"))
+    humantime::parse_duration(text).map_err(|source| ArgError::Duration {
+        text: text.to_owned(),
+        source,
+    })
 }
 
-fn positive_duration(text: &str) -> Result<Duration, String> {
+fn positive_duration(text: &str) -> Result<Duration, ArgError> {
     let duration = parse_duration(text)?;
     if duration.is_zero() {
-        return Err("must be greater than zero".to_owned());
+        return Err(ArgError::Zero);
     }
     Ok(duration)
 }
 
-fn positive_number(text: &str) -> Result<f64, String> {
+fn positive_number(text: &str) -> Result<f64, ArgError> {
     text.parse::<f64>()
         .ok()
         .filter(|n| n.is_finite() && *n > 0.0)
-        .ok_or_else(|| format!("\"{text}\" is not a number greater than zero"))
+        .ok_or_else(|| ArgError::NotPositive(text.to_owned()))
 }
 
-fn share(text: &str) -> Result<f64, String> {
+fn share(text: &str) -> Result<f64, ArgError> {
     text.parse::<f64>()
         .ok()
         .filter(|n| (0.0..=1.0).contains(n))
-        .ok_or_else(|| format!("\"{text}\" is not a number between 0 and 1"))
+        .ok_or_else(|| ArgError::NotShare(text.to_owned()))
 }
 
 #[cfg(test)]
@@ -802,6 +830,19 @@ mod tests {
         }
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(
+            parse_duration("-1"),
+            Err(ArgError::Seconds("-1".to_owned()))
+        );
+        assert!(
+            matches!(parse_duration("soon"), Err(ArgError::Duration { text, .. }) if text == "soon")
+        );
+        assert_eq!(positive_duration("0s"), Err(ArgError::Zero));
+        assert_eq!(
+            positive_number("0"),
+            Err(ArgError::NotPositive("0".to_owned()))
+        );
+        assert_eq!(share("1.5"), Err(ArgError::NotShare("1.5".to_owned())));
 
         for (bad, expected) in [
             (vec!["--rate", "5"], "--duration"),

@@ -47,11 +47,16 @@ pub struct Consumer {
     pub concurrency: usize,
     /// Delivered but unacknowledged commands, across instances.
     pub max_ack_pending: i64,
-    /// Redelivery after this long without an ack.
+    /// Redelivery after this long without an ack: how soon a crashed instance's commands come
+    /// back. Handlers running longer are marked in progress every third of it.
     #[serde(with = "duration")]
     pub ack_wait: Duration,
     /// Deliveries per command before a retryable failure is recorded.
     pub max_deliver: u32,
+    /// How long a reply stays recorded (its `Nats-TTL`): a repeated command id is answered
+    /// from it for that long; afterwards the participant's own records answer.
+    #[serde(with = "duration")]
+    pub reply_ttl: Duration,
     /// How long shutdown waits for commands in flight.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
@@ -62,20 +67,21 @@ impl Default for Consumer {
         Self {
             concurrency: 64,
             max_ack_pending: 1024,
-            ack_wait: Duration::from_secs(30),
+            ack_wait: jetsaga_participant::DEFAULT_ACK_WAIT,
             max_deliver: 5,
+            reply_ttl: jetsaga_participant::DEFAULT_REPLY_TTL,
             shutdown_grace: Duration::from_secs(30),
         }
     }
 }
 
 impl Consumer {
-    /// Checks the section.
+    /// Checks the section; `streams` bounds the reply TTL.
     ///
     /// # Errors
     ///
     /// Naming the invalid field.
-    pub fn validate(&self) -> Result<(), Error> {
+    pub fn validate(&self, streams: &Streams) -> Result<(), Error> {
         if !(1..=4096).contains(&self.concurrency) {
             return Err(Error::field(
                 "consumer.concurrency",
@@ -93,6 +99,15 @@ impl Consumer {
         }
         if self.max_deliver == 0 {
             return Err(Error::field("consumer.max-deliver", "must be at least 1"));
+        }
+        if self.reply_ttl < Duration::from_secs(1) {
+            return Err(Error::field("consumer.reply-ttl", "must be at least 1s"));
+        }
+        if self.reply_ttl > streams.retention {
+            return Err(Error::field(
+                "consumer.reply-ttl",
+                "must not exceed streams.retention",
+            ));
         }
         Ok(())
     }
@@ -179,6 +194,14 @@ mod tests {
             "consumer.concurrency"
         );
         assert_eq!(bad("JETSAGA_NATS__TYPO", "1"), "nats.typo");
+        assert_eq!(
+            bad("JETSAGA_CONSUMER__REPLY_TTL", "0s"),
+            "consumer.reply-ttl"
+        );
+        assert_eq!(
+            bad("JETSAGA_CONSUMER__REPLY_TTL", "30d"),
+            "consumer.reply-ttl"
+        );
         // One rule in every binary: a section it does not have is refused by name.
         assert_eq!(bad("JETSAGA_HTTP__LISTEN", "127.0.0.1:1"), "http");
     }

@@ -3,8 +3,10 @@
 //!
 //! It consumes domain events (not commands) with the durable consumer `notification` on
 //! `saga.event.order.>` and records each email as `email.<saga_id>` in KV with a create-only
-//! write: a second delivery of the event finds the record and sends nothing. Undecodable events
-//! are terminated and dead-lettered to `saga.dead.participant.notification`.
+//! write that expires after `notification.record-ttl`: a second delivery of the event finds the
+//! record and sends nothing, and an event older than 90 % of the TTL is not sent (its record
+//! may be gone). Undecodable events, and events still failing transiently on their last
+//! delivery, are terminated and dead-lettered to `saga.dead.participant.notification`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -28,9 +30,10 @@ use crate::{Error, service};
 
 /// The participant's name (dead-letter source, consumer name).
 pub const NAME: &str = "notification";
-/// Emails recorded, by `event` and `result` (`sent`, `duplicate`).
+/// Emails recorded, by `event` and `result` (`sent`, `duplicate`, `expired`: an event past
+/// the record horizon, not sent).
 pub const EMAILS_TOTAL: &str = "jetsaga_notification_emails_total";
-/// Undecodable events dead-lettered.
+/// Events dead-lettered (undecodable, or failing on their last delivery).
 pub const DEAD_LETTERS_TOTAL: &str = "jetsaga_notification_dead_letters_total";
 
 /// The notification's own settings (section `[notification]`).
@@ -43,11 +46,17 @@ pub struct Settings {
     pub consumer: String,
     /// Events handled at the same time.
     pub concurrency: usize,
-    /// Deliveries of an event that keeps failing transiently.
+    /// Deliveries of an event that keeps failing transiently; on the last one it is
+    /// dead-lettered to `saga.dead.participant.notification`.
     pub max_deliver: i64,
     /// Redelivery after this long without an ack.
     #[serde(with = "config::duration")]
     pub ack_wait: Duration,
+    /// How long an email record is kept; then its key expires. An event stored longer ago
+    /// than 90 % of it is acknowledged without sending (result `expired`), so a very late
+    /// redelivery never sends a second email. At least 1 s.
+    #[serde(with = "config::duration")]
+    pub record_ttl: Duration,
 }
 
 impl Default for Settings {
@@ -57,7 +66,8 @@ impl Default for Settings {
             consumer: NAME.to_owned(),
             concurrency: 32,
             max_deliver: 20,
-            ack_wait: Duration::from_secs(30),
+            ack_wait: jetsaga_participant::DEFAULT_ACK_WAIT,
+            record_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -126,6 +136,7 @@ impl config::Validate for Config {
                 "must be at least 1",
             ));
         }
+        service::validate_record_ttl("notification.record-ttl", s.record_ttl, Duration::ZERO)?;
         if s.ack_wait < Duration::from_secs(1) {
             return Err(config::Error::field(
                 "notification.ack-wait",
@@ -168,6 +179,8 @@ pub async fn email(store: &kv::Store, saga_id: &str) -> Result<Option<Email>, Er
 
 struct Notifier {
     store: kv::Store,
+    record_ttl: Duration,
+    max_deliver: i64,
     js: jetstream::Context,
     faults: Faults,
     emails: IntCounterVec,
@@ -190,8 +203,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
         Opts::new(EMAILS_TOTAL, "Emails recorded, by event and result."),
         &["event", "result"],
     )?;
-    let dead_letters =
-        prometheus::IntCounter::new(DEAD_LETTERS_TOTAL, "Undecodable events dead-lettered.")?;
+    let dead_letters = prometheus::IntCounter::new(DEAD_LETTERS_TOTAL, "Events dead-lettered.")?;
     registry.register(Box::new(emails.clone()))?;
     registry.register(Box::new(dead_letters.clone()))?;
     let tracker = TaskTracker::new();
@@ -219,6 +231,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
         .map_err(|e| Error::Nats(format!("consumer {}: {e}", s.consumer)))?;
     let notifier = Arc::new(Notifier {
         store,
+        record_ttl: s.record_ttl,
+        max_deliver: s.max_deliver,
         js,
         faults: config.faults,
         emails,
@@ -269,8 +283,9 @@ impl Handler for Notifier {
         if let Some(jetsaga_participant::Handled::Retry { reason, .. }) =
             self.faults.inject(label).await
         {
-            warn!(%reason, saga_id = %event.saga_id, "injected failure; will be redelivered");
-            return AckKind::Nak(Some(Duration::from_millis(200)));
+            return self
+                .transient(msg, &format!("injected failure: {reason}"))
+                .await;
         }
         let subject_line = match label {
             "order.confirmed" => "Your order is confirmed",
@@ -280,6 +295,21 @@ impl Handler for Notifier {
                 return AckKind::Ack;
             }
         };
+        let age = msg
+            .info()
+            .ok()
+            .and_then(|i| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::SystemTime::from(i.published))
+                    .ok()
+            })
+            .unwrap_or_default();
+        if service::past_horizon(age, self.record_ttl) {
+            // Its email record may have expired: sending now could send it twice.
+            warn!(saga_id = %event.saga_id, age_secs = age.as_secs(), "event past the record horizon; not sending");
+            self.emails.with_label_values(&[label, "expired"]).inc();
+            return AckKind::Ack;
+        }
         if !service::is_key_safe(&event.saga_id) {
             warn!(saga_id = %event.saga_id, "saga id cannot be a key; skipping");
             return AckKind::Ack;
@@ -296,10 +326,17 @@ impl Handler for Notifier {
             saga_id: event.saga_id.clone(),
             sent_at: chrono::Utc::now(),
         };
-        let value = serde_json::to_vec(&email).unwrap_or_default().into();
+        let value = match serde_json::to_vec(&email) {
+            Ok(value) => value.into(),
+            Err(e) => {
+                return self
+                    .transient(msg, &format!("cannot encode the email record: {e}"))
+                    .await;
+            }
+        };
         match self
             .store
-            .create(format!("email.{}", event.saga_id), value)
+            .create_with_ttl(format!("email.{}", event.saga_id), value, self.record_ttl)
             .await
         {
             Ok(_) => {
@@ -313,9 +350,30 @@ impl Handler for Notifier {
                 AckKind::Ack
             }
             Err(e) => {
-                warn!(error = %e, "cannot record the email; will retry");
-                AckKind::Nak(Some(Duration::from_millis(500)))
+                self.transient(msg, &format!("cannot record the email: {e}"))
+                    .await
             }
         }
+    }
+}
+
+impl Notifier {
+    /// A transient failure: redelivered after a pause, except on the consumer's last delivery,
+    /// where the event is dead-lettered (with `reason`) rather than dropped by JetStream with
+    /// only an advisory nobody may be listening to.
+    async fn transient(&self, msg: &Message, reason: &str) -> AckKind {
+        let delivered = msg.info().map_or(1, |i| i.delivered);
+        if delivered < self.max_deliver {
+            warn!(%reason, delivered, "cannot handle the event; will be redelivered");
+            return AckKind::Nak(Some(Duration::from_millis(200)));
+        }
+        let reason = format!("{reason} (after {delivered} deliveries)");
+        error!(%reason, subject = %msg.subject, "giving up on the event: dead-lettering it");
+        let source = format!("participant.{NAME}");
+        let kind = dead_letter::settle(&self.js, &source, msg, &reason).await;
+        if matches!(kind, AckKind::Term) {
+            self.dead_letters.inc();
+        }
+        kind
     }
 }

@@ -12,6 +12,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
@@ -40,6 +41,14 @@ pub struct Settings {
     pub limit_cents: u64,
     /// A card token that is always declined.
     pub decline_token: String,
+    /// How long a payment record is kept after its last write; then its key expires. A charge
+    /// stored longer ago than 90 % of it is refused (`command_expired`), so a very late charge
+    /// never finds the record gone and charges again. A refund must come within it: a refund
+    /// of a charge whose record expired finds nothing and refunds nothing, so an operator
+    /// retrying a saga parked longer than this checks the ledger by hand. At least 1 s and at
+    /// least `consumer.reply-ttl`.
+    #[serde(with = "config::duration")]
+    pub record_ttl: Duration,
 }
 
 impl Default for Settings {
@@ -48,6 +57,7 @@ impl Default for Settings {
             bucket: "jetsaga_payment".to_owned(),
             limit_cents: 1_000_000,
             decline_token: "tok_decline".to_owned(),
+            record_ttl: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -96,11 +106,16 @@ impl config::Validate for Config {
     fn validate(&self) -> Result<(), config::Error> {
         self.nats.validate()?;
         self.streams.validate()?;
-        self.consumer.validate()?;
+        self.consumer.validate(&self.streams)?;
         self.metrics.validate()?;
         self.telemetry.validate()?;
         self.faults.validate()?;
         service::validate_bucket("payment.bucket", &self.payment.bucket)?;
+        service::validate_record_ttl(
+            "payment.record-ttl",
+            self.payment.record_ttl,
+            self.consumer.reply_ttl,
+        )?;
         if self.payment.limit_cents == 0 {
             return Err(config::Error::field(
                 "payment.limit-cents",
@@ -230,6 +245,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     }
     let payments = Arc::new(Payments {
         store,
+        js,
         settings: config.payment,
         faults: config.faults,
     });
@@ -254,6 +270,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
 
 struct Payments {
     store: kv::Store,
+    js: jetstream::Context,
     settings: Settings,
     faults: Faults,
 }
@@ -293,10 +310,13 @@ impl Payments {
     }
 
     /// Writes `payment` if the record is still at `revision` (`None`: absent); `false` on a
-    /// conflict.
+    /// conflict. Every write carries the record TTL.
     async fn write(&self, saga_id: &str, payment: &Payment, revision: Option<u64>) -> Step<bool> {
-        let value: Bytes = serde_json::to_vec(payment).unwrap_or_default().into();
-        kv_store::write(&self.store, &key(saga_id), value, revision)
+        let value: Bytes = serde_json::to_vec(payment)
+            .map_err(|e| transient("encoding the payment", e))?
+            .into();
+        let ttl = self.settings.record_ttl;
+        kv_store::write_with_ttl(&self.js, &self.store, &key(saga_id), value, revision, ttl)
             .await
             .map(|written| written.is_some())
             .map_err(|e| transient("writing the payment", e))
@@ -307,6 +327,10 @@ impl Payments {
             Ok(prepared) => prepared,
             Err(handled) => return handled,
         };
+        // Past the horizon the record may be gone: charging now could charge twice.
+        if service::past_horizon(ctx.age(), self.settings.record_ttl) {
+            return service::expired(ctx.age(), self.settings.record_ttl);
+        }
         match self.try_charge(&saga_id, &order).await {
             Ok(handled) | Err(handled) => handled,
         }

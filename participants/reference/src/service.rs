@@ -2,6 +2,7 @@
 //! metrics endpoint.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use axum::Router;
@@ -107,6 +108,52 @@ pub fn is_key_safe(text: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '/' | '_' | '=' | '.'))
 }
 
+/// The failure code of a command refused because it is older than its records' horizon.
+pub const COMMAND_EXPIRED: &str = "command_expired";
+
+/// Whether a command (or event) stored `age` ago is past the horizon of records that expire
+/// `ttl` after they become final: older than 90 % of it (the rest is slack for clock skew
+/// between this host and the server). Such a command may find its saga's final record gone
+/// and must not apply its effect again.
+pub fn past_horizon(age: Duration, ttl: Duration) -> bool {
+    age >= ttl / 10 * 9
+}
+
+/// The answer to a command [`past_horizon`]: a business failure, nothing applied.
+pub fn expired(age: Duration, ttl: Duration) -> jetsaga_participant::Handled {
+    jetsaga_participant::Handled::failed(
+        COMMAND_EXPIRED,
+        format!(
+            "the command was stored {}s ago, past the {}s horizon of this participant's records",
+            age.as_secs(),
+            ttl.as_secs()
+        ),
+    )
+}
+
+/// Checks a `record-ttl` field: at least 1 s and at least the reply TTL (the records answer
+/// repeated commands once the recorded replies are gone).
+///
+/// # Errors
+///
+/// A field error naming `field`.
+pub fn validate_record_ttl(
+    field: &str,
+    ttl: Duration,
+    reply_ttl: Duration,
+) -> Result<(), crate::config::Error> {
+    if ttl < Duration::from_secs(1) {
+        return Err(crate::config::Error::field(field, "must be at least 1s"));
+    }
+    if ttl < reply_ttl {
+        return Err(crate::config::Error::field(
+            field,
+            "must be at least the reply TTL (consumer.reply-ttl)",
+        ));
+    }
+    Ok(())
+}
+
 /// A participant builder with the shared consumer settings applied.
 pub fn builder(
     name: &str,
@@ -119,6 +166,7 @@ pub fn builder(
         .max_ack_pending(consumer.max_ack_pending)
         .ack_wait(consumer.ack_wait)
         .max_deliver(consumer.max_deliver)
+        .reply_ttl(consumer.reply_ttl)
         .shutdown_grace(consumer.shutdown_grace)
         .streams(streams.clone())
         .registry(registry)
@@ -127,6 +175,21 @@ pub fn builder(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_horizon_leaves_slack_and_record_ttls_are_checked() {
+        let day = Duration::from_secs(86_400);
+        assert!(!past_horizon(Duration::from_secs(3600), day));
+        assert!(!past_horizon(day / 10 * 8, day));
+        assert!(past_horizon(day / 10 * 9, day));
+        assert!(past_horizon(2 * day, day));
+        let hour = Duration::from_secs(3600);
+        assert!(validate_record_ttl("x.record-ttl", day, hour).is_ok());
+        for (ttl, reply) in [(Duration::ZERO, Duration::ZERO), (hour / 2, hour)] {
+            let error = validate_record_ttl("x.record-ttl", ttl, reply).unwrap_err();
+            assert_eq!(error.field_name(), Some("x.record-ttl"));
+        }
+    }
 
     #[test]
     fn bucket_names_are_checked_naming_the_field() {

@@ -7,6 +7,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::process::Command;
+use std::time::Duration;
 
 use async_nats::jetstream;
 use common::{Replies, WAIT, audit_inventory, code, command, order, send_all};
@@ -174,4 +175,181 @@ async fn killed_mid_load_and_restarted_keeps_every_invariant() {
             .expect("exits on SIGTERM");
         assert!(status.success(), "{status}");
     }
+}
+
+/// Issue 10, hole 12: a participant killed (SIGKILL) while every command is in its handler
+/// and restarted at once answers them all about `ack_wait` later, not after the old 30 s, and
+/// charges each saga exactly once. Prints the recovery time; run with
+/// `JETSAGA_CONSUMER__ACK_WAIT=30s` in the environment to measure the old default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_command_recovers_within_ack_wait_and_charges_once() {
+    const N: u32 = 40;
+    let server = NatsServer::start();
+    let url = server.url();
+    let client = async_nats::connect(url.clone()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let slow = |url: &str| {
+        let mut cmd = Command::new(cargo_bin("jetsaga-payment"));
+        cmd.env("JETSAGA_NATS__URL", url)
+            .env("JETSAGA_METRICS__LISTEN", "")
+            .env("JETSAGA_TELEMETRY__LOG_FILTER", "warn")
+            // Every command is still in its handler when the kill lands.
+            .env("JETSAGA_FAULTS__LATENCY", "1s");
+        ChildGuard::spawn(cmd).unwrap()
+    };
+    let mut payment_proc = slow(&url);
+    let stream = wait_for_consumer(&js, "participant-payment").await;
+    let replies = Replies::collect(&client).await;
+    let charges: Vec<_> = (0..N)
+        .map(|i| {
+            let input = order(&[("c-1", 1)], 100 + u64::from(i), "tok_ok");
+            command("payment", "charge", &format!("r-{i}"), 1, &input)
+        })
+        .collect();
+    send_all(&js, "payment", &charges).await;
+    wait_until("every charge is in a handler", WAIT, || async {
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer("participant-payment").await.unwrap();
+        consumer.info().await.unwrap().num_ack_pending == N as usize
+    })
+    .await;
+    payment_proc.kill().unwrap();
+    let answered_before_kill = replies.count();
+    let restarted = std::time::Instant::now();
+    let _payment_proc = slow(&url);
+    wait_until(
+        "every charge is answered after the restart",
+        WAIT,
+        || async { replies.all(&charges) },
+    )
+    .await;
+    let recovery = restarted.elapsed();
+    println!(
+        "recovery after a kill -9 and restart: {:.2}s for {N} commands in flight \
+         ({answered_before_kill} answered before the kill)",
+        recovery.as_secs_f64()
+    );
+    assert!(
+        answered_before_kill < charges.len(),
+        "the kill landed mid-command"
+    );
+    let store = js.get_key_value("jetsaga_payment").await.unwrap();
+    let ledger = payment::ledger(&store).await.unwrap();
+    assert_eq!(
+        ledger.charges,
+        u64::from(N),
+        "each saga charged exactly once"
+    );
+    for cmd in &charges {
+        for outcome in replies.all_of(cmd) {
+            assert_eq!(code(&outcome), None, "{}", cmd.saga_id);
+            assert_eq!(outcome, replies.of(cmd), "{}: one answer", cmd.saga_id);
+        }
+    }
+}
+
+async fn wait_for_consumer(js: &jetstream::Context, name: &str) -> jetstream::stream::Stream {
+    wait_until("the consumer exists", WAIT, || async {
+        let Ok(stream) = js.get_stream("JETSAGA_COMMANDS").await else {
+            return false;
+        };
+        stream.consumer_info(name).await.is_ok()
+    })
+    .await;
+    js.get_stream("JETSAGA_COMMANDS").await.unwrap()
+}
+
+/// Issue 10, hole 12, end to end: the payment binary killed with SIGKILL while charges are in
+/// its handlers and restarted at once; every order saga still completes, each charged exactly
+/// once, about `ack_wait` after the restart (printed) rather than after a step timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_sagas_complete_once_when_the_payment_is_killed_mid_charge() {
+    use jetsaga_orchestrator::config::{Config as OrchestratorConfig, Storage};
+    use jetsaga_orchestrator::{Service, Started};
+    use jetsaga_sagas::Phase;
+    use tokio_util::sync::CancellationToken;
+
+    const ORDERS: usize = 40;
+    let server = NatsServer::start();
+    let url = server.url();
+    let client = async_nats::connect(url.clone()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let mut config = OrchestratorConfig::default();
+    config.nats.url = url.clone();
+    config.streams.storage = Storage::File;
+    config.engine.shutdown_grace = Duration::from_secs(5);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = Service::start_with_listener(config, listener)
+        .await
+        .unwrap();
+    let handle = running.handle().clone();
+    let token = CancellationToken::new();
+    let mut stock = inventory::Config::default();
+    stock.nats.url = url.clone();
+    stock.metrics.listen = String::new();
+    let inventory_run = tokio::spawn(inventory::run(stock, token.clone().cancelled_owned()));
+    let slow_payment = |url: &str| {
+        let mut cmd = Command::new(cargo_bin("jetsaga-payment"));
+        cmd.env("JETSAGA_NATS__URL", url)
+            .env("JETSAGA_METRICS__LISTEN", "")
+            .env("JETSAGA_TELEMETRY__LOG_FILTER", "warn")
+            .env("JETSAGA_FAULTS__LATENCY", "500ms");
+        ChildGuard::spawn(cmd).unwrap()
+    };
+    let mut payment_proc = slow_payment(&url);
+    let commands = wait_for_consumer(&js, "participant-payment").await;
+    wait_for_consumer(&js, "participant-inventory").await;
+
+    let mut ids = Vec::new();
+    for i in 0..ORDERS {
+        let input = order(&[("sku-1", 1)], 1000 + i as u64, "tok_ok");
+        match handle
+            .start("order-creation", &format!("kill-{i}"), input)
+            .await
+            .unwrap()
+        {
+            Started {
+                saga_id,
+                created: true,
+            } => ids.push(saga_id),
+            other => panic!("{other:?}"),
+        }
+    }
+    wait_until("charges are in the payment's handlers", WAIT, || async {
+        let mut consumer: jetstream::consumer::PullConsumer =
+            commands.get_consumer("participant-payment").await.unwrap();
+        consumer.info().await.unwrap().num_ack_pending >= 10
+    })
+    .await;
+    payment_proc.kill().unwrap();
+    let restarted = std::time::Instant::now();
+    let _payment_proc = slow_payment(&url);
+    wait_until("every saga completed", WAIT, || async {
+        for id in &ids {
+            let phase = handle.saga(id).await.ok().flatten().map(|s| s.phase());
+            if phase != Some(Phase::Completed) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    println!(
+        "all {ORDERS} sagas completed {:.2}s after the payment's restart",
+        restarted.elapsed().as_secs_f64()
+    );
+    let store = js.get_key_value("jetsaga_payment").await.unwrap();
+    let records = payment::records(&store).await.unwrap();
+    for id in &ids {
+        assert_eq!(records[id].status, payment::Status::Charged, "{id}");
+    }
+    let ledger = payment::ledger(&store).await.unwrap();
+    assert_eq!(
+        ledger.charges, ORDERS as u64,
+        "each saga charged exactly once"
+    );
+    assert_eq!((ledger.refunds, ledger.voids), (0, 0), "{ledger:?}");
+    running.shutdown().await;
+    token.cancel();
+    inventory_run.await.unwrap().unwrap();
 }

@@ -128,14 +128,35 @@ mod raw {
     fn streams() -> Vec<stream::Config> {
         const DAY: u64 = 24 * 3600;
         [
-            ("JETSAGA_COMMANDS", "saga.cmd.>", 7 * DAY, false, true),
-            ("JETSAGA_REPLIES", "saga.reply.>", 7 * DAY, true, true),
-            ("JETSAGA_EVENTS", "saga.event.>", 7 * DAY, false, false),
-            ("JETSAGA_DEAD_LETTERS", "saga.dead.>", 30 * DAY, true, true),
+            (
+                "JETSAGA_COMMANDS",
+                "saga.cmd.>",
+                7 * DAY,
+                false,
+                true,
+                false,
+            ),
+            ("JETSAGA_REPLIES", "saga.reply.>", 7 * DAY, true, true, true),
+            (
+                "JETSAGA_EVENTS",
+                "saga.event.>",
+                7 * DAY,
+                false,
+                false,
+                false,
+            ),
+            (
+                "JETSAGA_DEAD_LETTERS",
+                "saga.dead.>",
+                30 * DAY,
+                true,
+                true,
+                false,
+            ),
         ]
         .into_iter()
         .map(
-            |(name, subject, max_age, allow_direct, discard_new)| stream::Config {
+            |(name, subject, max_age, allow_direct, discard_new, allow_ttl)| stream::Config {
                 name: name.to_owned(),
                 subjects: vec![subject.to_owned()],
                 retention: stream::RetentionPolicy::Limits,
@@ -149,6 +170,7 @@ mod raw {
                 } else {
                     stream::DiscardPolicy::Old
                 },
+                allow_message_ttl: allow_ttl,
                 ..Default::default()
             },
         )
@@ -505,6 +527,7 @@ mod raw {
             headers.insert("Nats-Msg-Id", format!("reply:{}", command.command_id));
             headers.insert("Jetsaga-Saga-Id", command.saga_id.as_str());
             headers.insert("Jetsaga-Command-Id", command.command_id.as_str());
+            headers.insert("Nats-TTL", "3600");
             if let Some(traceparent) = msg.headers.as_ref().and_then(|h| h.get("traceparent")) {
                 headers.insert("traceparent", traceparent.as_str());
             }

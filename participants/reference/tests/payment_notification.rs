@@ -184,3 +184,90 @@ async fn notification_sends_one_email_per_order_and_dead_letters_garbage() {
         .unwrap()
         .unwrap();
 }
+
+/// Issue 10, hole 14: an event that still fails on its last delivery is dead-lettered by the
+/// notification itself, not dropped by JetStream with only an advisory (the orchestrator's
+/// watcher listens to `participant-*` consumers only, and only while it runs). Its email
+/// record carries the record TTL.
+#[tokio::test]
+async fn notification_dead_letters_an_event_failing_on_its_last_delivery() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let mut config = notification::Config::default();
+    config.nats.url = server.url();
+    config.metrics.listen = String::new();
+    config.notification.max_deliver = 2;
+    config.faults.fail_actions = vec!["order.cancelled".to_owned()];
+    let token = CancellationToken::new();
+    let running = tokio::spawn(notification::run(config, token.clone().cancelled_owned()));
+    wait_until("the notification consumer exists", WAIT, || async {
+        let Ok(stream) = js.get_stream("JETSAGA_EVENTS").await else {
+            return false;
+        };
+        stream.consumer_info("notification").await.is_ok()
+    })
+    .await;
+    for (name, saga) in [("order.cancelled", "n-fail"), ("order.confirmed", "n-ok")] {
+        let event = Event {
+            protocol: protocol::VERSION,
+            event: name.to_owned(),
+            saga_id: saga.to_owned(),
+            saga_type: "order-creation".to_owned(),
+            key: saga.to_owned(),
+            input: order(&[("sku-1", 1)], 100, "tok_ok"),
+            occurred_at: chrono::Utc::now(),
+        };
+        js.publish(format!("saga.event.{name}"), event.encode().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let dead = js.get_stream("JETSAGA_DEAD_LETTERS").await.unwrap();
+    wait_until("the failing event is dead-lettered", WAIT, || async {
+        dead.get_last_raw_message_by_subject("saga.dead.participant.notification")
+            .await
+            .is_ok()
+    })
+    .await;
+    let letter = dead
+        .get_last_raw_message_by_subject("saga.dead.participant.notification")
+        .await
+        .unwrap();
+    assert_eq!(
+        letter.headers.get(header::DEAD_SUBJECT).unwrap().as_str(),
+        "saga.event.order.cancelled"
+    );
+    let reason = letter.headers.get(header::DEAD_REASON).unwrap().as_str();
+    assert!(reason.contains("after 2 deliveries"), "{reason}");
+    let store = js.get_key_value("jetsaga_notification").await.unwrap();
+    wait_until("the other email is recorded", WAIT, || async {
+        notification::email(&store, "n-ok").await.unwrap().is_some()
+    })
+    .await;
+    assert!(
+        notification::email(&store, "n-fail")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let record = js
+        .get_stream("KV_jetsaga_notification")
+        .await
+        .unwrap()
+        .direct_get_last_for_subject("$KV.jetsaga_notification.email.n-ok")
+        .await
+        .unwrap();
+    assert_eq!(
+        record.headers.get(header::TTL).map(|v| v.as_str()),
+        Some("86400"),
+        "the sent record expires after the record TTL"
+    );
+    token.cancel();
+    tokio::time::timeout(WAIT, running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

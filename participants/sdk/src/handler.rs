@@ -70,6 +70,7 @@ pub mod code {
 pub struct Context {
     pub(crate) command: Command,
     pub(crate) delivered: u32,
+    pub(crate) stored_at: Option<std::time::SystemTime>,
     pub(crate) participant: Arc<str>,
     pub(crate) jetstream: jetstream::Context,
 }
@@ -93,6 +94,17 @@ impl Context {
     /// How many times JetStream has delivered this command, 1 the first time.
     pub fn delivered(&self) -> u32 {
         self.delivered
+    }
+
+    /// How long ago the command was stored in the command stream, by this host's clock now
+    /// (zero if the server's timestamp is ahead or unknown). A redelivery has the age of the
+    /// first delivery; an orchestrator re-send is a new message. Participants whose records
+    /// expire use it to refuse a command older than their records' horizon instead of
+    /// applying it again.
+    pub fn age(&self) -> Duration {
+        self.stored_at
+            .and_then(|at| std::time::SystemTime::now().duration_since(at).ok())
+            .unwrap_or_default()
     }
 
     /// The participant's name.

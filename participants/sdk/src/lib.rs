@@ -8,8 +8,12 @@
 //!   `participant-<name>`;
 //! - many commands in flight at once (configurable concurrency and `max_ack_pending`);
 //! - idempotency on the command id: a command whose reply is already recorded in the reply
-//!   stream gets that reply again and the handler does not run;
-//! - acks: a reply is published and its PubAck awaited before the command is acked;
+//!   stream gets that reply again and the handler does not run; each reply is recorded with a
+//!   `Nats-TTL` ([`Builder::reply_ttl`], 1 h by default), after which the handler's own
+//!   idempotent effects answer;
+//! - acks: a reply is published and its PubAck awaited before the command is acked; a short
+//!   `ack_wait` (3 s by default) brings a crashed instance's commands back quickly, and handlers
+//!   running longer are marked in progress;
 //!   [`Handled::Retry`] naks with a delay, and on the last delivery records a retryable
 //!   `retries_exhausted` failure; a panicking handler counts as a retry;
 //! - undecodable commands are terminated and copied to the dead-letter stream
@@ -53,4 +57,4 @@ pub mod trace;
 pub use error::Error;
 pub use handler::{Context, Handled};
 pub use metrics::Metrics;
-pub use participant::{Builder, Participant, reply_msg_id};
+pub use participant::{Builder, DEFAULT_ACK_WAIT, DEFAULT_REPLY_TTL, Participant, reply_msg_id};

@@ -34,7 +34,8 @@ pub mod label {
     pub const ACTION: &str = "action";
     /// One of the [`result`](super::result) values.
     pub const RESULT: &str = "result";
-    /// Why a message was dead-lettered (`json`, `unsupported_version`, `missing_header`, `invalid_field`).
+    /// Why a message was dead-lettered (`json`, `unsupported_version`, `missing_header`, `invalid_field`,
+    /// `unanswered`: no reply could be recorded on the consumer's last delivery).
     pub const KIND: &str = "kind";
 }
 

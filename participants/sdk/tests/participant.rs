@@ -549,3 +549,72 @@ async fn a_handler_longer_than_ack_wait_is_kept_in_progress_and_runs_once() {
     first.stop().await;
     second.stop().await;
 }
+
+/// Issue 9: every reply carries the reply TTL as `Nats-TTL`, and a TTL out of range is refused.
+#[tokio::test]
+async fn replies_carry_the_reply_ttl() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let participant = Participant::builder(NAME)
+        .reply_ttl(Duration::from_secs(90))
+        .handler("ok", |_ctx: Context| async { Handled::ok(json!({})) })
+        .build()
+        .unwrap();
+    let running = start(&server.url(), participant).await;
+    let cmd = command("ok", "s-ttl", 1);
+    send(&js, &cmd, &cmd.command_id).await;
+    let (_, headers) = wait_reply(&js, &cmd).await;
+    assert_eq!(headers.get(header::TTL).map(|v| v.as_str()), Some("90"));
+    running.stop().await;
+
+    for ttl in [Duration::ZERO, Duration::from_secs(30 * 24 * 3600)] {
+        let err = Participant::builder(NAME)
+            .reply_ttl(ttl)
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("reply_ttl"), "{err}");
+    }
+}
+
+/// Issue 10, hole 14: a command whose reply cannot be recorded even on the consumer's last
+/// delivery is dead-lettered, not dropped by JetStream with only an advisory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_unanswered_on_its_last_delivery_is_dead_lettered() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let participant = Participant::builder(NAME)
+        .max_deliver(1)
+        .ack_wait(Duration::from_secs(1))
+        .handler("ok", |_ctx: Context| async { Handled::ok(json!({})) })
+        .build()
+        .unwrap();
+    let running = start(&server.url(), participant).await;
+    // No reply can be recorded any more.
+    js.delete_stream(REPLIES.name).await.unwrap();
+    let cmd = command("ok", "s-lost", 1);
+    send(&js, &cmd, &cmd.command_id).await;
+    let dead = js.get_stream(DEAD_LETTERS.name).await.unwrap();
+    let subject = jetsaga_sagas::streams::dead_letter_subject("participant.test");
+    wait_until("the command is dead-lettered", WAIT, || async {
+        dead.get_last_raw_message_by_subject(&subject).await.is_ok()
+    })
+    .await;
+    let letter = dead
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .unwrap();
+    let reason = letter.headers.get(header::DEAD_REASON).unwrap().as_str();
+    assert!(
+        reason.contains("no reply could be recorded after 2 deliveries"),
+        "{reason}"
+    );
+    assert_eq!(
+        Command::decode(&letter.payload).unwrap().command_id,
+        cmd.command_id
+    );
+    let commands = js.get_stream("JETSAGA_COMMANDS").await.unwrap();
+    wait_until("the command is settled", WAIT, || settled(&commands)).await;
+    running.stop().await;
+}

@@ -222,8 +222,9 @@ pub(super) fn reservation_key(saga_id: &str) -> String {
     format!("reservation.{saga_id}")
 }
 
-pub(super) fn encode<T: Serialize>(value: &T) -> Bytes {
-    serde_json::to_vec(value).unwrap_or_default().into()
+/// A record as stored (JSON). An encoding failure is an error, never an empty record.
+pub(super) fn encode<T: Serialize>(value: &T) -> Result<Bytes, serde_json::Error> {
+    serde_json::to_vec(value).map(Bytes::from)
 }
 
 /// All products and reservations in `store`, for audits and tests.
@@ -272,17 +273,20 @@ mod tests {
             serde_json::from_str(r#"{"available":1,"sold":2,"holds":{"s":3}}"#).unwrap();
         assert_eq!(old.holds["s"].quantity, 3);
         assert!(old.holds["s"].attempts.is_empty());
-        let new: Product = serde_json::from_slice(&encode(&Product {
-            holds: [(
-                "s".to_owned(),
-                Hold {
-                    quantity: 3,
-                    attempts: [7, 9].into(),
-                },
-            )]
-            .into(),
-            ..old
-        }))
+        let new: Product = serde_json::from_slice(
+            &encode(&Product {
+                holds: [(
+                    "s".to_owned(),
+                    Hold {
+                        quantity: 3,
+                        attempts: [7, 9].into(),
+                    },
+                )]
+                .into(),
+                ..old
+            })
+            .unwrap(),
+        )
         .unwrap();
         assert_eq!(new.holds["s"].attempts, [7, 9].into());
         assert_eq!(new.total(), 6);

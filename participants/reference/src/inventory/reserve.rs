@@ -9,6 +9,7 @@ use super::records::{Line, Reservation, Status};
 use super::stock::{Applied, OpKind};
 use super::store::Read;
 use super::{Inventory, Point, Step, checked_saga, lines_of, refusal, transient, union};
+use crate::service;
 
 /// An id for one run of a reserve handler, unique across instances and deliveries (random,
 /// 53 bits so that any JSON reader keeps it exact).
@@ -31,6 +32,10 @@ impl Inventory {
         let saga_id = checked_saga(ctx)?;
         let lines = lines_of(ctx)?;
         self.pause(Point::BeforeHolds, ctx).await;
+        // Past the horizon the saga's final record may be gone: holding now could leak.
+        if service::past_horizon(ctx.age(), self.settings.record_ttl) {
+            return Ok(service::expired(ctx.age(), self.settings.record_ttl));
+        }
         // Holds first, joined by this attempt's id, then the record is created in its final
         // state naming the attempt: two writes and no read on the common path. Whatever
         // else runs meanwhile (another attempt, a release, a commit), the attempt that

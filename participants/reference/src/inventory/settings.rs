@@ -1,6 +1,7 @@
 //! The inventory's configuration: the shared sections and `[inventory]`.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +21,12 @@ pub struct Settings {
     pub low_stock_threshold: u64,
     /// Most operations folded into one write of a product record.
     pub max_batch: usize,
+    /// How long a final reservation (committed, rejected, released) is kept; then its key
+    /// expires. A reserve stored longer ago than 90 % of it is refused (`command_expired`), so
+    /// a very late reserve can never find the record gone and hold stock again. At least 1 s
+    /// and at least `consumer.reply-ttl`.
+    #[serde(with = "config::duration")]
+    pub record_ttl: Duration,
 }
 
 impl Default for Settings {
@@ -29,6 +36,7 @@ impl Default for Settings {
             catalogue: (1..=5).map(|i| (format!("sku-{i}"), 10_000_000)).collect(),
             low_stock_threshold: 100,
             max_batch: 256,
+            record_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -77,7 +85,7 @@ impl config::Validate for Config {
     fn validate(&self) -> Result<(), config::Error> {
         self.nats.validate()?;
         self.streams.validate()?;
-        self.consumer.validate()?;
+        self.consumer.validate(&self.streams)?;
         self.metrics.validate()?;
         self.telemetry.validate()?;
         self.faults.validate()?;
@@ -89,6 +97,11 @@ impl config::Validate for Config {
                 format!("sku {sku:?} must be letters, digits, -, _, = or /"),
             ));
         }
+        service::validate_record_ttl(
+            "inventory.record-ttl",
+            s.record_ttl,
+            self.consumer.reply_ttl,
+        )?;
         if s.max_batch == 0 {
             return Err(config::Error::field(
                 "inventory.max-batch",

@@ -1,5 +1,7 @@
 //! Stock operations and the per-product task that batches them into compare-and-set writes.
 
+use std::sync::Arc;
+
 use async_nats::jetstream::{self, kv};
 use tokio::sync::{mpsc, oneshot};
 
@@ -38,10 +40,59 @@ pub(super) enum Applied {
     UnknownSku,
 }
 
+/// Why a stock operation could not be applied; transient (the command is retried). One
+/// failed write answers every operation of its batch, so it is cloneable: the sources are
+/// shared.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(super) enum StockError {
+    /// The inventory is stopping: no product task takes new operations.
+    #[error("inventory is shutting down")]
+    ShuttingDown,
+    /// The product's task ended before answering.
+    #[error("the task of product {sku} stopped")]
+    TaskStopped {
+        /// The product.
+        sku: String,
+    },
+    /// The product record could not be read.
+    #[error("reading product {sku}: {source}")]
+    Read {
+        /// The product.
+        sku: String,
+        /// What the server or client said.
+        #[source]
+        source: Arc<jetsaga_runtime::kv::Error>,
+    },
+    /// The stored product record does not decode, or the new one does not encode.
+    #[error("product {sku} record: {source}")]
+    Record {
+        /// The product.
+        sku: String,
+        /// The JSON error.
+        #[source]
+        source: Arc<serde_json::Error>,
+    },
+    /// The product record could not be written (not a conflict: those are retried here).
+    #[error("writing product {sku}: {source}")]
+    Write {
+        /// The product.
+        sku: String,
+        /// What the server or client said.
+        #[source]
+        source: Arc<kv::UpdateError>,
+    },
+    /// Every compare-and-set of the batch lost to another writer.
+    #[error("product {sku}: too many concurrent writers")]
+    Contended {
+        /// The product.
+        sku: String,
+    },
+}
+
 pub(super) struct Op {
     pub(super) kind: OpKind,
     pub(super) saga_id: String,
-    pub(super) reply: oneshot::Sender<Result<Applied, String>>,
+    pub(super) reply: oneshot::Sender<Result<Applied, StockError>>,
 }
 
 impl Op {
@@ -102,7 +153,7 @@ impl Op {
 
 impl Inventory {
     /// Runs `kind` for `saga_id` on `sku` in that product's task.
-    async fn op(&self, sku: &str, saga_id: &str, kind: OpKind) -> Result<Applied, String> {
+    async fn op(&self, sku: &str, saga_id: &str, kind: OpKind) -> Result<Applied, StockError> {
         let (reply, answer) = oneshot::channel();
         let op = Op {
             kind,
@@ -129,11 +180,11 @@ impl Inventory {
             sender.send(op).is_ok()
         };
         if !sent {
-            return Err("inventory is shutting down".to_owned());
+            return Err(StockError::ShuttingDown);
         }
-        answer
-            .await
-            .map_err(|_| "product task stopped".to_owned())?
+        answer.await.map_err(|_| StockError::TaskStopped {
+            sku: sku.to_owned(),
+        })?
     }
 
     /// Runs `kind` on every line at once; the first error is transient.
@@ -195,7 +246,7 @@ impl ProductTask {
         key: &str,
         batch: &[Op],
         known: &mut Option<(Product, u64)>,
-    ) -> Result<Vec<Applied>, String> {
+    ) -> Result<Vec<Applied>, StockError> {
         let mut read = Read::Any;
         for _ in 0..MAX_CAS_ATTEMPTS {
             let from_leader = known.is_none() && read == Read::Leader;
@@ -219,7 +270,11 @@ impl ProductTask {
                 read = Read::Leader;
                 continue;
             }
-            match self.store.update(key, encode(&next), revision).await {
+            let value = encode(&next).map_err(|e| StockError::Record {
+                sku: self.sku.clone(),
+                source: Arc::new(e),
+            })?;
+            match self.store.update(key, value, revision).await {
                 Ok(new_revision) => {
                     let saga_id = batch.last().map_or("", |op| op.saga_id.as_str());
                     events::announce(
@@ -237,21 +292,34 @@ impl ProductTask {
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                     read = Read::Any;
                 }
-                Err(e) => return Err(format!("writing product {}: {e}", self.sku)),
+                Err(e) => {
+                    return Err(StockError::Write {
+                        sku: self.sku.clone(),
+                        source: Arc::new(e),
+                    });
+                }
             }
         }
-        Err(format!("product {}: too many concurrent writers", self.sku))
+        Err(StockError::Contended {
+            sku: self.sku.clone(),
+        })
     }
 
-    async fn read(&self, key: &str, read: Read) -> Result<Option<(Product, u64)>, String> {
-        let Some((value, revision)) = store::entry(&self.store, key, read)
-            .await
-            .map_err(|e| format!("reading product {}: {e}", self.sku))?
+    async fn read(&self, key: &str, read: Read) -> Result<Option<(Product, u64)>, StockError> {
+        let Some((value, revision)) =
+            store::entry(&self.store, key, read)
+                .await
+                .map_err(|e| StockError::Read {
+                    sku: self.sku.clone(),
+                    source: Arc::new(e),
+                })?
         else {
             return Ok(None);
         };
-        let product =
-            serde_json::from_slice(&value).map_err(|e| format!("product {}: {e}", self.sku))?;
+        let product = serde_json::from_slice(&value).map_err(|e| StockError::Record {
+            sku: self.sku.clone(),
+            source: Arc::new(e),
+        })?;
         Ok(Some((product, revision)))
     }
 }

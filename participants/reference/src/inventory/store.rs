@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 
-use super::records::{Reservation, encode, reservation_key};
+use super::records::{Reservation, Status, encode, reservation_key};
 use super::{Inventory, Step, transient};
 use jetsaga_participant::Handled;
 
@@ -17,10 +17,8 @@ pub(super) async fn entry(
     store: &kv::Store,
     key: &str,
     read: Read,
-) -> Result<Option<(Bytes, u64)>, String> {
-    jetsaga_runtime::kv::entry(store, key, read)
-        .await
-        .map_err(|e| e.to_string())
+) -> Result<Option<(Bytes, u64)>, jetsaga_runtime::kv::Error> {
+    jetsaga_runtime::kv::entry(store, key, read).await
 }
 
 /// A bounded map of recently written reservations (oldest evicted first).
@@ -69,7 +67,8 @@ impl Inventory {
     }
 
     /// Writes `reservation` if the record is still at `revision` (`None`: absent) and returns
-    /// the new revision; `None` on a conflict (re-read and decide again).
+    /// the new revision; `None` on a conflict (re-read and decide again). A final reservation
+    /// is written with the record TTL, so its key goes; a `reserved` one stays.
     pub(super) async fn write(
         &self,
         saga_id: &str,
@@ -77,8 +76,23 @@ impl Inventory {
         revision: Option<u64>,
     ) -> Step<Option<u64>> {
         let key = reservation_key(saga_id);
-        let written =
-            jetsaga_runtime::kv::write(&self.store, &key, encode(reservation), revision).await;
+        let value = encode(reservation).map_err(|e| transient("encoding the reservation", e))?;
+        let written = match reservation.status {
+            Status::Committed | Status::Rejected | Status::Released => {
+                jetsaga_runtime::kv::write_with_ttl(
+                    &self.js,
+                    &self.store,
+                    &key,
+                    value,
+                    revision,
+                    self.settings.record_ttl,
+                )
+                .await
+            }
+            Status::Pending | Status::Reserved => {
+                jetsaga_runtime::kv::write(&self.store, &key, value, revision).await
+            }
+        };
         written.map_err(|e| transient("writing the reservation", e))
     }
 }

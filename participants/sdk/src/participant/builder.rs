@@ -24,20 +24,29 @@ pub(crate) struct Settings {
     pub(super) streams: Streams,
     pub(super) shutdown_grace: Duration,
     pub(super) drain: bool,
+    pub(super) reply_ttl: Duration,
 }
+
+/// The default `ack_wait`: short, so a crashed participant's commands come back quickly;
+/// handlers running longer are kept alive by in-progress acks.
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(3);
+
+/// How long a recorded reply answers a repeated command id by default.
+pub const DEFAULT_REPLY_TTL: Duration = Duration::from_secs(3600);
 
 impl Default for Settings {
     fn default() -> Self {
         Self {
             concurrency: 64,
             max_ack_pending: 1024,
-            ack_wait: Duration::from_secs(30),
+            ack_wait: DEFAULT_ACK_WAIT,
             max_deliver: 5,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
             streams: Streams::default(),
             shutdown_grace: Duration::from_secs(30),
             drain: true,
+            reply_ttl: DEFAULT_REPLY_TTL,
         }
     }
 }
@@ -86,7 +95,9 @@ impl Builder {
     }
 
     /// The consumer's `ack_wait`: a command not acknowledged in this time is redelivered
-    /// (default 30 s; keep it above the handlers' worst latency).
+    /// (default 3 s). It bounds how long a crashed participant's commands wait before another
+    /// instance (or the restarted one) gets them; a handler running longer than a third of it
+    /// is marked in progress (`+WPI`), so slow handlers are neither redelivered nor run twice.
     pub fn ack_wait(mut self, wait: Duration) -> Self {
         self.settings.ack_wait = wait;
         self
@@ -117,6 +128,16 @@ impl Builder {
     /// the orchestrator has too): missing streams are created so, existing ones are checked.
     pub fn streams(mut self, streams: Streams) -> Self {
         self.settings.streams = streams;
+        self
+    }
+
+    /// How long a reply stays recorded in the reply stream (default 1 h): the reply is published
+    /// with this `Nats-TTL`, and for that long a repeated command id is answered from it without
+    /// running the handler. After it, a repeated command runs the handler again, which must find
+    /// its earlier effect (effects are idempotent per saga). At least 1 s and at most the
+    /// streams' retention.
+    pub fn reply_ttl(mut self, ttl: Duration) -> Self {
+        self.settings.reply_ttl = ttl;
         self
     }
 
@@ -171,6 +192,14 @@ impl Builder {
         }
         if s.ack_wait < Duration::from_secs(1) {
             return Err(Error::Config("ack_wait must be at least 1s".to_owned()));
+        }
+        if s.reply_ttl < Duration::from_secs(1) {
+            return Err(Error::Config("reply_ttl must be at least 1s".to_owned()));
+        }
+        if s.reply_ttl > s.streams.retention {
+            return Err(Error::Config(
+                "reply_ttl must not exceed the streams' retention".to_owned(),
+            ));
         }
         if s.initial_backoff > s.max_backoff {
             return Err(Error::Config(

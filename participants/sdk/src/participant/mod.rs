@@ -5,8 +5,8 @@ mod builder;
 mod keyed;
 mod worker;
 
-pub use builder::Builder;
 use builder::Settings;
+pub use builder::{Builder, DEFAULT_ACK_WAIT, DEFAULT_REPLY_TTL};
 use keyed::KeyedLock;
 use worker::Worker;
 pub use worker::reply_msg_id;

@@ -44,16 +44,20 @@ pub(super) enum Decision {
 impl consume::Handler for Worker {
     async fn handle(&self, msg: &Message) -> AckKind {
         let _in_flight = self.metrics.in_flight(&self.name);
-        self.handle_command(msg).await
+        match self.handle_command(msg).await {
+            AckKind::Nak(_) if self.is_last_delivery(msg) => self.unanswered(msg).await,
+            kind => kind,
+        }
     }
 }
 
 impl Worker {
     async fn handle_command(&self, msg: &Message) -> AckKind {
-        let delivered = msg
-            .info()
-            .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
-            .unwrap_or(1);
+        let info = msg.info().ok();
+        let delivered = info
+            .as_ref()
+            .map_or(1, |i| u32::try_from(i.delivered).unwrap_or(u32::MAX));
+        let stored_at = info.map(|i| std::time::SystemTime::from(i.published));
         let command = match self.decode(msg) {
             Ok(command) => command,
             Err(e) => return self.dead_letter(msg, &e).await,
@@ -122,7 +126,7 @@ impl Worker {
         // While the handler runs, the consumer's progress sweeper tells JetStream it is in
         // progress, so the command is not redelivered and run twice at the same time.
         let (decision, result) = self
-            .decide(&command, delivered)
+            .decide(&command, delivered, stored_at)
             .instrument(span.clone())
             .await;
         self.metrics
@@ -138,7 +142,8 @@ impl Worker {
                     .as_ref()
                     .and_then(|h| h.get(header::TRACEPARENT))
                     .map(|v| v.as_str().to_owned());
-                let (headers, payload) = reply_message(&command, outcome, traceparent);
+                let (headers, payload) =
+                    reply_message(&command, outcome, traceparent, self.settings.reply_ttl);
                 match self
                     .publish(command.reply_to.clone(), headers, payload)
                     .await
@@ -156,7 +161,12 @@ impl Worker {
     }
 
     /// Runs the handler (or not) and says what to do with the command.
-    async fn decide(&self, command: &Command, delivered: u32) -> (Decision, &'static str) {
+    async fn decide(
+        &self,
+        command: &Command,
+        delivered: u32,
+        stored_at: Option<std::time::SystemTime>,
+    ) -> (Decision, &'static str) {
         let max = self.settings.max_deliver;
         if delivered > max {
             warn!("no answer after {max} deliveries; recording a retryable failure");
@@ -188,6 +198,7 @@ impl Worker {
         let ctx = Context {
             command: command.clone(),
             delivered,
+            stored_at,
             participant: self.name.clone(),
             jetstream: self.js.clone(),
         };
@@ -268,6 +279,29 @@ impl Worker {
         Ok(command)
     }
 
+    /// Whether JetStream delivers `msg` no more (the consumer's `max_deliver` is the retry
+    /// budget plus one).
+    fn is_last_delivery(&self, msg: &Message) -> bool {
+        msg.info()
+            .is_ok_and(|i| i.delivered > i64::from(self.settings.max_deliver))
+    }
+
+    /// A nak on the last delivery would drop the command with only an advisory: keep a dead
+    /// letter instead, so an operator sees it (and the orchestrator's step timeout decides).
+    async fn unanswered(&self, msg: &Message) -> AckKind {
+        let reason = format!(
+            "no reply could be recorded after {} deliveries",
+            self.settings.max_deliver + 1
+        );
+        error!(participant = %self.name, subject = %msg.subject, %reason, "dead-lettering the command");
+        let source = format!("participant.{}", self.name);
+        let settled = jetsaga_runtime::dead_letter::settle(&self.js, &source, msg, &reason).await;
+        if matches!(settled, AckKind::Term) {
+            self.metrics.dead_letter(&self.name, "unanswered");
+        }
+        settled
+    }
+
     async fn dead_letter(&self, msg: &Message, error: &DecodeError) -> AckKind {
         let kind = match error.kind() {
             DecodeErrorKind::Json => "json",
@@ -323,6 +357,7 @@ fn reply_message(
     command: &Command,
     outcome: Outcome,
     traceparent: Option<String>,
+    ttl: Duration,
 ) -> (HeaderMap, bytes::Bytes) {
     let reply = Reply {
         protocol: protocol::VERSION,
@@ -334,6 +369,8 @@ fn reply_message(
     headers.insert(header::MSG_ID, reply_msg_id(&command.command_id));
     headers.insert(header::SAGA_ID, command.saga_id.as_str());
     headers.insert(header::COMMAND_ID, command.command_id.as_str());
+    // The recorded reply goes after `ttl`, and its subject with it (see `Builder::reply_ttl`).
+    headers.insert(header::TTL, jetsaga_runtime::kv::ttl_header(ttl));
     if let Some(traceparent) = traceparent {
         headers.insert(header::TRACEPARENT, traceparent);
     }
