@@ -14,6 +14,7 @@ impl Saga {
     pub(super) fn on_retry(
         &mut self,
         def: &Definition,
+        operator: String,
         now: DateTime<Utc>,
         actions: &mut Vec<Action>,
     ) -> Result<Change, Rejected> {
@@ -35,6 +36,7 @@ impl Saga {
             Cause::OperatorRetry,
             &def.steps[index].name,
             None,
+            operator,
         ))
     }
 
@@ -44,6 +46,7 @@ impl Saga {
         &mut self,
         def: &Definition,
         reason: String,
+        operator: String,
         now: DateTime<Utc>,
         actions: &mut Vec<Action>,
     ) -> Result<Change, Rejected> {
@@ -74,6 +77,7 @@ impl Saga {
             Cause::OperatorAbort,
             &def.steps[index].name,
             Some(&failure),
+            operator,
         ))
     }
 }

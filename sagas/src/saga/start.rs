@@ -62,6 +62,7 @@ impl Saga {
             from: None,
             to: Phase::Running,
             error: None,
+            operator: None,
         };
         Ok((saga, Transition { entry, actions }))
     }
