@@ -315,4 +315,82 @@ mod tests {
         let err = Config::load(Some(Path::new("/nonexistent/x.toml")), vars(&[])).unwrap_err();
         assert!(err.to_string().contains("cannot read config file"), "{err}");
     }
+
+    #[test]
+    fn tokens_from_file_and_env_are_checked_and_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("ana.token");
+        std::fs::write(&secret, "  s3cret-s3cret-s3cret\n").unwrap();
+        let file = dir.path().join("jetsaga.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[http]\nlisten = \"0.0.0.0:8080\"\ntokens = [{{ name = \"ana\", token-file = {:?} }}, {{ name = \"ci\", role = \"read\", token = \"read-only-token-123\" }}]\n",
+                secret.display().to_string()
+            ),
+        )
+        .unwrap();
+        let config = Config::load(Some(&file), vars(&[])).unwrap();
+        assert_eq!(config.http.tokens[0].role, Role::Operate);
+        assert_eq!(config.http.tokens[1].role, Role::Read);
+        assert_eq!(
+            config.http.tokens[0].secret(0).unwrap(),
+            "s3cret-s3cret-s3cret"
+        );
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("read-only-token-123"), "{printed}");
+
+        // From the environment.
+        let config = Config::load(
+            None,
+            vars(&[(
+                "JETSAGA_HTTP__TOKENS",
+                "[{name=\"env\",token=\"from-the-environment\"}]",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(config.http.tokens[0].name, "env");
+
+        // Open to the network without tokens: refused unless asked for.
+        let err =
+            Config::load(None, vars(&[("JETSAGA_HTTP__LISTEN", "0.0.0.0:8080")])).unwrap_err();
+        assert!(err.to_string().contains("http.listen"), "{err}");
+        Config::load(
+            None,
+            vars(&[
+                ("JETSAGA_HTTP__LISTEN", "0.0.0.0:8080"),
+                ("JETSAGA_HTTP__ALLOW_UNAUTHENTICATED", "true"),
+            ]),
+        )
+        .unwrap();
+
+        let mut bad = Config::default();
+        bad.http.tokens = vec![Token {
+            name: "x".into(),
+            role: Role::Read,
+            token: Some("short".into()),
+            token_file: Some(secret.clone()),
+        }];
+        let err = bad.validate().unwrap_err();
+        assert!(err.to_string().contains("http.tokens[0].token"), "{err}");
+        bad.http.tokens[0].token_file = None;
+        let err = bad.http.tokens[0].secret(0).unwrap_err();
+        assert!(err.to_string().contains("at least 16"), "{err}");
+        bad.http.tokens[0].token = None;
+        bad.http.tokens[0].token_file = Some(dir.path().join("missing"));
+        let err = bad.http.tokens[0].secret(0).unwrap_err();
+        assert!(
+            err.to_string().contains("http.tokens[0].token-file"),
+            "{err}"
+        );
+        let twice = Token {
+            name: "x".into(),
+            role: Role::Read,
+            token: Some("long-enough-token-1".into()),
+            token_file: None,
+        };
+        bad.http.tokens = vec![twice.clone(), twice];
+        let err = bad.validate().unwrap_err();
+        assert!(err.to_string().contains("http.tokens[1].name"), "{err}");
+    }
 }
