@@ -99,7 +99,7 @@ fn main() {
             },
         ),
         (
-            "no match (updated_after=future): full scan",
+            "no match (updated_after=future)",
             Filter {
                 updated_after: Some(now),
                 ..Filter::default()

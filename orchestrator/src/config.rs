@@ -369,7 +369,7 @@ mod tests {
             name: "x".into(),
             role: Role::Read,
             token: Some("short".into()),
-            token_file: Some(secret.clone()),
+            token_file: Some(secret),
         }];
         let err = bad.validate().unwrap_err();
         assert!(err.to_string().contains("http.tokens[0].token"), "{err}");

@@ -9,10 +9,13 @@
 //! a restart because the journal does); every instance keeps its own copy of the
 //! same stream, so several instances list the same sagas.
 //!
-//! Entries are grouped by (saga type, state), each group ordered by the journal
-//! sequence of the saga's last record (the newest is the most recently updated). A
-//! page merges the groups the filter selects, newest first, and stops after
-//! `limit` matches; the cursor is the last sequence returned.
+//! Entries are grouped by (saga type, state), each group ordered by (updated time,
+//! journal sequence) of the saga's last record. A page merges the groups the filter
+//! selects, newest first, starting below the cursor or `updated_before` and
+//! stopping at `updated_after` or after `limit` matches: a page costs
+//! O(groups × log n + limit), whatever the number of sagas; only `stuck` (which
+//! the order cannot bound) skips entries. The cursor is the position of the last
+//! entry returned.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -209,11 +212,12 @@ pub struct Page {
     /// Newest first.
     pub items: Vec<Summary>,
     /// Where the next page starts, if there may be one.
-    pub next: Option<u64>,
+    pub next: Option<Position>,
 }
 
-/// One saga's entry. Times are milliseconds since the epoch; small on purpose
-/// (see [`Index::ENTRY_BYTES`]).
+/// One saga's entry. Times are milliseconds since the epoch; small on purpose:
+/// with its B-tree position, id-map and expiry entries and a 13-byte key, a saga
+/// costs about 370 bytes of resident memory (`examples/index_bench.rs`).
 #[derive(Debug, Clone)]
 struct Slot {
     id: u128,
@@ -232,13 +236,17 @@ const NO_STEP: u32 = u32::MAX;
 /// Which group an entry is in: (type, phase).
 type Group = (u32, u8);
 
+/// Where an entry sits in its group: (updated, milliseconds since the epoch;
+/// journal sequence). Also the listing's cursor.
+pub type Position = (i64, u64);
+
 #[derive(Debug, Default)]
 struct Inner {
     types: Interner,
     steps: Interner,
-    groups: HashMap<Group, BTreeMap<u64, Slot>>,
-    /// Saga id → (group, sequence).
-    by_id: HashMap<u128, (Group, u64)>,
+    groups: HashMap<Group, BTreeMap<Position, Slot>>,
+    /// Saga id → (group, position).
+    by_id: HashMap<u128, (Group, Position)>,
     /// (expiry, id) of finished sagas, for the sweep.
     expiring: BTreeSet<(i64, u128)>,
 }
@@ -297,11 +305,6 @@ pub struct Index {
 }
 
 impl Index {
-    /// Roughly what one saga costs in memory, in bytes: its slot in a group's
-    /// B-tree, its id-map entry and its expiry entry (measured by the bench tool,
-    /// business keys of about 12 bytes).
-    pub const ENTRY_BYTES: usize = 160;
-
     /// An empty index; step timeouts for `stuck` come from `registry`.
     pub fn new(registry: Arc<Registry>) -> Self {
         Self {
@@ -376,11 +379,11 @@ impl Index {
         };
         let stuck_at = self.stuck_at(update);
         let mut inner = self.write();
-        if let Some((group, seq)) = inner.by_id.get(&id).copied() {
-            if seq >= update.seq {
+        if let Some((group, position)) = inner.by_id.get(&id).copied() {
+            if position.1 >= update.seq {
                 return;
             }
-            inner.remove(id, group, seq);
+            inner.remove(id, group, position);
         }
         let group = (
             inner.types.intern(&update.saga_type),
@@ -401,12 +404,13 @@ impl Index {
             expires,
             key: update.key.as_deref().map(Into::into),
         };
+        let position = (slot.updated, update.seq);
         inner
             .groups
             .entry(group)
             .or_default()
-            .insert(update.seq, slot);
-        inner.by_id.insert(id, (group, update.seq));
+            .insert(position, slot);
+        inner.by_id.insert(id, (group, position));
         if expires != NONE {
             inner.expiring.insert((expires, id));
         }
@@ -422,14 +426,14 @@ impl Index {
                 break;
             }
             inner.expiring.pop_first();
-            if let Some((group, seq)) = inner.by_id.get(&id).copied() {
+            if let Some((group, position)) = inner.by_id.get(&id).copied() {
                 let current = inner
                     .groups
                     .get(&group)
-                    .and_then(|g| g.get(&seq))
+                    .and_then(|g| g.get(&position))
                     .is_some_and(|s| s.expires == at);
                 if current {
-                    inner.remove(id, group, seq);
+                    inner.remove(id, group, position);
                     dropped += 1;
                 }
             }
@@ -437,12 +441,12 @@ impl Index {
         dropped
     }
 
-    /// A page of sagas matching `filter`, newest first, with a sequence below
-    /// `before` (the previous page's cursor).
+    /// A page of sagas matching `filter`, newest first, positioned below `before`
+    /// (the previous page's cursor).
     pub fn page(
         &self,
         filter: &Filter,
-        before: Option<u64>,
+        before: Option<Position>,
         limit: usize,
         now: DateTime<Utc>,
     ) -> Page {
@@ -466,36 +470,52 @@ impl Index {
             (None, Some(true)) => vec![0, 1, 4],
             (None, _) => (0..5).collect(),
         };
-        let bound = before.unwrap_or(u64::MAX);
+        // Strictly below both the cursor and updated_before, strictly above updated_after.
+        let mut upper = before.unwrap_or((i64::MAX, u64::MAX));
+        if let Some(b) = filter.updated_before.map(ms) {
+            upper = upper.min((b, 0));
+        }
+        let lower = filter
+            .updated_after
+            .map_or((i64::MIN, 0), |a| (ms(a), u64::MAX));
+        if lower >= upper {
+            return Page {
+                items: Vec::new(),
+                next: None,
+            };
+        }
         let mut cursors: Vec<_> = inner
             .groups
             .iter()
             .filter(|((t, p), _)| type_id.is_none_or(|id| id == *t) && phases.contains(p))
-            .map(|(group, slots)| (*group, slots.range(..bound).rev().peekable()))
+            .map(|(group, slots)| {
+                let range = slots.range((
+                    std::ops::Bound::Excluded(lower),
+                    std::ops::Bound::Excluded(upper),
+                ));
+                (*group, range.rev().peekable())
+            })
             .collect();
-        let after = filter.updated_after.map(ms);
-        let before_time = filter.updated_before.map(ms);
         let mut items = Vec::new();
         let mut last = None;
         while items.len() < limit {
             // The group whose next entry is the newest.
-            let mut best: Option<(usize, u64)> = None;
+            let mut best: Option<(usize, Position)> = None;
             for (i, (_, it)) in cursors.iter_mut().enumerate() {
-                if let Some((seq, _)) = it.peek()
-                    && best.is_none_or(|(_, b)| **seq > b)
+                if let Some((position, _)) = it.peek()
+                    && best.is_none_or(|(_, b)| **position > b)
                 {
-                    best = Some((i, **seq));
+                    best = Some((i, **position));
                 }
             }
             let Some((i, _)) = best else { break };
             let (group, it) = &mut cursors[i];
             let group = *group;
-            let Some((seq, slot)) = it.next() else { break };
-            last = Some(*seq);
-            if slot.expires <= now_ms
-                || after.is_some_and(|a| slot.updated <= a)
-                || before_time.is_some_and(|b| slot.updated >= b)
-            {
+            let Some((position, slot)) = it.next() else {
+                break;
+            };
+            last = Some(*position);
+            if slot.expires <= now_ms {
                 continue;
             }
             let stuck = slot.stuck_at <= now_ms;
@@ -513,9 +533,9 @@ impl Index {
 }
 
 impl Inner {
-    fn remove(&mut self, id: u128, group: Group, seq: u64) {
+    fn remove(&mut self, id: u128, group: Group, position: Position) {
         if let Some(slots) = self.groups.get_mut(&group)
-            && let Some(slot) = slots.remove(&seq)
+            && let Some(slot) = slots.remove(&position)
             && slot.expires != NONE
         {
             self.expiring.remove(&(slot.expires, id));

@@ -549,7 +549,13 @@ pub struct SagaPage {
     pub next_cursor: Option<String>,
 }
 
+/// Cursors are `s<updated ms>.<journal sequence>`.
 const CURSOR_PREFIX: &str = "s";
+
+fn parse_cursor(cursor: &str) -> Option<crate::index::Position> {
+    let (at, seq) = cursor.strip_prefix(CURSOR_PREFIX)?.split_once('.')?;
+    Some((at.parse().ok()?, seq.parse().ok()?))
+}
 
 /// Sagas, newest first, filtered, in pages.
 #[utoipa::path(
@@ -575,8 +581,7 @@ pub async fn list(
     };
     let before = match query.cursor.as_deref() {
         Some(c) => Some(
-            c.strip_prefix(CURSOR_PREFIX)
-                .and_then(|n| u64::from_str_radix(n, 16).ok())
+            parse_cursor(c)
                 .ok_or_else(|| HttpError::bad_request(code::INVALID_CURSOR, "invalid cursor"))?,
         ),
         None => None,
@@ -605,6 +610,8 @@ pub async fn list(
                 stuck: s.stuck,
             })
             .collect(),
-        next_cursor: page.next.map(|n| format!("{CURSOR_PREFIX}{n:x}")),
+        next_cursor: page
+            .next
+            .map(|(at, seq)| format!("{CURSOR_PREFIX}{at}.{seq}")),
     }))
 }
