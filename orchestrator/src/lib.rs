@@ -152,8 +152,8 @@ impl Service {
         listener: tokio::net::TcpListener,
     ) -> Result<Running, Error> {
         config.validate()?;
-        let auth = http::Auth::from_config(&config.http)?;
-        if !auth.enabled() {
+        let http_settings = http::Settings::from_config(&config.http)?;
+        if !http_settings.auth.enabled() {
             tracing::warn!(
                 listen = %config.http.listen,
                 "NO API TOKENS CONFIGURED: anyone who can reach the HTTP listener can start, \
@@ -283,7 +283,7 @@ impl Service {
             addr: config.http.listen,
             source,
         })?;
-        let router = http::router(handle.clone(), auth);
+        let router = http::router(handle.clone(), http_settings);
         let http_token = token.clone();
         tracker.spawn(async move {
             let served = axum::serve(listener, router)

@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, Method, Request, StatusCode};
 use common::*;
 use http_body_util::BodyExt;
 use jetsaga_orchestrator::config::{Role, Token};
-use jetsaga_orchestrator::http::{self, Auth};
+use jetsaga_orchestrator::http;
 use jetsaga_orchestrator::{Running, Service};
 use jetsaga_sagas::protocol;
 use jetsaga_sagas::{Phase, State};
@@ -108,9 +108,9 @@ impl Answer {
 
 impl Api {
     fn new(running: &Running, http: &jetsaga_orchestrator::config::Http) -> Self {
-        let auth = Auth::from_config(http).unwrap();
+        let settings = http::Settings::from_config(http).unwrap();
         Self {
-            router: http::router(running.handle().clone(), auth),
+            router: http::router(running.handle().clone(), settings),
         }
     }
 

@@ -54,8 +54,34 @@ impl utoipa::Modify for Bearer {
     }
 }
 
-/// The router for a running orchestrator; `auth` guards the `/v1` routes.
-pub fn router(handle: Handle, auth: Auth) -> Router {
+/// What the router needs from the `[http]` configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// The tokens guarding the `/v1` routes.
+    pub auth: Auth,
+    /// What the web page is told.
+    pub page: page::Settings,
+}
+
+impl Settings {
+    /// Reads the `[http]` section (token files included).
+    ///
+    /// # Errors
+    ///
+    /// [`crate::config::Error`] naming the token whose file cannot be read.
+    pub fn from_config(http: &crate::config::Http) -> Result<Self, crate::config::Error> {
+        Ok(Self {
+            auth: Auth::from_config(http)?,
+            page: page::Settings {
+                jaeger_url: http.jaeger_url.clone(),
+            },
+        })
+    }
+}
+
+/// The router for a running orchestrator; `settings.auth` guards the `/v1` routes.
+pub fn router(handle: Handle, settings: Settings) -> Router {
+    let Settings { auth, page } = settings;
     let reads = Router::new()
         .route("/v1/sagas", get(sagas::list))
         .route("/v1/sagas/{id}", get(sagas::get))
@@ -78,7 +104,7 @@ pub fn router(handle: Handle, auth: Auth) -> Router {
         .route_layer(from_fn_with_state(auth, auth::probe));
     let open = Router::new()
         .route("/openapi.json", get(openapi))
-        .merge(page::routes());
+        .merge(page::routes(page));
     Router::new()
         .merge(reads)
         .merge(changes)
