@@ -76,7 +76,10 @@ fn wait_js(tab: &Tab, what: &str, script: &str) {
         if value == Some(serde_json::Value::Bool(true)) {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() > deadline {
+            screenshot(tab, "timed-out");
+            panic!("timed out waiting for {what}");
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }

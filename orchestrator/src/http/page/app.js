@@ -125,7 +125,8 @@ async function loadSaga(id) {
   fact(facts, "state", saga.state);
   fact(facts, "type", saga.saga_type + " v" + saga.version);
   fact(facts, "key", saga.key);
-  fact(facts, "step", saga.current_step ? saga.current_step + " (attempt " + saga.attempt + ")" : null);
+  fact(facts, "step", saga.current_step
+    ? saga.current_step + (saga.attempt ? " (attempt " + saga.attempt + ")" : "") : null);
   if (saga.cause) fact(facts, "cause", saga.cause.code + ": " + saga.cause.message);
   if (saga.error) fact(facts, "error", saga.error.code + ": " + saga.error.message);
   fact(facts, "created", saga.created_at);
