@@ -30,25 +30,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::definitions::Registry;
 
-/// The headers of a journal record the listing reads.
-pub mod header {
-    /// The saga id.
-    pub const SAGA_ID: &str = "Jetsaga-Saga-Id";
-    /// Its type.
-    pub const SAGA_TYPE: &str = "Jetsaga-Saga-Type";
-    /// Its state after the record.
-    pub const PHASE: &str = "Jetsaga-Phase";
-    /// Its current step (absent if none).
-    pub const STEP: &str = "Jetsaga-Step";
-    /// Its business key (absent unless printable ASCII of at most 256 bytes).
-    pub const KEY: &str = "Jetsaga-Key";
-    /// Its armed timer, RFC 3339 (absent if none).
-    pub const TIMER_AT: &str = "Jetsaga-Timer-At";
-    /// When it was created, RFC 3339.
-    pub const CREATED: &str = "Jetsaga-Created";
-    /// How long a finished saga's record lives.
-    pub const TTL: &str = "Nats-TTL";
-}
+/// The headers of a journal record the listing reads (see `record::headers`).
+pub use jetsaga_sagas::protocol::header;
 
 /// What one journal record says about its saga.
 #[derive(Debug, Clone, PartialEq)]
