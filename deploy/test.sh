@@ -2,7 +2,8 @@
 # The one test command of jetsaga (CI runs it through .ci/run).
 #
 # Checks formatting (`cargo fmt --all --check`) and lints (`cargo clippy --all-targets -- -D
-# warnings`), installs the pinned nats-server, points NATS_SERVER_BIN at it, builds the
+# warnings`), installs the pinned nats-server, points NATS_SERVER_BIN at it, installs Debian's
+# chromium for the web page's browser test (CHROME), builds the
 # workspace's binaries (crash tests spawn them), runs every test with cargo-nextest (or `cargo
 # test` without it), then the doc tests, which nextest does not run. Extra arguments go to the
 # test runner, e.g.
@@ -17,6 +18,11 @@ cd "$repo_root"
 NATS_SERVER_BIN="$(bash "${script_dir}/install-nats-server.sh" | tail -n 1)"
 export NATS_SERVER_BIN
 echo "using ${NATS_SERVER_BIN} ($("$NATS_SERVER_BIN" --version))"
+
+# The operator web page's browser test (orchestrator/tests/page.rs) drives Debian's chromium.
+CHROME="$(bash "${script_dir}/install-chromium.sh" | tail -n 1)"
+export CHROME
+echo "using ${CHROME}"
 
 # Package selection (-p/--package) is honoured by every step; other arguments go to the runner only.
 packages=()

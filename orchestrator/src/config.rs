@@ -34,13 +34,111 @@ pub struct Config {
 pub struct Http {
     /// Listen address of the API, web page and `/metrics`. Default `127.0.0.1:8080`.
     pub listen: SocketAddr,
+    /// API tokens. With any configured, every `/v1` route needs one (`read` for
+    /// reads, `operate` for everything); with none the API is open, the server warns
+    /// at startup, and only a loopback `listen` is accepted unless
+    /// `allow-unauthenticated` is set.
+    pub tokens: Vec<Token>,
+    /// Serve `/healthz`, `/readyz` and `/metrics` without a token. Default true.
+    pub open_probes: bool,
+    /// Accept a non-loopback `listen` with no tokens configured. Default false.
+    pub allow_unauthenticated: bool,
+    /// A Jaeger UI base URL (`http://localhost:16686`): the web page links trace ids there.
+    pub jaeger_url: Option<String>,
 }
 
 impl Default for Http {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tokens: Vec::new(),
+            open_probes: true,
+            allow_unauthenticated: false,
+            jaeger_url: None,
         }
+    }
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read sagas, journals, dead letters and definitions.
+    Read,
+    /// Everything: also start, retry, abort, redrive and delete.
+    Operate,
+}
+
+/// One API token: `{ name = "ana", role = "operate", token-file = "ana.token" }`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Token {
+    /// Who holds it; journaled as the actor of their retries and aborts.
+    pub name: String,
+    /// What it may do. Default `operate`.
+    #[serde(default = "operate")]
+    pub role: Role,
+    /// The token itself (at least 16 characters); prefer `token-file`.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// A file holding the token (surrounding whitespace ignored), read at startup.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+fn operate() -> Role {
+    Role::Operate
+}
+
+impl std::fmt::Debug for Token {
+    // Tokens never reach a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .finish()
+    }
+}
+
+/// Tokens shorter than this are refused: they could be guessed.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+impl Token {
+    /// The secret: inline or read from `token-file`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Field`] naming `http.tokens[index]` when the file cannot be read or
+    /// the token is too short.
+    pub fn secret(&self, index: usize) -> Result<String, Error> {
+        let field = |key: &str| format!("http.tokens[{index}].{key}");
+        let secret = match (&self.token, &self.token_file) {
+            (Some(token), None) => token.trim().to_owned(),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .map_err(|e| {
+                    Error::field(
+                        &field("token-file"),
+                        format!("cannot read {}: {e}", file.display()),
+                    )
+                })?
+                .trim()
+                .to_owned(),
+            _ => {
+                return Err(Error::field(
+                    &field("token"),
+                    "give exactly one of token and token-file",
+                ));
+            }
+        };
+        if secret.len() < MIN_TOKEN_LEN {
+            return Err(Error::field(
+                &field("token"),
+                format!("must be at least {MIN_TOKEN_LEN} characters"),
+            ));
+        }
+        Ok(secret)
     }
 }
 
@@ -120,6 +218,36 @@ impl jetsaga_runtime::config::Validate for Config {
         if self.engine.max_deliver != -1 && self.engine.max_deliver < 2 {
             return invalid("engine.max-deliver", "must be -1 (unlimited) or at least 2");
         }
+        let mut names = std::collections::HashSet::new();
+        for (index, token) in self.http.tokens.iter().enumerate() {
+            if token.name.trim().is_empty() || token.name.len() > 64 {
+                return invalid(
+                    &format!("http.tokens[{index}].name"),
+                    "must be 1 to 64 characters",
+                );
+            }
+            if !names.insert(token.name.as_str()) {
+                return invalid(
+                    &format!("http.tokens[{index}].name"),
+                    "is used by another token",
+                );
+            }
+            if token.token.is_some() == token.token_file.is_some() {
+                return invalid(
+                    &format!("http.tokens[{index}].token"),
+                    "give exactly one of token and token-file",
+                );
+            }
+        }
+        if self.http.tokens.is_empty()
+            && !self.http.listen.ip().is_loopback()
+            && !self.http.allow_unauthenticated
+        {
+            return invalid(
+                "http.listen",
+                "a non-loopback address needs http.tokens (or http.allow-unauthenticated = true)",
+            );
+        }
         if !jetsaga_sagas::definition::is_subject_token(&self.engine.instance) {
             return invalid(
                 "engine.instance",
@@ -186,5 +314,83 @@ mod tests {
         assert!(err.to_string().contains("nats.user"), "{err}");
         let err = Config::load(Some(Path::new("/nonexistent/x.toml")), vars(&[])).unwrap_err();
         assert!(err.to_string().contains("cannot read config file"), "{err}");
+    }
+
+    #[test]
+    fn tokens_from_file_and_env_are_checked_and_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("ana.token");
+        std::fs::write(&secret, "  s3cret-s3cret-s3cret\n").unwrap();
+        let file = dir.path().join("jetsaga.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[http]\nlisten = \"0.0.0.0:8080\"\ntokens = [{{ name = \"ana\", token-file = {:?} }}, {{ name = \"ci\", role = \"read\", token = \"read-only-token-123\" }}]\n",
+                secret.display().to_string()
+            ),
+        )
+        .unwrap();
+        let config = Config::load(Some(&file), vars(&[])).unwrap();
+        assert_eq!(config.http.tokens[0].role, Role::Operate);
+        assert_eq!(config.http.tokens[1].role, Role::Read);
+        assert_eq!(
+            config.http.tokens[0].secret(0).unwrap(),
+            "s3cret-s3cret-s3cret"
+        );
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("read-only-token-123"), "{printed}");
+
+        // From the environment.
+        let config = Config::load(
+            None,
+            vars(&[(
+                "JETSAGA_HTTP__TOKENS",
+                "[{name=\"env\",token=\"from-the-environment\"}]",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(config.http.tokens[0].name, "env");
+
+        // Open to the network without tokens: refused unless asked for.
+        let err =
+            Config::load(None, vars(&[("JETSAGA_HTTP__LISTEN", "0.0.0.0:8080")])).unwrap_err();
+        assert!(err.to_string().contains("http.listen"), "{err}");
+        Config::load(
+            None,
+            vars(&[
+                ("JETSAGA_HTTP__LISTEN", "0.0.0.0:8080"),
+                ("JETSAGA_HTTP__ALLOW_UNAUTHENTICATED", "true"),
+            ]),
+        )
+        .unwrap();
+
+        let mut bad = Config::default();
+        bad.http.tokens = vec![Token {
+            name: "x".into(),
+            role: Role::Read,
+            token: Some("short".into()),
+            token_file: Some(secret),
+        }];
+        let err = bad.validate().unwrap_err();
+        assert!(err.to_string().contains("http.tokens[0].token"), "{err}");
+        bad.http.tokens[0].token_file = None;
+        let err = bad.http.tokens[0].secret(0).unwrap_err();
+        assert!(err.to_string().contains("at least 16"), "{err}");
+        bad.http.tokens[0].token = None;
+        bad.http.tokens[0].token_file = Some(dir.path().join("missing"));
+        let err = bad.http.tokens[0].secret(0).unwrap_err();
+        assert!(
+            err.to_string().contains("http.tokens[0].token-file"),
+            "{err}"
+        );
+        let twice = Token {
+            name: "x".into(),
+            role: Role::Read,
+            token: Some("long-enough-token-1".into()),
+            token_file: None,
+        };
+        bad.http.tokens = vec![twice.clone(), twice];
+        let err = bad.validate().unwrap_err();
+        assert!(err.to_string().contains("http.tokens[1].name"), "{err}");
     }
 }

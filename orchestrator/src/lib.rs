@@ -7,7 +7,9 @@
 //! - [`store`]: the journal stream: saga state and history, with optimistic concurrency.
 //! - [`driver`]: applies inputs to sagas: a pure scheduler core and the executor
 //!   that carries out its I/O.
-//! - [`http`]: health, readiness and metrics over HTTP.
+//! - [`http`]: the operator API, probes, metrics, OpenAPI and the web page.
+//! - [`index`]: the saga listing, an in-memory projection of the journal.
+//! - [`dead`]: dead letters: writing them, listing, redriving, deleting.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`census`]: true counts of the journal's sagas by state, for the metrics.
 //! - `trace`: one OpenTelemetry trace per saga (root, step attempts, compensations,
@@ -33,10 +35,11 @@
 
 pub mod census;
 pub mod config;
-mod dead;
+pub mod dead;
 pub mod definitions;
 pub mod driver;
 pub mod http;
+pub mod index;
 pub mod metrics;
 pub mod provision;
 mod record;
@@ -116,6 +119,8 @@ pub struct Handle {
     registry: Arc<Registry>,
     metrics: Metrics,
     client: async_nats::Client,
+    js: jetstream::Context,
+    index: index::Index,
     ready: Arc<AtomicBool>,
 }
 
@@ -150,6 +155,14 @@ impl Service {
         listener: tokio::net::TcpListener,
     ) -> Result<Running, Error> {
         config.validate()?;
+        let http_settings = http::Settings::from_config(&config.http)?;
+        if !http_settings.auth.enabled() {
+            tracing::warn!(
+                listen = %config.http.listen,
+                "NO API TOKENS CONFIGURED: anyone who can reach the HTTP listener can start, \
+                 retry and abort sagas and redrive dead letters; set [http] tokens"
+            );
+        }
         let registry = match &config.engine.definitions {
             Some(dir) => Registry::with_dir(dir).map_err(Error::Definitions)?,
             None => Registry::builtin(),
@@ -241,6 +254,9 @@ impl Service {
             token.clone(),
         ));
 
+        let index = index::Index::new(registry.clone());
+        tracker.spawn(index::run(js.clone(), index.clone(), token.clone()));
+
         let (request_tx, request_rx) = mpsc::channel(1024);
         // Saga spans only when traces are exported: otherwise none is built.
         let trace = (!config.telemetry.otlp_endpoint.is_empty())
@@ -266,13 +282,15 @@ impl Service {
             registry,
             metrics,
             client: client.clone(),
+            js: js.clone(),
+            index,
             ready,
         };
         let http_addr = listener.local_addr().map_err(|source| Error::Listen {
             addr: config.http.listen,
             source,
         })?;
-        let router = http::router(handle.clone());
+        let router = http::router(handle.clone(), http_settings);
         let http_token = token.clone();
         tracker.spawn(async move {
             let served = axum::serve(listener, router)
@@ -406,15 +424,25 @@ impl Handle {
         .await
     }
 
-    /// Resumes a failed saga's compensation (an operator action).
-    pub async fn retry(&self, saga_id: &str) -> Result<Phase, ApiError> {
-        self.operator(saga_id, Input::Retry).await
+    /// Resumes a failed saga's compensation (an action of `operator`, journaled).
+    pub async fn retry(&self, saga_id: &str, operator: &str) -> Result<Phase, ApiError> {
+        let input = Input::Retry {
+            operator: operator.to_owned(),
+        };
+        self.operator(saga_id, input).await
     }
 
-    /// Aborts a running saga before its pivot, which compensates it.
-    pub async fn abort(&self, saga_id: &str, reason: &str) -> Result<Phase, ApiError> {
+    /// Aborts a running saga before its pivot, which compensates it (an action of
+    /// `operator`, journaled).
+    pub async fn abort(
+        &self,
+        saga_id: &str,
+        reason: &str,
+        operator: &str,
+    ) -> Result<Phase, ApiError> {
         let input = Input::Abort {
             reason: reason.to_owned(),
+            operator: operator.to_owned(),
         };
         self.operator(saga_id, input).await
     }
@@ -451,6 +479,32 @@ impl Handle {
         self.registry.all().cloned().collect()
     }
 
+    /// The saga listing of this instance.
+    pub fn index(&self) -> &index::Index {
+        &self.index
+    }
+
+    /// Up to `limit` dead letters with an id of at least `from`, oldest first,
+    /// from `source` or from all.
+    pub async fn dead_letters(
+        &self,
+        source: Option<&str>,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<dead::Letter>, dead::Error> {
+        dead::list(&self.js, source, from, limit).await
+    }
+
+    /// Publishes dead letter `id` again to its original subject; returns it.
+    pub async fn redrive(&self, id: u64) -> Result<String, dead::Error> {
+        dead::redrive(&self.js, id).await
+    }
+
+    /// Deletes dead letter `id`.
+    pub async fn delete_dead_letter(&self, id: u64) -> Result<(), dead::Error> {
+        dead::delete(&self.js, id).await
+    }
+
     /// The metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
@@ -462,9 +516,13 @@ impl Handle {
             return Err(NotReady::Stopping);
         }
         match self.client.connection_state() {
-            async_nats::connection::State::Connected => Ok(()),
-            other => Err(NotReady::Disconnected(other)),
+            async_nats::connection::State::Connected => {}
+            other => return Err(NotReady::Disconnected(other)),
         }
+        if !self.index.caught_up() {
+            return Err(NotReady::CatchingUp);
+        }
+        Ok(())
     }
 }
 
@@ -477,6 +535,9 @@ pub enum NotReady {
     /// The NATS connection is not up.
     #[error("NATS connection is {0:?}")]
     Disconnected(async_nats::connection::State),
+    /// The saga listing is still replaying the journal.
+    #[error("the saga listing is catching up with the journal")]
+    CatchingUp,
 }
 
 /// Pulls one consumer's messages into the driver's channel until cancelled; a free slot in

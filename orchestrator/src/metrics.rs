@@ -77,7 +77,7 @@ pub mod label {
     pub const OP: &str = "op";
     /// The HTTP method.
     pub const METHOD: &str = "method";
-    /// The matched route template (`/v1/sagas/{saga_type}`), or `unmatched`.
+    /// The matched route template (`/v1/sagas/{id}`), or `unmatched`.
     pub const ROUTE: &str = "route";
     /// The HTTP status code.
     pub const STATUS: &str = "status";

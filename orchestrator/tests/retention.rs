@@ -123,7 +123,7 @@ async fn a_parked_saga_outlives_retention_and_can_still_be_retried() {
     assert_eq!(journal_messages(&js, &id).await.len(), messages.len());
 
     inventory.set(by_card());
-    handle.retry(&id).await.unwrap();
+    handle.retry(&id, "ana").await.unwrap();
     wait_phase(&handle, &id, Phase::Compensated).await;
     wait_until("the compensated saga expires", WAIT, || async {
         handle.saga(&id).await.unwrap().is_none()

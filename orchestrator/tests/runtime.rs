@@ -301,12 +301,12 @@ async fn failing_compensation_parks_the_saga_until_an_operator_retries() {
 
     // Nothing else is allowed on a failed saga, and nothing happens by itself.
     assert!(matches!(
-        handle.abort(&id, "no").await,
+        handle.abort(&id, "no", "ana").await,
         Err(ApiError::NotAllowed(_))
     ));
 
     inventory.set(by_card());
-    let phase = handle.retry(&id).await.unwrap();
+    let phase = handle.retry(&id, "ana").await.unwrap();
     assert_eq!(phase, Phase::Compensating);
     let saga = wait_phase(&handle, &id, Phase::Compensated).await;
     assert_eq!(saga.steps[0].status, StepStatus::Compensated);
@@ -316,12 +316,13 @@ async fn failing_compensation_parks_the_saga_until_an_operator_retries() {
         .find(|e| e.cause == Cause::OperatorRetry)
         .unwrap();
     assert_eq!(retry.actor, jetsaga_sagas::Actor::Operator);
+    assert_eq!(retry.operator.as_deref(), Some("ana"));
     assert!(matches!(
-        handle.retry(&id).await,
+        handle.retry(&id, "ana").await,
         Err(ApiError::NotAllowed(_))
     ));
     assert!(matches!(
-        handle.retry("no-such-saga").await,
+        handle.retry("no-such-saga", "ana").await,
         Err(ApiError::NotFound(_))
     ));
     running.shutdown().await;
@@ -348,7 +349,10 @@ async fn operator_abort_compensates_a_running_saga() {
         )
     })
     .await;
-    handle.abort(&id, "customer cancelled").await.unwrap();
+    handle
+        .abort(&id, "customer cancelled", "ana")
+        .await
+        .unwrap();
     let saga = wait_phase(&handle, &id, Phase::Compensated).await;
     let State::Compensated { cause } = &saga.state else {
         unreachable!()

@@ -137,6 +137,7 @@ fn reply(command_id: &str, outcome: Outcome) -> Input {
 fn abort(reason: &str) -> Input {
     Input::Abort {
         reason: reason.to_owned(),
+        operator: "ana".into(),
     }
 }
 
@@ -183,7 +184,7 @@ impl Harness {
     fn apply(&mut self, input: Input) -> Result<Transition, Rejected> {
         let before = self.saga.clone();
         let actor = match input {
-            Input::Retry | Input::Abort { .. } => Actor::Operator,
+            Input::Retry { .. } | Input::Abort { .. } => Actor::Operator,
             Input::Reply { .. } | Input::Wake => Actor::Orchestrator,
         };
         match self.saga.apply(&self.def, input.clone(), self.now) {
@@ -293,6 +294,7 @@ fn happy_path_runs_every_step_in_order_then_completes() {
             from: None,
             to: Phase::Running,
             error: None,
+            operator: None,
         }
     );
     assert_eq!(
@@ -904,6 +906,7 @@ fn duplicate_stale_and_unknown_replies_change_nothing() {
             from: Some(Phase::Running),
             to: Phase::Running,
             error: Some("duplicate reply".into()),
+            operator: None,
         }
     );
     let garbage = h
@@ -959,7 +962,9 @@ fn a_refusal_past_the_pivot_parks_the_saga_until_an_operator_retries_the_step() 
     assert_eq!(h.saga.steps[1].compensation_attempts, 0);
     assert!(matches!(h.reject(abort("no")), Rejected::NotAllowed(_)));
     // The operator fixed the cause: a retry sends the step again, and it completes.
-    let retried = h.step(Input::Retry);
+    let retried = h.step(Input::Retry {
+        operator: "ana".into(),
+    });
     assert_eq!(
         retried[0],
         "send saga.cmd.inventory.commit s-1:confirm-order:do:2"
@@ -1201,13 +1206,18 @@ fn a_compensation_that_keeps_failing_parks_the_saga_until_an_operator_retries() 
         Rejected::NotAllowed(_)
     ));
 
-    let retry = h.apply(Input::Retry).unwrap();
+    let retry = h
+        .apply(Input::Retry {
+            operator: "ana".into(),
+        })
+        .unwrap();
     assert_eq!(
         describe(&retry.actions),
         ["send saga.cmd.p1.undo-a s-1:a:undo:3", "timer 6000ms"]
     );
     assert_eq!(command(&retry).attempt, 3);
     assert_eq!(retry.entry.actor, Actor::Operator);
+    assert_eq!(retry.entry.operator.as_deref(), Some("ana"));
     assert_eq!(retry.entry.cause, Cause::OperatorRetry);
     assert_eq!(retry.entry.step.as_deref(), Some("a"));
     assert_eq!(
@@ -1226,7 +1236,12 @@ fn a_compensation_that_keeps_failing_parks_the_saga_until_an_operator_retries() 
             cause: cause.clone()
         }
     );
-    assert!(matches!(h.reject(Input::Retry), Rejected::NotAllowed(_)));
+    assert!(matches!(
+        h.reject(Input::Retry {
+            operator: "ana".into(),
+        }),
+        Rejected::NotAllowed(_)
+    ));
     assert!(matches!(h.reject(abort("again")), Rejected::NotAllowed(_)));
 
     // A fresh budget: one more failure is retried again.
@@ -1304,7 +1319,9 @@ fn a_compensation_that_keeps_failing_parks_the_saga_until_an_operator_retries() 
         matches!(&h.saga.state, State::Failed { step: 0, error, .. } if error.code == "db_down")
     );
     assert_eq!(
-        h.step(Input::Retry)[0],
+        h.step(Input::Retry {
+            operator: "ana".into(),
+        })[0],
         "send saga.cmd.inventory.release s-1:reserve-stock:undo:9"
     );
     assert_eq!(
@@ -1317,7 +1334,9 @@ fn a_compensation_that_keeps_failing_parks_the_saga_until_an_operator_retries() 
 fn operator_abort_and_retry_only_where_they_make_sense() {
     // Retry needs a failed saga; abort before the pivot undoes the step whose command is out.
     let (mut h, _) = Harness::order();
-    let refused = h.reject(Input::Retry);
+    let refused = h.reject(Input::Retry {
+        operator: "ana".into(),
+    });
     assert_eq!(
         refused,
         Rejected::NotAllowed("only a failed saga can be retried; this one is running".into())
@@ -1332,6 +1351,7 @@ fn operator_abort_and_retry_only_where_they_make_sense() {
         ]
     );
     assert_eq!(aborted.entry.actor, Actor::Operator);
+    assert_eq!(aborted.entry.operator.as_deref(), Some("ana"));
     assert_eq!(aborted.entry.cause, Cause::OperatorAbort);
     assert_eq!(
         aborted.entry.error.as_deref(),
@@ -1342,7 +1362,12 @@ fn operator_abort_and_retry_only_where_they_make_sense() {
         (Some(Phase::Running), Phase::Compensating)
     );
     assert!(matches!(h.reject(abort("twice")), Rejected::NotAllowed(_)));
-    assert!(matches!(h.reject(Input::Retry), Rejected::NotAllowed(_)));
+    assert!(matches!(
+        h.reject(Input::Retry {
+            operator: "ana".into(),
+        }),
+        Rejected::NotAllowed(_)
+    ));
     assert_eq!(
         h.reject(reply("s-1:reserve-stock:do:1", ok())),
         Rejected::Stale
@@ -1407,7 +1432,9 @@ fn nothing_happens_after_a_terminal_state() {
             reply("s-1:reserve-stock:undo:1", ok()),
             reply("garbage", ok()),
             Input::Wake,
-            Input::Retry,
+            Input::Retry {
+                operator: "ana".into(),
+            },
             abort("late"),
         ];
         for input in inputs {
@@ -1647,7 +1674,9 @@ fn a_failed_saga_is_parked_not_finished() {
     assert_eq!(h.reject(Input::Wake), Rejected::NotDue);
     assert_eq!(h.reject(reply("s-1:a:undo:1", ok())), Rejected::Stale);
     assert_eq!(
-        h.step(Input::Retry),
+        h.step(Input::Retry {
+            operator: "ana".into(),
+        }),
         ["send saga.cmd.p1.undo-a s-1:a:undo:2", "timer 1000ms"]
     );
     assert_eq!(
@@ -1659,5 +1688,10 @@ fn a_failed_saga_is_parked_not_finished() {
             "finish compensated"
         ]
     );
-    assert_eq!(h.reject(Input::Retry), Rejected::Finished);
+    assert_eq!(
+        h.reject(Input::Retry {
+            operator: "ana".into(),
+        }),
+        Rejected::Finished
+    );
 }

@@ -353,9 +353,12 @@ impl Checker {
                 }
                 Input::Wake
             }
-            Op::Retry => Input::Retry,
+            Op::Retry => Input::Retry {
+                operator: "ana".into(),
+            },
             Op::Abort => Input::Abort {
                 reason: "random abort".into(),
+                operator: "ana".into(),
             },
         }
     }
@@ -399,7 +402,7 @@ impl Checker {
                             "a due wake was refused: {rejected:?}"
                         );
                     }
-                    Input::Retry => assert_ne!(before.phase(), Phase::Failed),
+                    Input::Retry { .. } => assert_ne!(before.phase(), Phase::Failed),
                     Input::Abort { .. } => {
                         if let State::Running { step, .. } = before.state {
                             assert_eq!(
@@ -428,7 +431,7 @@ impl Checker {
                 );
                 assert_eq!(entry.at, self.now);
                 assert_ne!(entry.cause, Cause::Ignored);
-                let operator = matches!(input, Input::Retry | Input::Abort { .. });
+                let operator = matches!(input, Input::Retry { .. } | Input::Abort { .. });
                 assert_eq!(entry.actor == Actor::Operator, operator);
                 if let Input::Reply {
                     command_id,
@@ -656,11 +659,11 @@ impl Checker {
                         );
                     }
                 }
-                if let (Input::Retry, State::Failed { step, .. }) = (input, &before.state) {
+                if let (Input::Retry { .. }, State::Failed { step, .. }) = (input, &before.state) {
                     assert_eq!(index, *step, "an operator retry resumes at the failed step");
                 }
                 let same_round =
-                    self.last_compensated == Some(index) && !matches!(input, Input::Retry);
+                    self.last_compensated == Some(index) && !matches!(input, Input::Retry { .. });
                 self.round = if same_round { self.round + 1 } else { 1 };
                 self.last_compensated = Some(index);
                 self.compensation_attempts[index] += 1;
@@ -899,7 +902,9 @@ impl Checker {
         for _ in 0..=bound {
             let input = match &self.saga.state {
                 State::Completed | State::Compensated { .. } => return,
-                State::Failed { .. } => Input::Retry,
+                State::Failed { .. } => Input::Retry {
+                    operator: "ana".into(),
+                },
                 State::Running { .. } | State::Compensating { .. } => {
                     match Self::outstanding(&self.saga) {
                         Some((step, direction, attempt)) => Input::Reply {

@@ -1,4 +1,7 @@
-//! `jetsaga`: the orchestrator (`serve`) and its command-line tools (`validate`, `bench`).
+//! `jetsaga`: the orchestrator (`serve`) and its command-line tools (`validate`, `bench`,
+//! and the operator commands `sagas`, `dead-letters`, `definitions` in [`ops`]).
+
+mod ops;
 
 /// A faster allocator for the many short-lived buffers of message handling.
 #[global_allocator]
@@ -44,6 +47,25 @@ enum Command {
     /// Exits 1 if any saga failed or did not finish, or the outcomes do not match the decline
     /// rule.
     Bench(jetsaga_bench::Args),
+    /// Look at, list, retry and abort sagas (over the HTTP API).
+    Sagas {
+        #[command(flatten)]
+        connection: ops::Connection,
+        #[command(subcommand)]
+        command: ops::Sagas,
+    },
+    /// List, redrive and discard dead letters (over the HTTP API).
+    DeadLetters {
+        #[command(flatten)]
+        connection: ops::Connection,
+        #[command(subcommand)]
+        command: ops::DeadLetters,
+    },
+    /// The saga definitions the orchestrator has loaded.
+    Definitions {
+        #[command(flatten)]
+        connection: ops::Connection,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,6 +77,15 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::Validate { files } => validate(&files),
         Command::Bench(args) => bench(args),
+        Command::Sagas {
+            connection,
+            command,
+        } => ops::run(connection, ops::Request::Sagas(command)),
+        Command::DeadLetters {
+            connection,
+            command,
+        } => ops::run(connection, ops::Request::DeadLetters(command)),
+        Command::Definitions { connection } => ops::run(connection, ops::Request::Definitions),
     }
 }
 

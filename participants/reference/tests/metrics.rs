@@ -440,7 +440,8 @@ async fn metrics_match_a_known_run_and_pass_promtool() {
     assert_eq!(s.value("jetsaga_nats_connected", &[]), 1.0);
     assert_eq!(s.value("jetsaga_nats_reconnects_total", &[]), 0.0);
     // HTTP: by matched route template and status, never a saga type or id in the route.
-    let route = ("route", "/v1/sagas/{saga_type}");
+    // One path shape serves start (POST, a type) and get (GET, an id): matchit needs one name.
+    let route = ("route", "/v1/sagas/{id}");
     let post = ("method", "POST");
     assert_eq!(
         s.value(

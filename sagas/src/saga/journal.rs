@@ -64,6 +64,10 @@ pub struct Entry {
     pub to: Phase,
     /// The error involved, if any.
     pub error: Option<String>,
+    /// For an operator's action: who (the name of the API token used). Absent in
+    /// journals written before operators had names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
 }
 
 /// What one input did to a saga, as its handler saw it; [`Saga::apply`](super::Saga::apply)
@@ -75,6 +79,7 @@ pub(super) struct Change {
     pub(super) step: String,
     pub(super) command_id: Option<String>,
     pub(super) error: Option<String>,
+    pub(super) operator: Option<String>,
 }
 
 impl Change {
@@ -91,17 +96,24 @@ impl Change {
             step: step.to_owned(),
             command_id,
             error: error.map(describe),
+            operator: None,
         }
     }
 
     /// A change an operator asked for.
-    pub(super) fn operator(cause: Cause, step: &str, error: Option<&Failure>) -> Self {
+    pub(super) fn operator(
+        cause: Cause,
+        step: &str,
+        error: Option<&Failure>,
+        operator: String,
+    ) -> Self {
         Self {
             cause,
             actor: Actor::Operator,
             step: step.to_owned(),
             command_id: None,
             error: error.map(describe),
+            operator: Some(operator),
         }
     }
 
@@ -117,6 +129,7 @@ impl Change {
             from: Some(from),
             to,
             error: self.error,
+            operator: self.operator,
         }
     }
 }

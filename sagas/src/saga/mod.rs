@@ -81,11 +81,16 @@ pub enum Input {
     /// a backoff, the deadline) happens; if nothing is due it is a stale timer.
     Wake,
     /// An operator resumes a failed saga.
-    Retry,
+    Retry {
+        /// Who asked (the name of the operator's token), for the journal.
+        operator: String,
+    },
     /// An operator aborts a running saga, which compensates it.
     Abort {
         /// Why, for the journal.
         reason: String,
+        /// Who asked (the name of the operator's token), for the journal.
+        operator: String,
     },
 }
 
@@ -199,8 +204,10 @@ impl Saga {
                 outcome,
             } => self.on_reply(def, &command_id, outcome, now, &mut actions),
             Input::Wake => self.on_wake(def, now, &mut actions),
-            Input::Retry => self.on_retry(def, now, &mut actions),
-            Input::Abort { reason } => self.on_abort(def, reason, now, &mut actions),
+            Input::Retry { operator } => self.on_retry(def, operator, now, &mut actions),
+            Input::Abort { reason, operator } => {
+                self.on_abort(def, reason, operator, now, &mut actions)
+            }
         };
         let change = match outcome {
             Ok(change) => change,
@@ -302,6 +309,7 @@ impl Saga {
             from: Some(before),
             to: before,
             error: None,
+            operator: None,
         };
         Some(Transition { entry, actions })
     }
@@ -313,11 +321,13 @@ impl Saga {
                 CommandId::parse(command_id).ok().map(|c| c.step),
                 Some(command_id.clone()),
             ),
-            Input::Wake | Input::Retry | Input::Abort { .. } => (None, None),
+            Input::Wake | Input::Retry { .. } | Input::Abort { .. } => (None, None),
         };
-        let actor = match input {
-            Input::Retry | Input::Abort { .. } => Actor::Operator,
-            Input::Reply { .. } | Input::Wake => Actor::Orchestrator,
+        let (actor, operator) = match input {
+            Input::Retry { operator } | Input::Abort { operator, .. } => {
+                (Actor::Operator, Some(operator.clone()))
+            }
+            Input::Reply { .. } | Input::Wake => (Actor::Orchestrator, None),
         };
         Entry {
             seq: self.transitions,
@@ -329,6 +339,7 @@ impl Saga {
             from: Some(self.phase()),
             to: self.phase(),
             error: Some(why.to_string()),
+            operator,
         }
     }
 }

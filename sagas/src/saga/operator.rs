@@ -15,6 +15,7 @@ impl Saga {
     pub(super) fn on_retry(
         &mut self,
         def: &Definition,
+        operator: String,
         now: DateTime<Utc>,
         actions: &mut Vec<Action>,
     ) -> Result<Change, Rejected> {
@@ -30,6 +31,7 @@ impl Saga {
                     Cause::OperatorRetry,
                     &def.steps[index].name,
                     None,
+                    operator,
                 ));
             }
             State::Failed { step, cause, .. } => (*step, cause.clone()),
@@ -49,6 +51,7 @@ impl Saga {
             Cause::OperatorRetry,
             &def.steps[index].name,
             None,
+            operator,
         ))
     }
 
@@ -58,6 +61,7 @@ impl Saga {
         &mut self,
         def: &Definition,
         reason: String,
+        operator: String,
         now: DateTime<Utc>,
         actions: &mut Vec<Action>,
     ) -> Result<Change, Rejected> {
@@ -88,6 +92,7 @@ impl Saga {
             Cause::OperatorAbort,
             &def.steps[index].name,
             Some(&failure),
+            operator,
         ))
     }
 }

@@ -63,6 +63,7 @@ impl Saga {
             from: None,
             to: Phase::Running,
             error: None,
+            operator: None,
         };
         Ok((saga, Transition { entry, actions }))
     }

@@ -329,7 +329,16 @@ fn idle_sagas_are_evicted_and_reloaded() {
     assert!(!core.holds(&id), "evicted");
 
     // The next input loads it again.
-    core.handle_input(at(idle + 2), api_input(&id, Input::Retry, 2));
+    core.handle_input(
+        at(idle + 2),
+        api_input(
+            &id,
+            Input::Retry {
+                operator: "ana".into(),
+            },
+            2,
+        ),
+    );
     assert_load(&drain(&mut core)[0], &id, false);
 
     // A saga with work in progress is never evicted.
@@ -478,7 +487,16 @@ fn poison_is_dead_lettered_and_callers_are_refused() {
         1,
         7,
     );
-    core.handle_input(at(1), api_input(&gone, Input::Retry, 8));
+    core.handle_input(
+        at(1),
+        api_input(
+            &gone,
+            Input::Retry {
+                operator: "ana".into(),
+            },
+            8,
+        ),
+    );
     assert_load(&drain(&mut core)[0], &gone, false);
     loaded(&mut core, at(2), &gone, Ok(None));
     let mut io = drain(&mut core).into_iter();
@@ -502,7 +520,16 @@ fn failures_nak_messages_with_backoff_and_tell_callers_the_kind() {
     let mut core = core();
     let id = protocol::saga_id(TYPE, "f");
     reserved(&mut core, at(0), &id, 3, 1);
-    core.handle_input(at(0), api_input(&id, Input::Retry, 2));
+    core.handle_input(
+        at(0),
+        api_input(
+            &id,
+            Input::Retry {
+                operator: "ana".into(),
+            },
+            2,
+        ),
+    );
     drain(&mut core);
     loaded(&mut core, at(1), &id, Err(timed_out()));
     // The reply (third delivery) is nak'd for 4 s; the caller queued behind it
@@ -604,7 +631,16 @@ fn an_early_wake_rearms_and_a_late_reply_is_journaled_only() {
 
     // An operator action the state does not allow is refused (once the journal
     // confirms the cached copy), nothing written.
-    core.handle_input(at(6), api_input(&id, Input::Retry, 4));
+    core.handle_input(
+        at(6),
+        api_input(
+            &id,
+            Input::Retry {
+                operator: "ana".into(),
+            },
+            4,
+        ),
+    );
     assert_load(&drain(&mut core)[0], &id, true);
     let mut now_stored = stored("w", 5);
     now_stored.record.effects.clear();
@@ -624,7 +660,16 @@ fn shutdown_refuses_queued_and_new_callers_and_leaves_messages_unsettled() {
     message(&mut core, at(0), Source::Timers, &subject, b"", 1, 3);
     drain(&mut core);
     core.handle_shutdown();
-    core.handle_input(at(1), api_input(&id, Input::Retry, 4));
+    core.handle_input(
+        at(1),
+        api_input(
+            &id,
+            Input::Retry {
+                operator: "ana".into(),
+            },
+            4,
+        ),
+    );
     let io = drain(&mut core);
     assert_eq!(io.len(), 2, "{io:?}");
     let mut io = io.into_iter();
@@ -951,7 +996,16 @@ fn decisions_that_write_nothing_are_rechecked_against_the_journal() {
     assert!(core.holds(&id), "cached");
 
     // A retry the cached copy refuses: reloaded from the leader first.
-    core.handle_input(at(3), api_input(&id, Input::Retry, 2));
+    core.handle_input(
+        at(3),
+        api_input(
+            &id,
+            Input::Retry {
+                operator: "ana".into(),
+            },
+            2,
+        ),
+    );
     let io = drain(&mut core);
     assert_eq!(io.len(), 1, "{io:?}");
     assert_load(&io[0], &id, true);

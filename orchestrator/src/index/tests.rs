@@ -1,0 +1,284 @@
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use jetsaga_sagas::Phase;
+
+use super::{Filter, Index, Update, header};
+use crate::definitions::Registry;
+
+fn t(seconds: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(1_800_000_000 + seconds, 0).unwrap()
+}
+
+fn id(n: u32) -> String {
+    uuid::Uuid::from_u128(u128::from(n)).to_string()
+}
+
+fn update(
+    seq: u64,
+    saga: u32,
+    saga_type: &str,
+    phase: Phase,
+    step: Option<&str>,
+    at: i64,
+) -> Update {
+    Update {
+        seq,
+        saga_id: id(saga),
+        saga_type: saga_type.to_owned(),
+        phase,
+        step: step.map(ToOwned::to_owned),
+        key: Some(format!("key-{saga}")),
+        timer_at: None,
+        created: t(0),
+        updated: t(at),
+        expires: None,
+    }
+}
+
+fn ids(index: &Index, filter: &Filter, now: i64) -> Vec<String> {
+    index
+        .page(filter, None, 500, t(now))
+        .items
+        .into_iter()
+        .map(|s| s.saga_id)
+        .collect()
+}
+
+#[test]
+fn the_last_record_wins_and_pages_are_newest_first() {
+    let index = Index::new(Arc::new(Registry::builtin()));
+    index.apply(&update(
+        1,
+        1,
+        "order-creation",
+        Phase::Running,
+        Some("reserve-stock"),
+        1,
+    ));
+    index.apply(&update(
+        2,
+        2,
+        "order-creation",
+        Phase::Running,
+        Some("reserve-stock"),
+        2,
+    ));
+    index.apply(&update(3, 1, "order-creation", Phase::Completed, None, 3));
+    index.apply(&update(4, 3, "other", Phase::Failed, Some("x"), 4));
+    // An older record arriving late changes nothing.
+    index.apply(&update(
+        2,
+        1,
+        "order-creation",
+        Phase::Running,
+        Some("reserve-stock"),
+        2,
+    ));
+    assert_eq!(index.len(), 3);
+
+    let all = index.page(&Filter::default(), None, 50, t(5));
+    let order: Vec<_> = all.items.iter().map(|s| s.saga_id.clone()).collect();
+    assert_eq!(order, [id(3), id(1), id(2)]);
+    assert_eq!(all.next, None);
+    let first = &all.items[1];
+    assert_eq!(first.phase, Phase::Completed);
+    assert_eq!(first.step, None);
+    assert_eq!(first.key.as_deref(), Some("key-1"));
+    assert_eq!(first.updated, t(3));
+    assert_eq!(first.created, t(0));
+
+    let by_type = Filter {
+        saga_type: Some("order-creation".into()),
+        ..Filter::default()
+    };
+    assert_eq!(ids(&index, &by_type, 5), [id(1), id(2)]);
+    let unknown = Filter {
+        saga_type: Some("nope".into()),
+        ..Filter::default()
+    };
+    assert!(ids(&index, &unknown, 5).is_empty());
+    let running = Filter {
+        phase: Some(Phase::Running),
+        ..Filter::default()
+    };
+    assert_eq!(ids(&index, &running, 5), [id(2)]);
+    let window = Filter {
+        updated_after: Some(t(1)),
+        updated_before: Some(t(4)),
+        ..Filter::default()
+    };
+    assert_eq!(ids(&index, &window, 5), [id(1), id(2)]);
+}
+
+#[test]
+fn cursors_walk_every_saga_once() {
+    let index = Index::new(Arc::new(Registry::builtin()));
+    let kinds = ["a", "b", "c"];
+    for n in 0..1000u32 {
+        let phase = Phase::ALL[(n % 5) as usize];
+        index.apply(&update(
+            u64::from(n) + 1,
+            n,
+            kinds[(n % 3) as usize],
+            phase,
+            None,
+            i64::from(n),
+        ));
+    }
+    for filter in [
+        Filter::default(),
+        Filter {
+            saga_type: Some("b".into()),
+            ..Filter::default()
+        },
+        Filter {
+            phase: Some(Phase::Failed),
+            ..Filter::default()
+        },
+    ] {
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = index.page(&filter, cursor, 7, t(2000));
+            assert!(page.items.len() <= 7);
+            seen.extend(page.items.iter().map(|s| s.updated));
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        let expected = index.page(&filter, None, 1000, t(2000)).items.len();
+        assert_eq!(seen.len(), expected, "{filter:?}");
+        assert!(
+            seen.windows(2).all(|w| w[0] > w[1]),
+            "newest first, no repeats"
+        );
+    }
+}
+
+#[test]
+fn stuck_means_failed_or_waiting_twice_the_step_timeout() {
+    let registry = Registry::builtin();
+    let def = registry.latest("order-creation").unwrap().clone();
+    let timeout = i64::try_from(def.steps[0].timeout.as_secs()).unwrap();
+    let index = Index::new(Arc::new(registry));
+    index.apply(&update(
+        1,
+        1,
+        "order-creation",
+        Phase::Running,
+        Some(&def.steps[0].name),
+        0,
+    ));
+    index.apply(&update(
+        2,
+        2,
+        "order-creation",
+        Phase::Failed,
+        Some(&def.steps[0].name),
+        0,
+    ));
+    index.apply(&update(3, 3, "order-creation", Phase::Completed, None, 0));
+    let stuck = Filter {
+        stuck: Some(true),
+        ..Filter::default()
+    };
+    let not_stuck = Filter {
+        stuck: Some(false),
+        ..Filter::default()
+    };
+    assert_eq!(ids(&index, &stuck, 2 * timeout - 1), [id(2)]);
+    assert_eq!(ids(&index, &not_stuck, 2 * timeout - 1), [id(3), id(1)]);
+    assert_eq!(ids(&index, &stuck, 2 * timeout + 1), [id(2), id(1)]);
+    let page = index.page(&Filter::default(), None, 10, t(2 * timeout + 1));
+    assert!(
+        page.items
+            .iter()
+            .find(|s| s.saga_id == id(1))
+            .unwrap()
+            .stuck
+    );
+}
+
+#[test]
+fn finished_sagas_leave_when_their_record_expires() {
+    let index = Index::new(Arc::new(Registry::builtin()));
+    let mut done = update(1, 1, "order-creation", Phase::Completed, None, 0);
+    done.expires = Some(t(60));
+    index.apply(&done);
+    index.apply(&update(
+        2,
+        2,
+        "order-creation",
+        Phase::Running,
+        Some("reserve-stock"),
+        0,
+    ));
+    assert_eq!(ids(&index, &Filter::default(), 59).len(), 2);
+    // Past its expiry it is not listed even before the sweep drops it.
+    assert_eq!(ids(&index, &Filter::default(), 61), [id(2)]);
+    assert_eq!(index.sweep(t(59)), 0);
+    assert_eq!(index.sweep(t(61)), 1);
+    assert_eq!(index.len(), 1);
+    // A saga that moved on after an expiring record was seen is not dropped by the old expiry.
+    let mut first = update(3, 3, "order-creation", Phase::Completed, None, 0);
+    first.expires = Some(t(100));
+    index.apply(&first);
+    index.apply(&update(
+        4,
+        3,
+        "order-creation",
+        Phase::Running,
+        Some("x"),
+        1,
+    ));
+    assert_eq!(index.sweep(t(200)), 0);
+    assert_eq!(index.len(), 2);
+}
+
+#[test]
+fn record_headers_are_read_or_refused_by_name() {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(header::SAGA_ID, id(9).as_str());
+    headers.insert(header::SAGA_TYPE, "order-creation");
+    headers.insert(header::PHASE, "completed");
+    headers.insert(header::KEY, "order-9");
+    headers.insert(header::CREATED, "2027-01-15T08:00:00Z");
+    headers.insert(header::TIMER_AT, "2027-01-15T08:00:05.250Z");
+    headers.insert(header::TTL, "1h30m");
+    let update = Update::from_headers(7, &headers, t(10)).unwrap();
+    assert_eq!(update.seq, 7);
+    assert_eq!(update.phase, Phase::Completed);
+    assert_eq!(update.step, None);
+    assert_eq!(update.key.as_deref(), Some("order-9"));
+    assert_eq!(update.expires, Some(t(10) + TimeDelta::minutes(90)));
+    assert_eq!(update.timer_at.unwrap().timestamp_subsec_millis(), 250);
+
+    headers.insert(header::TTL, "30");
+    assert_eq!(
+        Update::from_headers(7, &headers, t(10)).unwrap().expires,
+        Some(t(40))
+    );
+    for (name, value, problem) in [
+        (header::PHASE, "sleeping", "unknown saga state"),
+        (header::CREATED, "yesterday", header::CREATED),
+        (header::TTL, "soon", "Nats-TTL"),
+    ] {
+        let mut bad = headers.clone();
+        bad.insert(name, value);
+        let err = Update::from_headers(7, &bad, t(10))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(problem) && err.contains("record 7"), "{err}");
+    }
+    let mut missing = async_nats::HeaderMap::new();
+    missing.insert(header::PHASE, "running");
+    missing.insert(header::CREATED, "2027-01-15T08:00:00Z");
+    let err = Update::from_headers(1, &missing, t(0))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(header::SAGA_ID), "{err}");
+}
