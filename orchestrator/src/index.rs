@@ -399,6 +399,35 @@ impl Index {
         }
     }
 
+    /// Live sagas by (type, phase) and stuck ones by type, for the census.
+    pub fn counts(&self, now: DateTime<Utc>) -> crate::census::Counts {
+        let now = ms(now);
+        let inner = self.read();
+        let mut counts = crate::census::Counts::default();
+        for ((saga_type, phase), slots) in &inner.groups {
+            let phase = match phase {
+                0 => Phase::Running,
+                1 => Phase::Compensating,
+                4 => Phase::Failed,
+                _ => continue,
+            };
+            let Some(name) = inner.types.name(*saga_type) else {
+                continue;
+            };
+            let n = i64::try_from(slots.len()).unwrap_or(i64::MAX);
+            *counts
+                .by_state
+                .entry((name.to_string(), phase))
+                .or_default() += n;
+            if phase != Phase::Failed {
+                let stuck = slots.values().filter(|s| s.stuck_at <= now).count();
+                *counts.stuck.entry(name.to_string()).or_default() +=
+                    i64::try_from(stuck).unwrap_or(i64::MAX);
+            }
+        }
+        counts
+    }
+
     /// Drops the sagas whose last record expired by `now` (expiry sends nothing).
     pub fn sweep(&self, now: DateTime<Utc>) -> usize {
         let now = ms(now);

@@ -241,12 +241,6 @@ impl Service {
             metrics.clone(),
             token.clone(),
         ));
-        tracker.spawn(census::run(
-            store.clone(),
-            registry.clone(),
-            metrics.clone(),
-            token.clone(),
-        ));
         tracker.spawn(watch_connection(
             client.clone(),
             metrics.clone(),
@@ -256,6 +250,12 @@ impl Service {
 
         let index = index::Index::new(registry.clone());
         tracker.spawn(index::run(js.clone(), index.clone(), token.clone()));
+        tracker.spawn(census::run(
+            index.clone(),
+            registry.clone(),
+            metrics.clone(),
+            token.clone(),
+        ));
 
         let (request_tx, request_rx) = mpsc::channel(1024);
         // Saga spans only when traces are exported: otherwise none is built.

@@ -25,8 +25,8 @@ pub const STEP_DURATION: &str = "jetsaga_step_duration_seconds";
 pub const SAGAS_IN_FLIGHT: &str = "jetsaga_sagas_in_flight";
 /// Failed sagas waiting for an operator, by type (see [`crate::census`]).
 pub const SAGAS_FAILED_WAITING: &str = "jetsaga_sagas_failed_waiting";
-/// Sagas in one step for [`crate::census::STUCK_FACTOR`] × its timeout, by type
-/// (see [`crate::census::is_stuck`]).
+/// Running or compensating sagas unchanged for twice their step's timeout, by
+/// type (see [`crate::census`]).
 pub const SAGAS_STUCK: &str = "jetsaga_sagas_stuck";
 /// When the last census of the journal finished (Unix seconds).
 pub const CENSUS_TIMESTAMP: &str = "jetsaga_census_last_success_timestamp_seconds";

@@ -23,8 +23,16 @@ async fn payment_charges_once_refunds_at_most_the_charge_and_declines_by_rule() 
     config.payment.limit_cents = 10_000;
     let token = CancellationToken::new();
     let running = tokio::spawn(payment::run(config, token.clone().cancelled_owned()));
-    wait_until("the payment bucket exists", WAIT, || async {
-        js.get_key_value("jetsaga_payment").await.is_ok()
+    wait_until("the payment bucket and consumer exist", WAIT, || async {
+        let consumer = async {
+            js.get_stream("JETSAGA_COMMANDS")
+                .await
+                .ok()?
+                .consumer_info("participant-payment")
+                .await
+                .ok()
+        };
+        js.get_key_value("jetsaga_payment").await.is_ok() && consumer.await.is_some()
     })
     .await;
     let replies = Replies::collect(&client).await;
