@@ -146,7 +146,8 @@ fi
 cat <<INFO
 
 jetsaga is running:
-  HTTP API        http://$http  (POST /v1/sagas/order-creation, /healthz, /readyz)
+  HTTP API        http://$http/v1  (GET /v1/sagas, POST /v1/sagas/order-creation; /openapi.json, /healthz, /readyz)
+  web page        http://$http/  (sagas, timelines, retry / abort, dead letters)
   metrics         http://$http/metrics
   participants    http://127.0.0.1:9101/metrics (inventory), :9102 (payment), :9103 (notification)
   NATS            nats://127.0.0.1:$nats_port (monitoring http://127.0.0.1:8222/varz, /jsz)
