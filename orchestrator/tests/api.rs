@@ -25,41 +25,6 @@ use tower::ServiceExt;
 const ANA: &str = "ana-operate-token-0123456789";
 const READER: &str = "reader-read-token-0123456789";
 
-/// The fast failure definition of the runtime tests.
-const FAST_ORDER: &str = r#"
-name = "fast-order"
-version = 1
-input-schema = "order-creation.input.schema.json"
-deadline = "1m"
-[compensation-retry]
-max-attempts = 2
-initial-backoff = "50ms"
-max-backoff = "100ms"
-[[steps]]
-name = "reserve-stock"
-participant = "inventory"
-action = "reserve"
-compensation = "release"
-kind = "compensatable"
-timeout = "5s"
-retry = { max-attempts = 1 }
-[[steps]]
-name = "take-payment"
-participant = "payment"
-action = "charge"
-compensation = "refund"
-kind = "pivot"
-timeout = "1s"
-retry = { max-attempts = 1 }
-[[steps]]
-name = "confirm-order"
-participant = "inventory"
-action = "commit"
-kind = "retriable"
-timeout = "5s"
-retry = { initial-backoff = "50ms", max-backoff = "200ms" }
-"#;
-
 fn tokens() -> Vec<Token> {
     vec![
         Token {
@@ -450,18 +415,7 @@ async fn operator_actions_are_guarded_journaled_and_refused_with_the_state() {
     let handle = running.handle().clone();
     let js = js(&server).await;
     // Releases fail until the inventory "recovers"; charges of tok_hang get no reply.
-    let inventory = Responder::start(
-        &js,
-        "inventory",
-        Arc::new(|c: &protocol::Command| {
-            if c.action == "release" {
-                failed("db_down", true)
-            } else {
-                ok()
-            }
-        }),
-    )
-    .await;
+    let inventory = Responder::start(&js, "inventory", releases_fail()).await;
     let _payment = Responder::start(
         &js,
         "payment",

@@ -10,13 +10,12 @@ mod common;
 
 use std::ffi::OsStr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use headless_chrome::protocol::cdp::Page::CaptureScreenshotFormatOption;
 use headless_chrome::{Browser, LaunchOptions, Tab};
-use jetsaga_sagas::{Phase, protocol};
+use jetsaga_sagas::Phase;
 use jetsaga_testkit::NatsServer;
 
 const FAST_ORDER: &str = r#"
@@ -107,18 +106,7 @@ async fn the_page_lists_opens_and_retries_sagas_in_a_real_browser() {
     let running = orchestrator(&server.url(), Some(defs.path())).await;
     let handle = running.handle().clone();
     let js_ctx = common::js(&server).await;
-    let inventory = Responder::start(
-        &js_ctx,
-        "inventory",
-        Arc::new(|c: &protocol::Command| {
-            if c.action == "release" {
-                failed("db_down", true)
-            } else {
-                ok()
-            }
-        }),
-    )
-    .await;
+    let inventory = Responder::start(&js_ctx, "inventory", releases_fail()).await;
     let _payment = Responder::start(&js_ctx, "payment", by_card()).await;
     let completed = handle
         .start("fast-order", "page-ok", order("tok_ok"))
