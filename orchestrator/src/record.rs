@@ -5,9 +5,9 @@
 //! caused and the armed timer. The effects are kept by reference, so a
 //! transition interrupted after its record was stored is completed later from
 //! the record alone ([`rebuild`]). Because each record carries the whole
-//! journal, a finished saga's last record replaces the rest of its subject
-//! (`Nats-Rollup: sub`) and expires with a TTL ([`headers`]): what a finished
-//! saga keeps is one message, for a bounded time.
+//! journal, the journal stream keeps one message per subject (each record
+//! replaces the one before), and a finished saga's record expires with a TTL
+//! ([`headers`]): what a finished saga keeps is one message, for a bounded time.
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -143,8 +143,7 @@ impl Record {
 
 /// The headers of a stored record: what the saga listing reads without the body
 /// (id, type, phase, step, key, timer, start time) and, once the saga is
-/// finished, the rollup that replaces its earlier records and the TTL
-/// (`finished_retention`) after which the record goes.
+/// finished, the TTL (`finished_retention`) after which the record goes.
 pub(crate) fn headers(
     record: &Record,
     finished_retention: std::time::Duration,
@@ -167,7 +166,6 @@ pub(crate) fn headers(
         headers.push((header::TIMER_AT, at.to_rfc3339()));
     }
     if phase.is_finished() {
-        headers.push((header::ROLLUP, "sub".to_owned()));
         headers.push((
             header::TTL,
             format!("{}s", finished_retention.as_secs().max(1)),

@@ -46,7 +46,8 @@ async fn ensure_creates_then_accepts_then_refuses_a_mismatch() {
         .unwrap();
     let journal = journal.cached_info().config.clone();
     assert_eq!(journal.max_age, Duration::ZERO);
-    assert!(journal.allow_message_ttl && journal.allow_rollup);
+    assert!(journal.allow_message_ttl && !journal.allow_rollup);
+    assert_eq!(journal.max_messages_per_subject, 1);
     assert_eq!(journal.discard, jetstream::stream::DiscardPolicy::New);
     // Another byte bound is refused by name too.
     let smaller = Streams {

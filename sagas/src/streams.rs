@@ -96,15 +96,18 @@ pub const EVENTS: Spec = Spec {
 };
 
 /// Saga journals: `saga.journal.<saga id>`; each message is one transition and
-/// carries the saga's state after it, so the last message is the current state.
+/// carries the saga's state after it and the journal before it, so a saga's one
+/// message is all there is to know. The stream keeps one message per subject:
+/// each append replaces the record before it (the server removes that one
+/// message, which costs far less than a rollup's purge: a purge makes every
+/// consumer of the stream recount its pending messages over all subjects).
 /// Nothing ages out: a live saga (running, compensating, parked `failed`) is kept
-/// as long as it lives. A finished saga's last record rolls its subject up
-/// (`Nats-Rollup: sub`, it carries the whole journal) and expires with a
-/// `Nats-TTL` of `streams.finished-retention`.
+/// as long as it lives; a finished saga's record expires with a `Nats-TTL` of
+/// `streams.finished-retention`.
 pub const JOURNAL: Spec = Spec {
     allow_direct: true,
     allow_msg_ttl: true,
-    allow_rollup: true,
+    max_msgs_per_subject: Some(1),
     ..spec("JETSAGA_JOURNAL", &[subject::JOURNALS], FOREVER)
 };
 
