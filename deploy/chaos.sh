@@ -8,7 +8,7 @@
 # Exits non-zero if any check fails or the run cannot be carried out.
 #
 #   deploy/chaos.sh                     the short profile (~1-2 minutes, 2,400 sagas)
-#   deploy/chaos.sh --profile long      11,000 sagas (~5 minutes)
+#   deploy/chaos.sh --profile long      10,500 sagas (~8 minutes)
 #   deploy/chaos.sh --seed 42 --logs DIR   replay a fault schedule, keep every log in DIR
 #   deploy/chaos.sh --help              every option
 #   JETSAGA_BIN_DIR=DIR deploy/chaos.sh  run the binaries in DIR (no build)

@@ -62,14 +62,14 @@ pub enum Error {
 pub enum Profile {
     /// About a minute of load (2,400 sagas at 40/s), for the test command.
     Short,
-    /// Over 10,000 sagas (50/s for 220 s), for the README's figures.
+    /// Over 10,000 sagas (25/s for 420 s), for the README's figures.
     Long,
 }
 
 /// The command line of `jetsaga chaos`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// `short` (≈1 min, 2,400 sagas) or `long` (220 s, 11,000 sagas).
+    /// `short` (60 s of load, 2,400 sagas) or `long` (420 s, 10,500 sagas).
     #[arg(long, value_enum, default_value = "short")]
     pub profile: Profile,
     /// Starts per second (overrides the profile's).
@@ -126,7 +126,7 @@ impl Args {
     pub fn plan(self, bin_dir: PathBuf) -> Plan {
         let (rate, duration) = match self.profile {
             Profile::Short => (40.0, Duration::from_secs(60)),
-            Profile::Long => (50.0, Duration::from_secs(220)),
+            Profile::Long => (25.0, Duration::from_secs(420)),
         };
         let s = Duration::from_secs;
         Plan {

@@ -21,8 +21,15 @@ use crate::Error;
 /// The participant binaries, by name.
 pub(crate) const PARTICIPANTS: [&str; 3] = ["inventory", "payment", "notification"];
 
-/// The orchestrators' `engine.ack-wait`: short, so a SIGSTOP can outlast it within a short run.
-pub(crate) const ORCHESTRATOR_ACK_WAIT: Duration = Duration::from_secs(5);
+/// The orchestrators' `engine.ack-wait`: shorter than the default 30 s, so a SIGSTOP outlasts
+/// it within a short run.
+pub(crate) const ORCHESTRATOR_ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// The orchestrators' `engine.max-in-flight`: inputs wait in the driver no longer than the ack
+/// wait even on a slow machine. With the default 4,096 and the short ack wait, queued inputs
+/// are redelivered while they wait, each redelivery re-sends commands whose duplicate replies
+/// are journaled, and an overloaded system does not recover (see the README, "Reliability").
+pub(crate) const ORCHESTRATOR_MAX_IN_FLIGHT: u32 = 512;
 
 /// What happened to one process during the run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -143,6 +150,10 @@ impl System {
                 (
                     "JETSAGA_ENGINE__ACK_WAIT".to_owned(),
                     format!("{}s", ORCHESTRATOR_ACK_WAIT.as_secs()),
+                ),
+                (
+                    "JETSAGA_ENGINE__MAX_IN_FLIGHT".to_owned(),
+                    ORCHESTRATOR_MAX_IN_FLIGHT.to_string(),
                 ),
                 ("JETSAGA_ENGINE__INSTANCE".to_owned(), name.to_owned()),
                 ("JETSAGA_LOG".to_owned(), "warn".to_owned()),
