@@ -22,8 +22,9 @@ use crate::Error;
 pub(crate) const PARTICIPANTS: [&str; 3] = ["inventory", "payment", "notification"];
 
 /// The orchestrators' `engine.ack-wait`: shorter than the default 30 s, so a SIGSTOP outlasts
-/// it within a short run.
-pub(crate) const ORCHESTRATOR_ACK_WAIT: Duration = Duration::from_secs(10);
+/// it within a short run, and the inputs a killed orchestrator held come back soon (with 10 s
+/// and a kill every 1-3 s, most inputs were stranded on a dead instance and the run crawled).
+pub(crate) const ORCHESTRATOR_ACK_WAIT: Duration = Duration::from_secs(5);
 
 /// The orchestrators' `engine.max-in-flight`: inputs wait in the driver no longer than the ack
 /// wait even on a slow machine. With the default 4,096 and the short ack wait, queued inputs
