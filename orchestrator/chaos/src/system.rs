@@ -113,6 +113,8 @@ struct Inner {
     nats: NatsServer,
     nats_tally: Tally,
     nats_outages: Vec<Duration>,
+    /// Set by [`System::shut_down`]: nothing is started again after it.
+    shut_down: bool,
 }
 
 /// How to lay the system out.
@@ -200,6 +202,7 @@ impl System {
                 nats,
                 nats_tally: Tally::default(),
                 nats_outages: Vec::new(),
+                shut_down: false,
             })),
             nats_url,
             orchestrator_http,
@@ -228,6 +231,9 @@ impl System {
     /// No such process, or it does not start again.
     pub fn kill_and_restart(&self, name: &str) -> Result<(), Error> {
         let mut inner = self.lock();
+        if inner.shut_down {
+            return Ok(());
+        }
         let p = inner
             .procs
             .get_mut(name)
@@ -290,6 +296,9 @@ impl System {
     pub fn restart_exited(&self) -> Result<Vec<String>, Error> {
         let mut inner = self.lock();
         let mut restarted = Vec::new();
+        if inner.shut_down {
+            return Ok(restarted);
+        }
         for (name, p) in &mut inner.procs {
             let exited = match p.child.as_mut() {
                 Some(child) => child
@@ -316,6 +325,9 @@ impl System {
     /// It does not come back.
     pub fn restart_nats(&self, down_for: Duration) -> Result<Duration, Error> {
         let mut inner = self.lock();
+        if inner.shut_down {
+            return Ok(Duration::ZERO);
+        }
         let down = Instant::now();
         inner.nats.kill();
         inner.nats_tally.killed += 1;
@@ -348,10 +360,11 @@ impl System {
         self.lock().nats.log()
     }
 
-    /// Kills every process (participants and
-    /// orchestrators, then nats-server) and reaps it.
+    /// Kills every process (participants and orchestrators, then nats-server) and reaps it;
+    /// from then on nothing is started again (a fault task still running finds nothing to do).
     pub fn shut_down(&self) {
         let mut inner = self.lock();
+        inner.shut_down = true;
         for p in inner.procs.values_mut() {
             if let Some(mut child) = p.child.take() {
                 let _ = child.kill();
