@@ -5,8 +5,8 @@
 # warnings`), installs the pinned nats-server, points NATS_SERVER_BIN at it, installs Debian's
 # chromium for the web page's browser test (CHROME), builds the
 # workspace's binaries (crash tests spawn them), runs every test with cargo-nextest (or `cargo
-# test` without it), then the doc tests, which nextest does not run. Extra arguments go to the
-# test runner, e.g.
+# test` without it), then the doc tests, which nextest does not run, then the chaos runner's
+# short profile (deploy/chaos.sh). Extra arguments go to the test runner, e.g.
 #   deploy/test.sh -p jetsaga-testkit
 # Exits non-zero if anything failed; a failing step does not skip the ones after it.
 set -euo pipefail
@@ -61,6 +61,14 @@ else
     # `cargo test` runs the doc tests itself.
     echo "== cargo test --no-fail-fast ${runner_args[*]} (cargo-nextest not installed)"
     cargo test --no-fail-fast "${runner_args[@]}" || status=$?
+fi
+
+# The chaos runner's short profile (deploy/chaos.sh): a whole system under kill -9, SIGSTOP and
+# nats-server restarts, then checks of every participant's state. Skipped when a package
+# selection (-p) is given; JETSAGA_SKIP_CHAOS=1 skips it.
+if ((${#packages[@]} == 0)) && [[ "${JETSAGA_SKIP_CHAOS:-}" != 1 ]]; then
+    echo "== deploy/chaos.sh --profile short"
+    JETSAGA_BIN_DIR="$repo_root/target/debug" bash "${script_dir}/chaos.sh" --profile short || status=$?
 fi
 
 # Deployment files (deploy/check-deploy.sh) and the Grafana dashboards' queries against a real

@@ -8,6 +8,12 @@
 //! observed through the domain events; at the end sagas without an event are
 //! looked up in the journal to tell failed from unfinished.
 //!
+//! A start whose publish (or HTTP request) times out or fails is retried with the same key
+//! and message id until `--timeout` has passed: starts are idempotent, so a nats-server
+//! restart or an orchestrator outage is something a run drives through; the retries are
+//! counted in the report (`start_retries`). While waiting for the last sagas, those whose
+//! event was missed (the event listener was disconnected) are looked up in the journal.
+//!
 //! [`Args`] is the command line (parsed by the `jetsaga` binary), [`Args::options`] checks it
 //! into [`Options`], and [`run`] carries out the load and returns a [`Report`].
 
@@ -133,6 +139,10 @@ pub struct Report {
     pub observed: u64,
     /// Starts per second actually offered.
     pub offered_per_s: f64,
+    /// Start publishes (or HTTP requests) that timed out or failed and were sent again.
+    pub start_retries: u64,
+    /// The keys of this run's sagas are `<key_prefix><i>` for `i` in `0..sagas`.
+    pub key_prefix: String,
 }
 
 impl Report {
@@ -170,7 +180,7 @@ impl Report {
         format!(
             "sagas        {}\ncompleted    {}\ncompensated  {} (declined {})\nfailed       {}\nunfinished   {}\n\
              elapsed      {:.2} s\noffered      {:.1} /s\nthroughput   {:.1} sagas/s\n\
-             latency ms   p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}",
+             latency ms   p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}\nstart retries {}",
             self.sagas,
             self.completed,
             self.compensated,
@@ -183,7 +193,8 @@ impl Report {
             l.p50,
             l.p90,
             l.p99,
-            l.max
+            l.max,
+            self.start_retries
         )
     }
 }
@@ -233,6 +244,22 @@ pub fn order(i: u64, items: u32, decline: bool) -> serde_json::Value {
     })
 }
 
+/// Whether `event` ends a saga of `saga_type` completed (`true`) or compensated (`false`);
+/// `None` for any other event, e.g. the inventory's stock events, which name the saga whose
+/// reservation crossed a threshold but belong to no saga type.
+pub fn outcome(event: &protocol::Event, saga_type: &str) -> Option<bool> {
+    if event.saga_type != saga_type {
+        return None;
+    }
+    if event.event.ends_with("confirmed") {
+        Some(true)
+    } else if event.event.ends_with("cancelled") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 /// Why a run could not be carried out at all.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -265,7 +292,9 @@ pub async fn run(options: Options) -> Result<Report, Error> {
         .max_ack_inflight(20_000)
         .build(client.clone());
     let run_id = uuid::Uuid::new_v4().simple().to_string();
-    let key = |i: u64| format!("bench-{}-{i}", &run_id[..12]);
+    let key_prefix = format!("bench-{}-", &run_id[..12]);
+    let key = |i: u64| format!("{key_prefix}{i}");
+    let retries = Arc::new(AtomicU64::new(0));
 
     let tracker = Arc::new(Mutex::new(Tracker {
         pending: HashMap::new(),
@@ -294,9 +323,13 @@ pub async fn run(options: Options) -> Result<Report, Error> {
         let tracker = tracker.clone();
         let permits = permits.clone();
         let finished = finished.clone();
+        let saga_type = options.saga_type.clone();
         tokio::spawn(async move {
             while let Some(message) = events.next().await {
                 let Ok(event) = protocol::Event::decode(&message.payload) else {
+                    continue;
+                };
+                let Some(completed) = outcome(&event, &saga_type) else {
                     continue;
                 };
                 let mut t = tracker.lock().await;
@@ -307,7 +340,7 @@ pub async fn run(options: Options) -> Result<Report, Error> {
                 t.latencies
                     .push(now.duration_since(started).as_secs_f64() * 1000.0);
                 t.last_end = Some(now);
-                if event.event.ends_with("confirmed") {
+                if completed {
                     t.completed += 1;
                 } else {
                     t.compensated += 1;
@@ -377,11 +410,15 @@ pub async fn run(options: Options) -> Result<Report, Error> {
         let input = order(i, options.items, decline);
         let start = {
             let (js, http, saga_type) = (js.clone(), http.clone(), options.saga_type.clone());
+            let (retries, give_up_after) = (retries.clone(), options.timeout);
             async move {
-                match http {
-                    Some(http) => http.start(&saga_type, &key, input).await,
-                    None => publish_start(&js, &saga_type, key, input).await,
-                }
+                retried(give_up_after, &retries, || async {
+                    match &http {
+                        Some(http) => http.start(&saga_type, &key, input.clone()).await,
+                        None => publish_start(&js, &saga_type, key.clone(), input.clone()).await,
+                    }
+                })
+                .await
             }
         };
         in_flight_starts.spawn(start);
@@ -409,10 +446,20 @@ pub async fn run(options: Options) -> Result<Report, Error> {
         return Err(Error::Io(format!("starting a saga: {e}")));
     }
 
-    // Wait for the rest, bounded by --timeout from the last start.
+    // Wait for the rest, bounded by --timeout from the last start. Events published while
+    // the listener was disconnected are never seen: look such sagas up in the journal.
+    let store = Store::new(js.clone())
+        .await
+        .map_err(|e| Error::Io(e.to_string()))?;
     let deadline = Instant::now() + options.timeout;
+    let mut next_sweep = Instant::now() + SWEEP_INTERVAL;
     while finished.load(Ordering::Relaxed) < started && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
+        if Instant::now() >= next_sweep {
+            let swept = sweep(&store, &tracker).await;
+            finished.fetch_add(swept, Ordering::Relaxed);
+            next_sweep = Instant::now() + SWEEP_INTERVAL;
+        }
     }
     progress.abort();
     listener.abort();
@@ -421,9 +468,6 @@ pub async fn run(options: Options) -> Result<Report, Error> {
     let end = t.last_end.unwrap_or_else(Instant::now);
     let elapsed = end.duration_since(begin).as_secs_f64().max(1e-9);
     // Sagas without an event: failed (parked) or still unfinished.
-    let store = Store::new(js.clone())
-        .await
-        .map_err(|e| Error::Io(e.to_string()))?;
     let mut failed = 0;
     let mut unfinished = 0;
     let leftover: Vec<String> = t.pending.keys().cloned().collect();
@@ -453,7 +497,92 @@ pub async fn run(options: Options) -> Result<Report, Error> {
         latency_ms: latency,
         observed,
         offered_per_s: started as f64 / starts_took.as_secs_f64().max(1e-9),
+        start_retries: retries.load(Ordering::Relaxed),
+        key_prefix,
     })
+}
+
+/// How often the wait for the last sagas looks up the ones without an event.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
+/// At most this many pending sagas are looked up per sweep.
+const SWEEP_BATCH: usize = 2000;
+/// First pause before a failed start is sent again; it doubles up to [`MAX_RETRY_PAUSE`].
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Longest pause between two tries of one start.
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(2);
+
+/// Counts, as finished, the pending sagas the journal already has as completed or
+/// compensated (their event was missed); returns how many it found.
+async fn sweep(store: &Store, tracker: &Mutex<Tracker>) -> u64 {
+    let ids: Vec<String> = {
+        let t = tracker.lock().await;
+        t.pending.keys().take(SWEEP_BATCH).cloned().collect()
+    };
+    let mut found = 0;
+    for id in ids {
+        let Ok(Some(stored)) = store.load(&id, false).await else {
+            continue;
+        };
+        let phase = stored.record.saga.phase();
+        if !matches!(phase, Phase::Completed | Phase::Compensated) {
+            continue;
+        }
+        let mut t = tracker.lock().await;
+        // The listener may have seen its event in the meantime.
+        if t.pending.remove(&id).is_none() {
+            continue;
+        }
+        if phase == Phase::Completed {
+            t.completed += 1;
+        } else {
+            t.compensated += 1;
+        }
+        found += 1;
+    }
+    found
+}
+
+/// Runs `start` until it succeeds, pausing between tries (doubling from
+/// [`FIRST_RETRY_PAUSE`] to [`MAX_RETRY_PAUSE`]) and counting each retry in `retries`;
+/// gives up with the last error once `give_up_after` has passed since the first try.
+/// Sending a start again is safe: it carries the same key and message id.
+async fn retried<F, Fut>(
+    give_up_after: Duration,
+    retries: &AtomicU64,
+    start: F,
+) -> Result<(), String>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), StartError>>,
+{
+    let first = Instant::now();
+    let mut pause = FIRST_RETRY_PAUSE;
+    loop {
+        match start().await {
+            Ok(()) => return Ok(()),
+            Err(StartError::Refused(e)) => return Err(e),
+            Err(StartError::Transient(e)) if first.elapsed() >= give_up_after => {
+                return Err(format!(
+                    "{e} (still failing after {:.0?} of retries)",
+                    first.elapsed()
+                ));
+            }
+            Err(StartError::Transient(_)) => {
+                retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_RETRY_PAUSE);
+            }
+        }
+    }
+}
+
+/// Why one try of a start did not succeed.
+#[derive(Debug)]
+enum StartError {
+    /// Timed out, disconnected, or the server is unavailable: worth sending again.
+    Transient(String),
+    /// The orchestrator refused the start (4xx): sending it again changes nothing.
+    Refused(String),
 }
 
 fn keep_first_error(
@@ -473,7 +602,7 @@ async fn publish_start(
     saga_type: &str,
     key: String,
     input: serde_json::Value,
-) -> Result<(), String> {
+) -> Result<(), StartError> {
     let mut headers = HeaderMap::new();
     let msg_id = protocol::start_msg_id(saga_type, &key, &input);
     headers.insert(header::MSG_ID, msg_id.as_str());
@@ -483,15 +612,17 @@ async fn publish_start(
         input,
         requested_at: None,
     };
+    // Any failure here is the connection or the server (a timeout, a restart, a full
+    // stream): the orchestrator validates starts later, so a retry is always worth it.
     js.publish_with_headers(
         protocol::subject::start(saga_type),
         headers,
         body.encode().into(),
     )
     .await
-    .map_err(|e| e.to_string())?
+    .map_err(|e| StartError::Transient(e.to_string()))?
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| StartError::Transient(e.to_string()))?;
     Ok(())
 }
 
@@ -521,24 +652,29 @@ impl HttpStarter {
         saga_type: &str,
         key: &str,
         input: serde_json::Value,
-    ) -> Result<(), String> {
+    ) -> Result<(), StartError> {
         let response = self
             .client
             .post(format!("{}/v1/sagas/{saga_type}", self.base))
             .json(&serde_json::json!({"key": key, "input": input}))
             .send()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| StartError::Transient(e.to_string()))?;
         let status = response.status();
         if status.is_success() {
-            Ok(())
-        } else {
-            let body = response
-                .text()
-                .await
-                .unwrap_or_else(|e| format!("(body unreadable: {e})"));
-            Err(format!("HTTP {status}: {body}"))
+            return Ok(());
         }
+        let body = response
+            .text()
+            .await
+            .unwrap_or_else(|e| format!("(body unreadable: {e})"));
+        let message = format!("HTTP {status}: {body}");
+        // 5xx: the orchestrator is unavailable (e.g. NATS is down) or failing; 4xx: refused.
+        Err(if status.is_server_error() {
+            StartError::Transient(message)
+        } else {
+            StartError::Refused(message)
+        })
     }
 }
 
@@ -737,19 +873,21 @@ mod tests {
             latency_ms: Latency::default(),
             observed: 100,
             offered_per_s: 100.0,
+            start_retries: 0,
+            key_prefix: "bench-x-".to_owned(),
         };
         assert!(good.problems().is_empty());
         let wrong_mix = Report {
             completed: 91,
             compensated: 9,
-            ..good
+            ..good.clone()
         };
         assert_eq!(wrong_mix.problems().len(), 2, "{:?}", wrong_mix.problems());
         let unfinished = Report {
             completed: 85,
             unfinished: 4,
             failed: 1,
-            ..good
+            ..good.clone()
         };
         let problems = unfinished.problems();
         assert_eq!(problems, vec!["4 sagas did not finish", "1 sagas failed"]);
@@ -763,11 +901,76 @@ mod tests {
             "elapsed_s",
             "throughput_per_s",
             "offered_per_s",
+            "start_retries",
+            "key_prefix",
         ] {
             assert!(json.get(field).is_some(), "{field}");
         }
         assert!(json["latency_ms"].get("p99").is_some());
         assert!(good.table().contains("throughput"));
+    }
+
+    #[test]
+    fn only_the_sagas_own_events_end_it() {
+        let event = |name: &str, saga_type: &str| protocol::Event {
+            protocol: protocol::VERSION,
+            event: name.to_owned(),
+            saga_id: "s".to_owned(),
+            saga_type: saga_type.to_owned(),
+            key: "k".to_owned(),
+            input: serde_json::Value::Null,
+            occurred_at: chrono::Utc::now(),
+        };
+        let t = "order-creation";
+        assert_eq!(outcome(&event("order.confirmed", t), t), Some(true));
+        assert_eq!(outcome(&event("order.cancelled", t), t), Some(false));
+        // A stock event names the saga that crossed the line, with no saga type.
+        assert_eq!(outcome(&event("inventory.stock.low", ""), t), None);
+        assert_eq!(outcome(&event("inventory.stock.depleted", ""), t), None);
+        assert_eq!(outcome(&event("order.confirmed", "other"), t), None);
+    }
+
+    #[tokio::test]
+    async fn a_failing_start_is_retried_until_it_succeeds_or_the_time_is_up() {
+        let tries = AtomicU64::new(0);
+        let retries = AtomicU64::new(0);
+        let flaky = || async {
+            if tries.fetch_add(1, Ordering::Relaxed) < 3 {
+                Err(StartError::Transient("timed out".to_owned()))
+            } else {
+                Ok(())
+            }
+        };
+        assert_eq!(
+            retried(Duration::from_secs(60), &retries, flaky).await,
+            Ok(())
+        );
+        assert_eq!(
+            (
+                tries.load(Ordering::Relaxed),
+                retries.load(Ordering::Relaxed)
+            ),
+            (4, 3)
+        );
+
+        let retries = AtomicU64::new(0);
+        let down = || async { Err(StartError::Transient("no responders".to_owned())) };
+        let error = retried(Duration::from_millis(250), &retries, down)
+            .await
+            .unwrap_err();
+        assert!(
+            error.contains("no responders") && error.contains("still failing"),
+            "{error}"
+        );
+        assert!(retries.load(Ordering::Relaxed) >= 1);
+
+        let retries = AtomicU64::new(0);
+        let refused = || async { Err(StartError::Refused("HTTP 422".to_owned())) };
+        assert_eq!(
+            retried(Duration::from_secs(10), &retries, refused).await,
+            Err("HTTP 422".to_owned())
+        );
+        assert_eq!(retries.load(Ordering::Relaxed), 0);
     }
 
     /// `jetsaga bench` as the binary mounts it.

@@ -1,5 +1,5 @@
 //! `jetsaga`: the orchestrator (`serve`) and its command-line tools (`validate`, `bench`,
-//! and the operator commands `sagas`, `dead-letters`, `definitions` in [`ops`]).
+//! `chaos`, and the operator commands `sagas`, `dead-letters`, `definitions` in [`ops`]).
 
 mod ops;
 
@@ -47,6 +47,15 @@ enum Command {
     /// Exits 1 if any saga failed or did not finish, or the outcomes do not match the decline
     /// rule.
     Bench(jetsaga_bench::Args),
+    /// Run a whole system on loopback under faults and check that no saga is lost and no
+    /// effect applied twice.
+    ///
+    /// Starts nats-server (free port, temporary store), two orchestrators and the reference
+    /// participants (the binaries next to this one), drives order sagas with the load
+    /// generator while killing orchestrators and participants (kill -9 every 1-3 s), stopping
+    /// an orchestrator past its ack wait and restarting nats-server, then checks the journal,
+    /// the saga listing and the participants' state. Exits 1 if any check fails.
+    Chaos(jetsaga_chaos::Args),
     /// Look at, list, retry and abort sagas (over the HTTP API).
     Sagas {
         #[command(flatten)]
@@ -77,6 +86,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::Validate { files } => validate(&files),
         Command::Bench(args) => bench(args),
+        Command::Chaos(args) => chaos(args),
         Command::Sagas {
             connection,
             command,
@@ -128,40 +138,71 @@ fn validate(files: &[PathBuf]) -> ExitCode {
 
 fn bench(args: jetsaga_bench::Args) -> ExitCode {
     let options = args.options();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
+    let json = options.json;
+    run_tool("bench", json, jetsaga_bench::run(options), |report| {
+        let mut text = report.table();
+        let problems = report.problems();
+        for problem in &problems {
+            text.push_str(&format!("\nPROBLEM: {problem}"));
+        }
+        (text, problems.is_empty())
+    })
+}
+
+fn chaos(args: jetsaga_chaos::Args) -> ExitCode {
+    // The other binaries are built beside this one.
+    let bin_dir = match std::env::current_exe() {
+        Ok(exe) => exe.parent().map(PathBuf::from).unwrap_or_default(),
         Err(e) => {
-            eprintln!("jetsaga bench: cannot start the runtime: {e}");
+            eprintln!("jetsaga chaos: cannot locate this binary: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let json = options.json;
-    match runtime.block_on(jetsaga_bench::run(options)) {
-        Ok(report) => {
-            println!("{}", report.table());
-            let problems = report.problems();
-            for problem in &problems {
-                println!("PROBLEM: {problem}");
-            }
-            if json {
-                match serde_json::to_string(&report) {
-                    Ok(line) => println!("{line}"),
-                    Err(e) => {
-                        eprintln!("jetsaga bench: cannot encode the report: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            }
-            if problems.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+    let json = args.json;
+    let plan = args.plan(bin_dir);
+    run_tool("chaos", json, jetsaga_chaos::run(plan), |summary| {
+        (summary.render(), summary.passed())
+    })
+}
+
+/// Runs a tool's future on a fresh runtime, prints its report (`render` gives the text and
+/// whether the run passed) and, with `json`, the report as one JSON line; exits 1 if the run
+/// failed or did not pass.
+fn run_tool<T: serde::Serialize, E: std::fmt::Display>(
+    name: &str,
+    json: bool,
+    work: impl std::future::Future<Output = Result<T, E>>,
+    render: impl FnOnce(&T) -> (String, bool),
+) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
         Err(e) => {
-            eprintln!("jetsaga bench: {e}");
-            ExitCode::FAILURE
+            eprintln!("jetsaga {name}: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
         }
+    };
+    let report = match runtime.block_on(work) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("jetsaga {name}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (text, passed) = render(&report);
+    println!("{text}");
+    if json {
+        match serde_json::to_string(&report) {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                eprintln!("jetsaga {name}: cannot encode the report: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
