@@ -43,6 +43,11 @@ pub struct Nats {
     /// The longest pause between reconnect attempts.
     #[serde(with = "config::duration")]
     pub reconnect_delay_max: Duration,
+    /// How long to keep trying the first connection when no server answers
+    /// (a service started before its server, or during a server restart);
+    /// 0: fail at the first refusal.
+    #[serde(with = "config::duration")]
+    pub startup_wait: Duration,
 }
 
 impl Default for Nats {
@@ -61,6 +66,7 @@ impl Default for Nats {
             connect_timeout: Duration::from_secs(5),
             max_reconnects: 0,
             reconnect_delay_max: Duration::from_secs(4),
+            startup_wait: Duration::from_secs(60),
         }
     }
 }
@@ -121,6 +127,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether no server answered (refused, timed out, not resolvable): worth
+    /// waiting for; a refused login or a TLS failure is not.
+    fn no_server_yet(&self) -> bool {
+        use async_nats::ConnectErrorKind as Kind;
+        matches!(self, Self::Connect { source, .. }
+            if matches!(source.kind(), Kind::Io | Kind::TimedOut | Kind::Dns))
+    }
+
     /// What kind of failure this is.
     pub fn kind(&self) -> ErrorKind {
         match self {
@@ -233,14 +247,32 @@ pub struct Connection {
     pub events: Arc<Events>,
 }
 
-/// Connects as `name` with these settings; retries the first connection until it succeeds
-/// within `connect-timeout` per attempt, reconnects per the policy, and logs and counts
-/// every connection event.
+/// Connects as `name` with these settings; while no server answers, retries the first
+/// connection for up to `startup-wait` (each attempt within `connect-timeout`), then
+/// reconnects per the policy, and logs and counts every connection event.
 ///
 /// # Errors
 ///
 /// [`Error`]: unusable settings, or no server reachable.
 pub async fn connect(settings: &Nats, name: &str) -> Result<Connection, Error> {
+    let started = std::time::Instant::now();
+    let mut attempt = 0u32;
+    loop {
+        match connect_once(settings, name).await {
+            Err(e) if e.no_server_yet() && started.elapsed() < settings.startup_wait => {
+                attempt = attempt.saturating_add(1);
+                let pause = Duration::from_millis(100)
+                    .saturating_mul(2u32.saturating_pow(attempt.min(8)))
+                    .min(settings.reconnect_delay_max);
+                tracing::warn!(error = %e, retry_in = ?pause, "no NATS server yet; retrying");
+                tokio::time::sleep(pause).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn connect_once(settings: &Nats, name: &str) -> Result<Connection, Error> {
     let events = Arc::new(Events::default());
     let counted = events.clone();
     let delay_max = settings.reconnect_delay_max;
