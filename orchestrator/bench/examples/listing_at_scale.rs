@@ -48,7 +48,7 @@ const TOKEN: &str = "listing-at-scale-read-token";
 /// The second saga type: the order definition under another name.
 const RENEWAL: &str = "subscription-renewal";
 /// Acknowledgements outstanding at once while filling.
-const WINDOW: usize = 8192;
+const WINDOW: usize = 2048;
 
 #[derive(Debug)]
 struct Args {
@@ -392,6 +392,8 @@ async fn main() {
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = async_nats::jetstream::ContextBuilder::new()
         .max_ack_inflight(WINDOW * 2)
+        // A busy machine can take longer than the default 5 s to acknowledge a window.
+        .timeout(Duration::from_secs(120))
         .build(client);
     provision::streams(&js, &config.streams).await.unwrap();
     fill(&js, &registry, &config, args.sagas).await;

@@ -70,7 +70,10 @@ impl utoipa::Modify for Bearer {
                     continue;
                 }
                 let responses = &mut operation.responses.responses;
-                responses.insert("401".to_owned(), error_response("No token, or an unknown one"));
+                responses.insert(
+                    "401".to_owned(),
+                    error_response("No token, or an unknown one"),
+                );
                 if changes {
                     responses.insert(
                         "403".to_owned(),
