@@ -21,8 +21,10 @@
 //! the time until `/readyz` answers 200 (the listing's replay of the journal), and times
 //! each listing shape over HTTP (client-side wall time per request: p50, p99, max), a
 //! walk through the whole listing by cursor (which must return every saga once), and
-//! the orchestrator's resident memory. Exits 1 if a page took longer than
-//! `--budget-ms` (50) or the walk did not return every saga.
+//! the orchestrator's resident memory, and the server's own view of the same requests
+//! (the route's duration histogram from `/metrics`). Exits 1 if a shape's p99 or any
+//! request in the server took longer than `--budget-ms` (50), or the walk did not return
+//! every saga.
 
 #![allow(clippy::unwrap_used)]
 
@@ -348,7 +350,7 @@ impl Times {
             latency.p99,
             latency.max
         );
-        latency.max
+        latency.p99
     }
 }
 
@@ -432,6 +434,7 @@ async fn main() {
     // The newest update; the walk below finds the oldest, and the middle is between them.
     let (newest, _) = api.page("limit=1").await;
     let newest = base_of(&newest);
+    // The worst p99 of a shape (single maxima on a shared machine are scheduling, see below).
     let mut worst: f64 = 0.0;
     println!("| shape | items | requests | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|");
     let mut all = HashSet::new();
@@ -542,9 +545,42 @@ async fn main() {
         worst = worst.max(times.line(name, items));
     }
     let rss_after = rss_mib(orchestrator.pid());
+    // The server's own view (handler, index and JSON, without the client's scheduling): the
+    // route's duration histogram from /metrics.
+    let metrics = api
+        .http
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = |suffix: &str, label: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with(&format!("jetsaga_http_request_duration_seconds{suffix}"))
+                    && l.contains("route=\"/v1/sagas\"")
+                    && l.contains(label)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let total = series("_count", "");
+    let within = |le: &str| series("_bucket", &format!("le=\"{le}\""));
+    let server_over_budget = total - within("0.05");
+    println!(
+        "server side, GET /v1/sagas: {total} requests, mean {:.3} ms; within 1 ms {}, 10 ms {}, \
+         50 ms {}",
+        series("_sum", "") / total.max(1.0) * 1000.0,
+        within("0.001"),
+        within("0.01"),
+        within("0.05")
+    );
     println!(
         "\nsagas {} | listed by the walk {} | catch-up {:.2} s | orchestrator RSS {rss_ready:.0} MiB \
-         when ready, {rss_after:.0} MiB after the queries | worst page {worst:.2} ms",
+         when ready, {rss_after:.0} MiB after the queries | worst p99 of a shape {worst:.2} ms",
         args.sagas,
         all.len(),
         catch_up.as_secs_f64()
@@ -558,9 +594,10 @@ async fn main() {
         );
         failed = true;
     }
-    if worst > args.budget_ms {
+    if worst > args.budget_ms || server_over_budget > 0.0 {
         println!(
-            "PROBLEM: a page took {worst:.2} ms (budget {} ms)",
+            "PROBLEM: worst p99 {worst:.2} ms, {server_over_budget} requests over 50 ms in the \
+             server (budget {} ms)",
             args.budget_ms
         );
         failed = true;
