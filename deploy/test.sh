@@ -5,8 +5,9 @@
 # warnings`), installs the pinned nats-server, points NATS_SERVER_BIN at it, installs Debian's
 # chromium for the web page's browser test (CHROME), builds the
 # workspace's binaries (crash tests spawn them), runs every test with cargo-nextest (or `cargo
-# test` without it), then the doc tests, which nextest does not run, then the chaos runner's
-# short profile (deploy/chaos.sh). Extra arguments go to the test runner, e.g.
+# test` without it), then the doc tests, which nextest does not run, then the API fuzz run
+# (deploy/api-fuzz.sh, schemathesis) and the chaos runner's short profile (deploy/chaos.sh).
+# Extra arguments go to the test runner, e.g.
 #   deploy/test.sh -p jetsaga-testkit
 # Exits non-zero if anything failed; a failing step does not skip the ones after it.
 set -euo pipefail
@@ -61,6 +62,14 @@ else
     # `cargo test` runs the doc tests itself.
     echo "== cargo test --no-fail-fast ${runner_args[*]} (cargo-nextest not installed)"
     cargo test --no-fail-fast "${runner_args[@]}" || status=$?
+fi
+
+# The operator API fuzzed from its OpenAPI document (deploy/api-fuzz.sh: schemathesis against a
+# running `jetsaga serve`, ~1 minute). Skipped with a package selection (-p) other than the
+# orchestrator's, or with JETSAGA_SKIP_API_FUZZ=1.
+if [[ "${JETSAGA_SKIP_API_FUZZ:-}" != 1 ]] && { ((${#packages[@]} == 0)) || [[ " ${packages[*]} " == *" jetsaga-orchestrator "* ]]; }; then
+    echo "== deploy/api-fuzz.sh"
+    bash "${script_dir}/api-fuzz.sh" || status=$?
 fi
 
 # The chaos runner's short profile (deploy/chaos.sh): a whole system under kill -9, SIGSTOP and

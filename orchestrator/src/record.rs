@@ -144,7 +144,7 @@ impl Record {
 /// The headers of a stored record: what the saga listing reads without the body
 /// (id, type, phase, step, key, timer, start time) and, once the saga is
 /// finished, the TTL (`finished_retention`) after which the record goes.
-pub(crate) fn headers(
+pub fn headers(
     record: &Record,
     finished_retention: std::time::Duration,
 ) -> Vec<(&'static str, String)> {

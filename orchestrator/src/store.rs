@@ -17,7 +17,7 @@ use async_nats::jetstream::{self};
 use bytes::Bytes;
 use jetsaga_sagas::protocol::{header, subject};
 
-pub use crate::record::{Effect, Outbound, Record, Stored, outbound, rebuild};
+pub use crate::record::{Effect, Outbound, Record, Stored, headers, outbound, rebuild};
 
 /// The subject of a saga's journal.
 pub fn journal_subject(saga_id: &str) -> String {
@@ -144,14 +144,7 @@ impl Store {
         body: Bytes,
         expected: u64,
     ) -> Result<u64, Error> {
-        let mut headers = HeaderMap::new();
-        for (name, value) in record_headers {
-            headers.insert(*name, value.as_str());
-        }
-        headers.insert(
-            header::EXPECTED_LAST_SUBJECT_SEQUENCE,
-            expected.to_string().as_str(),
-        );
+        let headers = append_headers(record_headers, expected);
         let ack = self
             .js
             .publish_with_headers(journal_subject(saga_id), headers, body)
@@ -191,6 +184,20 @@ impl Store {
             .map(|stored| stored.record.journal())
             .unwrap_or_default())
     }
+}
+
+/// The headers of an append: the record's (see [`headers`]) and the
+/// expected last sequence of the saga's subject (0: new saga).
+pub fn append_headers(record_headers: &[(&'static str, String)], expected: u64) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in record_headers {
+        headers.insert(*name, value.as_str());
+    }
+    headers.insert(
+        header::EXPECTED_LAST_SUBJECT_SEQUENCE,
+        expected.to_string().as_str(),
+    );
+    headers
 }
 
 fn decode(seq: u64, payload: &[u8]) -> Result<Record, Error> {

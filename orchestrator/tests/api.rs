@@ -691,7 +691,7 @@ async fn the_openapi_document_matches_the_router() {
     // Every documented operation is routed (a request is not answered "no such route").
     let mut operations = 0;
     for (path, item) in paths {
-        for method in item.as_object().unwrap().keys() {
+        for (method, operation) in item.as_object().unwrap() {
             let uri = path
                 .replace("{id}", &protocol::saga_id("order-creation", "x"))
                 .replace("{key}", "x");
@@ -710,6 +710,23 @@ async fn the_openapi_document_matches_the_router() {
                 "{method} {path} is documented but not routed: {}",
                 answer.body
             );
+            // What it answered is documented, and a route behind the token check documents
+            // its refusals (401; 403 for the changes).
+            let responses = &operation["responses"];
+            assert!(
+                responses.get(answer.status.as_str()).is_some(),
+                "{method} {path} answered {} (undocumented): {}",
+                answer.status,
+                answer.body
+            );
+            if operation.get("security").is_some() {
+                assert!(responses.get("401").is_some(), "{method} {path}: no 401");
+                assert_eq!(
+                    responses.get("403").is_some(),
+                    method != Method::GET,
+                    "{method} {path}: 403 documented only for the changes"
+                );
+            }
             operations += 1;
         }
     }

@@ -132,6 +132,7 @@ pub fn page_size(limit: Option<u32>) -> Result<usize, HttpError> {
     responses(
         (status = 200, body = DeadLetterPage),
         (status = 400, description = "Bad source, limit or cursor", body = ErrorBody),
+        (status = 503, description = "The dead-letter stream is unavailable", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -168,12 +169,13 @@ fn letter_id(id: &str) -> Result<u64, HttpError> {
 /// Publish a dead letter again to its original subject, with its original headers.
 #[utoipa::path(
     post, path = "/v1/dead-letters/{id}/redrive", tag = "dead-letters",
-    params(("id" = u64, Path, description = "The dead letter's id")),
+    params(("id" = u64, Path, description = "The dead letter's id", minimum = 1)),
     responses(
         (status = 200, body = Redriven),
         (status = 400, description = "Malformed id", body = ErrorBody),
         (status = 404, description = "No such dead letter", body = ErrorBody),
         (status = 409, description = "It cannot be redriven (no stream stores its subject)", body = ErrorBody),
+        (status = 503, description = "The dead-letter stream is unavailable", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -189,11 +191,12 @@ pub async fn redrive(
 /// Delete (discard) a dead letter.
 #[utoipa::path(
     delete, path = "/v1/dead-letters/{id}", tag = "dead-letters",
-    params(("id" = u64, Path, description = "The dead letter's id")),
+    params(("id" = u64, Path, description = "The dead letter's id", minimum = 1)),
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "Malformed id", body = ErrorBody),
         (status = 404, description = "No such dead letter", body = ErrorBody),
+        (status = 503, description = "The dead-letter stream is unavailable", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]

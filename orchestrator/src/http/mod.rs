@@ -42,6 +42,7 @@ use crate::Handle;
 )]
 pub struct ApiDoc;
 
+/// The bearer scheme, and the answers of the token check on the routes that need a token.
 struct Bearer;
 
 impl utoipa::Modify for Bearer {
@@ -51,7 +52,51 @@ impl utoipa::Modify for Bearer {
             "bearer",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
+        // What the token check answers, on every route behind it: 401 everywhere, 403 on the
+        // changes (a `read` token on an `operate` route). Added here so no route can miss them.
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                (&mut item.get, false),
+                (&mut item.post, true),
+                (&mut item.put, true),
+                (&mut item.patch, true),
+                (&mut item.delete, true),
+            ];
+            for (operation, changes) in operations {
+                let Some(operation) = operation.as_mut() else {
+                    continue;
+                };
+                if operation.security.as_ref().is_none_or(Vec::is_empty) {
+                    continue;
+                }
+                let responses = &mut operation.responses.responses;
+                responses.insert(
+                    "401".to_owned(),
+                    error_response("No token, or an unknown one"),
+                );
+                if changes {
+                    responses.insert(
+                        "403".to_owned(),
+                        error_response("The token's role (`read`) does not allow this"),
+                    );
+                }
+            }
+        }
     }
+}
+
+fn error_response(description: &str) -> utoipa::openapi::RefOr<utoipa::openapi::Response> {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build()
+        .into()
 }
 
 /// What the router needs from the `[http]` configuration.

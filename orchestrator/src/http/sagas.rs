@@ -291,6 +291,7 @@ impl JournalEntryView {
         (status = 404, description = "Unknown saga type", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 409, description = "`key_horizon_passed`: requested longer ago than the key horizon and the key has no saga", body = ErrorBody),
         (status = 422, description = "The input breaks the schema", body = ErrorBody),
         (status = 503, description = "NATS unavailable", body = ErrorBody),
     ),
@@ -358,11 +359,12 @@ async fn load(handle: &Handle, id: &str) -> Result<Saga, HttpError> {
 /// A saga by id.
 #[utoipa::path(
     get, path = "/v1/sagas/{id}", tag = "sagas",
-    params(("id" = String, Path, description = "The saga id")),
+    params(("id" = String, Path, description = "The saga id", pattern = r"^[!-)+-\-/-=?-~]{1,256}$")),
     responses(
         (status = 200, body = SagaView),
         (status = 400, description = "Malformed id", body = ErrorBody),
         (status = 404, description = "No such saga", body = ErrorBody),
+        (status = 503, description = "NATS or the journal is unavailable, or the orchestrator is stopping", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -383,6 +385,7 @@ pub async fn get(
     responses(
         (status = 200, body = SagaView),
         (status = 404, description = "Unknown saga type, or no saga for this key", body = ErrorBody),
+        (status = 503, description = "NATS or the journal is unavailable, or the orchestrator is stopping", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -407,11 +410,12 @@ pub async fn by_key(
 /// A saga's journal: every transition, oldest first.
 #[utoipa::path(
     get, path = "/v1/sagas/{id}/journal", tag = "sagas",
-    params(("id" = String, Path, description = "The saga id")),
+    params(("id" = String, Path, description = "The saga id", pattern = r"^[!-)+-\-/-=?-~]{1,256}$")),
     responses(
         (status = 200, body = JournalView),
         (status = 400, description = "Malformed id", body = ErrorBody),
         (status = 404, description = "No such saga", body = ErrorBody),
+        (status = 503, description = "NATS or the journal is unavailable, or the orchestrator is stopping", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -446,11 +450,13 @@ async fn refused(handle: &Handle, id: &str, error: ApiError) -> HttpError {
 /// Retry a failed saga: a new round of compensation attempts.
 #[utoipa::path(
     post, path = "/v1/sagas/{id}/retry", tag = "sagas",
-    params(("id" = String, Path, description = "The saga id")),
+    params(("id" = String, Path, description = "The saga id", pattern = r"^[!-)+-\-/-=?-~]{1,256}$")),
     responses(
         (status = 200, description = "Resumed", body = ActionResponse),
+        (status = 400, description = "Malformed id", body = ErrorBody),
         (status = 404, description = "No such saga", body = ErrorBody),
         (status = 409, description = "The saga is not failed; `state` says what it is", body = ErrorBody),
+        (status = 503, description = "NATS or the journal is unavailable, or the orchestrator is stopping", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -472,13 +478,16 @@ pub async fn retry(
 /// Abort a running saga before its pivot: it compensates.
 #[utoipa::path(
     post, path = "/v1/sagas/{id}/abort", tag = "sagas",
-    params(("id" = String, Path, description = "The saga id")),
+    params(("id" = String, Path, description = "The saga id", pattern = r"^[!-)+-\-/-=?-~]{1,256}$")),
     request_body = AbortBody,
     responses(
         (status = 200, description = "Compensating", body = ActionResponse),
-        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 400, description = "Malformed id or body", body = ErrorBody),
         (status = 404, description = "No such saga", body = ErrorBody),
         (status = 409, description = "Not running before its pivot; `state` says what it is", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 503, description = "NATS or the journal is unavailable, or the orchestrator is stopping", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
