@@ -269,6 +269,12 @@ pub(crate) async fn redrive(js: &jetstream::Context, id: u64) -> Result<String, 
             headers.append(name.as_str(), value.as_str());
         }
     }
+    if let Some(length) = message.headers.get(header::DEAD_TRUNCATED) {
+        return Err(Error::NotRedrivable {
+            id,
+            why: format!("only the first bytes of its {length}-byte body were kept"),
+        });
+    }
     headers.insert(header::MSG_ID, format!("redrive:{id}").as_str());
     let not_redrivable = |why: String| Error::NotRedrivable { id, why };
     js.publish_with_headers(subject.clone(), headers, message.payload)

@@ -316,4 +316,89 @@ mod tests {
             );
         }
     }
+
+    /// The `record` fuzz target starts from real records (`fuzz/corpus/record`): each one of
+    /// an order that completes and of one that is declined and compensated. They must still
+    /// decode and encode to themselves; `JETSAGA_WRITE_FUZZ_SEEDS=1` writes them anew.
+    #[test]
+    fn fuzz_seeds_are_current_records() {
+        use jetsaga_sagas::Input;
+        use jetsaga_sagas::protocol::{Failure, Outcome};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/record");
+        let write = std::env::var_os("JETSAGA_WRITE_FUZZ_SEEDS").is_some();
+        let now = DateTime::from_timestamp(1_767_225_600, 0).unwrap();
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let ok = || Outcome::Ok {
+            result: serde_json::json!({"fuzz": [1, 2.5, "x"]}),
+        };
+        let declined = Outcome::Failed {
+            error: Failure::new("card_declined", "no", false),
+        };
+        let runs = [
+            (
+                "completed",
+                "tok_ok",
+                vec![
+                    ("reserve-stock:do:1", ok()),
+                    ("take-payment:do:1", ok()),
+                    ("confirm-order:do:1", ok()),
+                ],
+            ),
+            (
+                "compensated",
+                "tok_decline",
+                vec![
+                    ("reserve-stock:do:1", ok()),
+                    ("take-payment:do:1", declined),
+                    ("reserve-stock:undo:1", ok()),
+                ],
+            ),
+        ];
+        for (name, card, replies) in runs {
+            let saga_id = format!("seed-{name}");
+            let (def, mut saga, start) = started_order(&saga_id, card, Some(tp), now);
+            let mut previous: Option<Record> = None;
+            let mut transition = start;
+            let mut replies = replies.into_iter();
+            for i in 1.. {
+                let effects = transition
+                    .actions
+                    .iter()
+                    .filter_map(|a| outbound(a, Some(tp)).map(|(effect, _)| effect))
+                    .collect();
+                let timer = saga.next_timer(&def);
+                let record = Record::next(
+                    previous.as_ref(),
+                    transition.entry,
+                    saga.clone(),
+                    effects,
+                    timer,
+                );
+                let bytes = record.encode().unwrap();
+                let path = dir.join(format!("{name}-{i}.json"));
+                if write {
+                    std::fs::create_dir_all(&dir).unwrap();
+                    std::fs::write(&path, &bytes).unwrap();
+                }
+                let stored =
+                    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let decoded = Record::decode(&stored).unwrap();
+                assert_eq!(
+                    decoded.encode().unwrap(),
+                    stored,
+                    "{} is not a current record",
+                    path.display()
+                );
+                previous = Some(record);
+                let Some((command, outcome)) = replies.next() else {
+                    break;
+                };
+                let input = Input::Reply {
+                    command_id: format!("{saga_id}:{command}"),
+                    outcome,
+                };
+                transition = saga.apply(&def, input, now).unwrap();
+            }
+        }
+    }
 }

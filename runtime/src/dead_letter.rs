@@ -4,7 +4,10 @@
 //! headers plus `Jetsaga-Dead-Reason` (one line, at most [`MAX_REASON`] characters) and
 //! `Jetsaga-Dead-Subject`, and `Nats-Msg-Id` = `dead:<stream>:<stream sequence>` of the
 //! original, so a redelivered poison message, or several instances copying the same one,
-//! leave one dead letter. The original is terminated only after the copy's PubAck.
+//! leave one dead letter. The original is terminated only after the copy's PubAck. A copy
+//! that would not fit in the server's `max_payload` (the original was near it: the added
+//! headers push it over) keeps only the first bytes of the body and says so in
+//! `Jetsaga-Dead-Truncated` (the original length); such a letter cannot be redriven.
 
 use std::time::Duration;
 
@@ -86,16 +89,46 @@ pub async fn publish(js: &jetstream::Context, letter: DeadLetter<'_>) -> Result<
     headers.insert(header::MSG_ID, letter.msg_id.as_str());
     headers.insert(header::DEAD_REASON, header_safe(letter.reason));
     headers.insert(header::DEAD_SUBJECT, header_safe(letter.subject));
+    let mut payload = letter.payload;
+    let length = payload.len().to_string();
+    // Room for the truncation header itself too.
+    let headers_len = wire_len(&headers) + header::DEAD_TRUNCATED.len() + length.len() + 4;
+    if let Some(keep) = fit(payload.len(), headers_len, js.client().max_payload()) {
+        headers.insert(header::DEAD_TRUNCATED, length.as_str());
+        payload.truncate(keep);
+    }
     let failed = |e: async_nats::Error| Error {
         subject: subject.clone(),
         source: e,
     };
-    js.publish_with_headers(subject.clone(), headers, letter.payload)
+    js.publish_with_headers(subject.clone(), headers, payload)
         .await
         .map_err(|e| failed(e.into()))?
         .await
         .map_err(|e| failed(e.into()))?;
     Ok(())
+}
+
+/// The size of `headers` on the wire (`NATS/1.0`, one `Name: value` line per value, the
+/// blank line), which counts towards `max_payload` with the body.
+fn wire_len(headers: &HeaderMap) -> usize {
+    let lines: usize = headers
+        .iter()
+        .map(|(name, values)| {
+            let name: &str = name.as_ref();
+            values
+                .iter()
+                .map(|v| name.len() + v.as_str().len() + 4)
+                .sum::<usize>()
+        })
+        .sum();
+    "NATS/1.0\r\n\r\n".len() + lines
+}
+
+/// How much of a `payload_len`-byte body fits beside `headers_len` bytes of headers in
+/// `max_payload`; `None` when all of it does.
+fn fit(payload_len: usize, headers_len: usize, max_payload: usize) -> Option<usize> {
+    (headers_len + payload_len > max_payload).then(|| max_payload.saturating_sub(headers_len))
 }
 
 /// Copies `message` to the dead letters and says how to settle it: [`AckKind::Term`] once
@@ -130,6 +163,21 @@ pub fn header_safe(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_copy_too_big_for_max_payload_keeps_what_fits() {
+        assert_eq!(super::fit(100, 50, 1000), None);
+        assert_eq!(super::fit(950, 50, 1000), None);
+        assert_eq!(super::fit(951, 50, 1000), Some(950));
+        assert_eq!(super::fit(1 << 20, 300, 1 << 20), Some((1 << 20) - 300));
+        assert_eq!(super::fit(10, 2000, 1000), Some(0));
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Key", "value");
+        headers.append("Key", "second");
+        headers.insert("Other", "x");
+        // NATS/1.0\r\n + Key: value\r\n + Key: second\r\n + Other: x\r\n + \r\n
+        assert_eq!(super::wire_len(&headers), 10 + 12 + 13 + 10 + 2);
+    }
+
     #[test]
     fn reasons_fit_in_a_header() {
         assert_eq!(super::header_safe("bad\r\njson"), "bad  json");

@@ -32,6 +32,9 @@ pub mod header {
     pub const DEAD_REASON: &str = "Jetsaga-Dead-Reason";
     /// The subject a dead letter was first published on.
     pub const DEAD_SUBJECT: &str = "Jetsaga-Dead-Subject";
+    /// On a dead letter whose copy would not fit in the server's `max_payload`: the
+    /// original body's length in bytes; the letter keeps only its first bytes.
+    pub const DEAD_TRUNCATED: &str = "Jetsaga-Dead-Truncated";
     /// JetStream's de-duplication id.
     pub const MSG_ID: &str = "Nats-Msg-Id";
     /// JetStream's optimistic concurrency: the append succeeds only if the

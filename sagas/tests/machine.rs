@@ -1695,3 +1695,42 @@ fn a_failed_saga_is_parked_not_finished() {
         Rejected::Finished
     );
 }
+
+/// Found by the `record` fuzz target: a stored saga whose state names a step the definition
+/// does not have (a corrupt journal record) made `next_timer` and `apply` index out of
+/// bounds and panic the driver. Now the timer is read without the step's kind and every
+/// input is refused as a definition mismatch, leaving the saga unchanged.
+#[test]
+fn a_stored_state_naming_a_missing_step_is_refused_not_a_panic() {
+    let (mut h, _) = Harness::order();
+    let State::Running { wait, .. } = h.saga.state.clone() else {
+        panic!("a started saga runs");
+    };
+    for state in [
+        State::Running {
+            step: 3,
+            wait: wait.clone(),
+        },
+        State::Running {
+            step: usize::MAX,
+            wait,
+        },
+    ] {
+        h.saga.state = state;
+        let before = h.saga.clone();
+        assert!(h.saga.next_timer(&h.def).is_some());
+        assert_eq!(h.saga.current_step(), None);
+        for input in [
+            Input::Wake,
+            reply("s-1:reserve-stock:do:1", ok()),
+            abort("corrupt"),
+        ] {
+            let refused = h.saga.apply(&h.def, input, at(1)).unwrap_err();
+            assert!(
+                matches!(refused, Rejected::WrongDefinition(_)),
+                "{refused:?}"
+            );
+            assert_eq!(h.saga, before);
+        }
+    }
+}

@@ -165,7 +165,12 @@ impl Saga {
         match &self.state {
             State::Running { step, wait } => {
                 let due = wait.due();
-                if def.steps[*step].kind == StepKind::Retriable {
+                // A step the definition lacks (a corrupt record) keeps the deadline.
+                if def
+                    .steps
+                    .get(*step)
+                    .is_some_and(|s| s.kind == StepKind::Retriable)
+                {
                     Some(due)
                 } else {
                     Some(due.min(self.deadline_at))
@@ -183,9 +188,17 @@ impl Saga {
         input: Input,
         now: DateTime<Utc>,
     ) -> Result<Transition, Rejected> {
+        // The state's step index comes from a stored record: it must name a step.
+        let step_fits = match &self.state {
+            State::Running { step, .. }
+            | State::Compensating { step, .. }
+            | State::Failed { step, .. } => *step < def.steps.len(),
+            State::Completed | State::Compensated { .. } => true,
+        };
         if def.name != self.saga_type
             || def.version != self.version
             || def.steps.len() != self.steps.len()
+            || !step_fits
         {
             return Err(Rejected::WrongDefinition(format!(
                 "{} v{}",
