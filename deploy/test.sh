@@ -6,7 +6,8 @@
 # chromium for the web page's browser test (CHROME), builds the
 # workspace's binaries (crash tests spawn them), runs every test with cargo-nextest (or `cargo
 # test` without it), then the doc tests, which nextest does not run, then the API fuzz run
-# (deploy/api-fuzz.sh, schemathesis) and the chaos runner's short profile (deploy/chaos.sh).
+# (deploy/api-fuzz.sh, schemathesis), the chaos runner's short profile (deploy/chaos.sh), each
+# cargo-fuzz target for a short time (deploy/fuzz.sh) and the deployment checks.
 # Extra arguments go to the test runner, e.g.
 #   deploy/test.sh -p jetsaga-testkit
 # Exits non-zero if anything failed; a failing step does not skip the ones after it.
@@ -78,6 +79,14 @@ fi
 if ((${#packages[@]} == 0)) && [[ "${JETSAGA_SKIP_CHAOS:-}" != 1 ]]; then
     echo "== deploy/chaos.sh --profile short"
     JETSAGA_BIN_DIR="$repo_root/target/debug" bash "${script_dir}/chaos.sh" --profile short || status=$?
+fi
+
+# The fuzz targets (deploy/fuzz.sh: nightly and cargo-fuzz, installed if missing), each for
+# JETSAGA_FUZZ_SECONDS (default 20). Skipped when a package selection (-p) is given;
+# JETSAGA_SKIP_FUZZ=1 skips them.
+if ((${#packages[@]} == 0)) && [[ "${JETSAGA_SKIP_FUZZ:-}" != 1 ]]; then
+    echo "== deploy/fuzz.sh ${JETSAGA_FUZZ_SECONDS:-20}"
+    bash "${script_dir}/fuzz.sh" "${JETSAGA_FUZZ_SECONDS:-20}" || status=$?
 fi
 
 # Deployment files (deploy/check-deploy.sh) and the Grafana dashboards' queries against a real
