@@ -268,6 +268,8 @@ impl Service {
             registry.clone(),
             config.streams.finished_retention,
             trace,
+            index.clone(),
+            config.engine.timer_sweep,
         );
         let (driver_done_tx, driver_done) = oneshot::channel();
         let driver_token = token.clone();

@@ -45,6 +45,9 @@ pub(crate) enum Origin<M, R> {
     },
     /// A caller waiting for the answer.
     Api(R),
+    /// The timer sweep: a wake for a saga whose recorded timer is overdue.
+    /// Nothing is settled; a wake that fails is swept again later.
+    Sweep,
 }
 
 /// One unit of work for one saga.
@@ -90,7 +93,7 @@ impl<H: Handles> Work<H> {
                 Origin::Message { delivered, .. } => {
                     *input == Input::Wake || delivered.is_none_or(|n| n > 1)
                 }
-                Origin::Api(_) => true,
+                Origin::Api(_) | Origin::Sweep => true,
             },
         }
     }
@@ -279,6 +282,11 @@ pub(crate) const NAK_MAX: Duration = Duration::from_secs(30);
 /// into the past (or the present), so it cannot turn into a hot loop.
 pub(crate) const REARM_MIN: Duration = Duration::from_millis(250);
 
+/// How long the timer sweep leaves a saga it woke alone while its recorded
+/// timer stays the same (a wake that was not due re-arms the timer without a
+/// new record): the sweep costs at most one wake per saga this often.
+pub(crate) const SWEEP_AGAIN: Duration = Duration::from_secs(60);
+
 /// The largest clock skew a re-arm makes up for.
 const MAX_SKEW: chrono::Duration = chrono::Duration::minutes(5);
 
@@ -399,6 +407,8 @@ pub(crate) struct Core<H: Handles> {
     stopping: bool,
     /// Saga spans, when traces are exported.
     trace: Option<Tracer>,
+    /// Sagas the timer sweep woke: the recorded timer it saw, and when.
+    swept: HashMap<String, (Option<DateTime<Utc>>, DateTime<Utc>)>,
 }
 
 impl<H: Handles> std::fmt::Debug for Core<H> {
@@ -424,6 +434,7 @@ impl<H: Handles> Core<H> {
             io: VecDeque::new(),
             stopping: false,
             trace: None,
+            swept: HashMap::new(),
         }
     }
 
@@ -697,8 +708,49 @@ impl<H: Handles> Core<H> {
         }
     }
 
+    /// Wakes sagas whose recorded timer (`None`: none) is overdue, as the
+    /// listing index sees them: their timer fire was lost (an outage dropped
+    /// it, or it was never armed). A wake recovers an interrupted transition's
+    /// effects, applies what is due, or re-arms the timer. Sagas busy here are
+    /// left alone, and one swept with the same recorded timer within
+    /// [`SWEEP_AGAIN`] too.
+    pub(crate) fn handle_overdue(
+        &mut self,
+        now: DateTime<Utc>,
+        overdue: Vec<(String, Option<DateTime<Utc>>)>,
+    ) {
+        let again = chrono::Duration::from_std(SWEEP_AGAIN).unwrap_or(chrono::Duration::MAX);
+        for (saga_id, timer_at) in overdue {
+            if self.stopping {
+                return;
+            }
+            let busy = self.slots.get(&saga_id).is_some_and(|slot| {
+                matches!(slot.entry, Entry::CheckedOut(_)) || !slot.queue.is_empty()
+            });
+            let recent = self
+                .swept
+                .get(&saga_id)
+                .is_some_and(|(seen, at)| *seen == timer_at && now - *at < again);
+            if busy || recent {
+                continue;
+            }
+            tracing::info!(saga_id, timer_at = ?timer_at, "waking a saga whose timer is overdue");
+            self.swept.insert(saga_id.clone(), (timer_at, now));
+            self.handle_input(
+                now,
+                Work::Input {
+                    saga_id,
+                    input: Input::Wake,
+                    origin: Origin::Sweep,
+                },
+            );
+        }
+    }
+
     /// Drops sagas idle in memory for [`IDLE_EVICTION`] and counts the rest by state.
     pub(crate) fn handle_tick(&mut self, now: DateTime<Utc>) {
+        let again = chrono::Duration::from_std(SWEEP_AGAIN).unwrap_or(chrono::Duration::MAX);
+        self.swept.retain(|_, (_, at)| now - *at < again);
         let idle = chrono::Duration::from_std(IDLE_EVICTION).unwrap_or(chrono::Duration::MAX);
         self.slots.retain(|_, slot| {
             matches!(slot.entry, Entry::CheckedOut(_))
@@ -749,11 +801,11 @@ impl<H: Handles> Core<H> {
                 ..
             } => Answer::Phase(reply, Err(ApiError::ShuttingDown)),
             Work::Start {
-                origin: Origin::Message { .. },
+                origin: Origin::Message { .. } | Origin::Sweep,
                 ..
             }
             | Work::Input {
-                origin: Origin::Message { .. },
+                origin: Origin::Message { .. } | Origin::Sweep,
                 ..
             } => return,
         };
@@ -1268,6 +1320,11 @@ impl<H: Handles> Core<H> {
                 }
                 (settle, _) => self.io.push_back(Io::Settle { message, settle }),
             },
+            Origin::Sweep => {
+                if let Verdict::Failed(error) = verdict {
+                    tracing::debug!(%error, "a swept wake failed; the next sweep tries again");
+                }
+            }
             Origin::Api(reply) => {
                 let result = match verdict {
                     Verdict::Done { phase, created } => Ok(done((phase, created))),

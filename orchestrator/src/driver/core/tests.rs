@@ -1093,3 +1093,52 @@ fn a_traced_start_gets_a_root_span_of_its_own_and_commands_name_their_attempt() 
         "the attempt's start"
     );
 }
+
+/// Hole 4: a saga whose timer fire was lost (an outage) is woken by the sweep:
+/// its effects go out again, the overdue timeout applies, nothing is settled;
+/// busy sagas and ones swept for the same recorded timer lately are left alone.
+#[test]
+fn the_sweep_wakes_a_saga_whose_timer_is_overdue() {
+    let mut core = core();
+    let mut saga = stored("sw", 4);
+    saga.record.effects.clear();
+    let id = saga.record.saga.id.clone();
+    let timeout = saga.record.timer_at.unwrap();
+    let now = timeout + Ms::seconds(30);
+    core.handle_overdue(now, vec![(id.clone(), Some(timeout))]);
+    assert_load(&drain(&mut core)[0], &id, false);
+    // Swept again while it is busy, or later for the same recorded timer: no new work.
+    core.handle_overdue(now, vec![(id.clone(), Some(timeout))]);
+    assert!(drain(&mut core).is_empty());
+    loaded(&mut core, now, &id, Ok(Some(saga)));
+    assert!(matches!(&drain(&mut core)[..], [Io::Publish { .. }]));
+    core.handle_io_done(
+        now,
+        Done::Published {
+            saga_id: id.clone(),
+            result: Ok(()),
+        },
+    );
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 1, "{io:?}");
+    let write = assert_write(&io[0], &id, 4);
+    let record = Record::decode(&write.append.body).unwrap();
+    assert_eq!(record.entry.cause, Cause::StepTimeout, "{:?}", record.entry);
+    assert!(write.set_timer.is_some(), "the next wait has a timer");
+    written(&mut core, now, &id, Ok(5));
+    assert!(drain(&mut core).is_empty(), "a sweep settles nothing");
+    core.handle_overdue(now + Ms::seconds(1), vec![(id.clone(), Some(timeout))]);
+    assert!(
+        drain(&mut core).is_empty(),
+        "swept lately for the same timer"
+    );
+
+    // A failed wake is swept again once SWEEP_AGAIN has passed.
+    let later = now + chrono::Duration::from_std(SWEEP_AGAIN).unwrap();
+    core.handle_tick(later + Ms::days(1));
+    core.handle_overdue(later, vec![(id.clone(), Some(timeout))]);
+    assert_load(&drain(&mut core)[0], &id, false);
+    loaded(&mut core, later, &id, Err(timed_out()));
+    assert!(drain(&mut core).is_empty(), "nothing to nak or answer");
+    assert!(!core.holds(&id));
+}

@@ -1,0 +1,83 @@
+//! The orchestrator under injected faults, against a real nats-server: lost
+//! timer fires, oversized records, dead letters of consumers nobody watched,
+//! and the interleavings of issue 10's holes.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use jetsaga_orchestrator::Started;
+use jetsaga_sagas::protocol::{self, Command};
+use jetsaga_sagas::{Cause, Phase};
+use jetsaga_testkit::{NatsServer, wait_until};
+
+async fn orchestrator_with(
+    url: &str,
+    definitions: Option<&std::path::Path>,
+    tune: impl FnOnce(&mut jetsaga_orchestrator::config::Config),
+) -> jetsaga_orchestrator::Running {
+    let mut config = config(url, definitions);
+    tune(&mut config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    jetsaga_orchestrator::Service::start_with_listener(config, listener)
+        .await
+        .expect("orchestrator starts")
+}
+
+fn fast_order_dir() -> tempfile::TempDir {
+    definitions_dir(&[("fast-order.toml", FAST_ORDER), order_schema_file()])
+}
+
+/// Hole 4: a saga whose timer fire was lost (the schedule is gone, as after an
+/// outage dropped it) is woken by the sweep over the listing index, and its
+/// step times out as it should: it does not wait forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_whose_timer_fire_was_lost_is_woken() {
+    let server = NatsServer::start();
+    let dir = fast_order_dir();
+    let running = orchestrator_with(&server.url(), Some(dir.path()), |c| {
+        c.engine.timer_sweep = Duration::from_secs(1);
+    })
+    .await;
+    let handle = running.handle().clone();
+    let js = js(&server).await;
+    // The reserve is never answered: only its timeout moves the saga on.
+    let inventory = Responder::start(
+        &js,
+        "inventory",
+        Arc::new(|c: &Command| if c.action == "reserve" { vec![] } else { ok() }),
+    )
+    .await;
+    let Started { saga_id, .. } = handle
+        .start("fast-order", "lost-timer", order("tok_ok"))
+        .await
+        .unwrap();
+    wait_until("the reserve is sent", WAIT, || async {
+        inventory.commands().iter().any(|c| c.saga_id == saga_id)
+    })
+    .await;
+    // The timer is armed before the command goes out: drop it.
+    let timers = js
+        .get_stream(jetsaga_sagas::streams::TIMERS.name)
+        .await
+        .unwrap();
+    let purged = timers
+        .purge()
+        .filter(protocol::subject::timer_set(&saga_id))
+        .await
+        .unwrap();
+    assert_eq!(purged.purged, 1, "the saga's timer schedule was dropped");
+
+    let saga = wait_phase(&handle, &saga_id, Phase::Compensated).await;
+    let journal = handle.journal(&saga_id).await.unwrap();
+    assert!(
+        journal.iter().any(|e| e.cause == Cause::StepTimeout),
+        "the reserve timed out: {journal:?}"
+    );
+    assert_eq!(saga.steps[0].attempts, 1);
+    running.shutdown().await;
+}
