@@ -218,6 +218,18 @@ impl Service {
                 .await?,
             ),
         ];
+        let advisories = provision::consumer(
+            &js,
+            jetsaga_sagas::streams::ADVISORIES.name,
+            provision::ADVISORIES_CONSUMER,
+            jetsaga_sagas::protocol::subject::MAX_DELIVERIES_ADVISORIES,
+            provision::ConsumerSettings {
+                max_deliver: -1,
+                max_ack_pending: 1024,
+                ..settings
+            },
+        )
+        .await?;
         let store = Store::new(js.clone()).await?;
         let ready = Arc::new(AtomicBool::new(true));
         let token = CancellationToken::new();
@@ -236,7 +248,7 @@ impl Service {
         }
         drop(message_tx);
         tracker.spawn(dead::watch_max_deliveries(
-            client.clone(),
+            advisories,
             js.clone(),
             metrics.clone(),
             token.clone(),

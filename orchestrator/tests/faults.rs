@@ -81,3 +81,61 @@ async fn a_saga_whose_timer_fire_was_lost_is_woken() {
     assert_eq!(saga.steps[0].attempts, 1);
     running.shutdown().await;
 }
+
+/// Hole 14: an event that exhausted the `notification` consumer's deliveries
+/// while no orchestrator was running is dead-lettered once one starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_deliveries_of_any_consumer_are_dead_lettered_even_when_nobody_listened() {
+    use async_nats::jetstream::{AckKind, consumer};
+    let server = NatsServer::start();
+    // Provision, then stop: nobody listens to advisories while the event fails.
+    orchestrator(&server.url(), None).await.shutdown().await;
+    let js = js(&server).await;
+    let events = js
+        .get_stream(jetsaga_sagas::streams::EVENTS.name)
+        .await
+        .unwrap();
+    let notification: consumer::PullConsumer = events
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("notification".to_owned()),
+            ack_wait: Duration::from_secs(1),
+            max_deliver: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    publish_stored(&js, "saga.event.order.confirmed", b"{}".to_vec()).await;
+    let delivered = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    wait_until("the event exhausted its deliveries", WAIT, || {
+        let notification = notification.clone();
+        let delivered = delivered.clone();
+        async move {
+            use std::sync::atomic::Ordering;
+            let mut batch = notification
+                .fetch()
+                .max_messages(1)
+                .expires(Duration::from_millis(300))
+                .messages()
+                .await
+                .unwrap();
+            while let Some(Ok(m)) = futures::StreamExt::next(&mut batch).await {
+                delivered.fetch_add(1, Ordering::SeqCst);
+                m.ack_with(AckKind::Nak(None)).await.unwrap();
+            }
+            let info = notification.clone().info().await.unwrap().clone();
+            delivered.load(Ordering::SeqCst) >= 2
+                && info.num_pending == 0
+                && info.num_ack_pending == 0
+        }
+    })
+    .await;
+
+    let running = orchestrator(&server.url(), None).await;
+    wait_until("the event is dead-lettered", WAIT, || async {
+        dead_letters(&js).await.iter().any(|(subject, reason)| {
+            subject == "saga.dead.maxdeliver.notification" && reason.contains("max deliveries (2)")
+        })
+    })
+    .await;
+    running.shutdown().await;
+}

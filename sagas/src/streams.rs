@@ -135,8 +135,20 @@ pub const DEAD_LETTERS: Spec = Spec {
     )
 };
 
+/// Max-deliveries advisories, kept until the orchestrator has copied the
+/// messages they name to the dead letters (also those emitted while no
+/// orchestrator was running). When full, the oldest go.
+pub const ADVISORIES: Spec = Spec {
+    discard_new: false,
+    ..spec(
+        "JETSAGA_ADVISORIES",
+        &[subject::MAX_DELIVERIES_ADVISORIES],
+        WEEK,
+    )
+};
+
 /// Every stream, in creation order.
-pub const ALL: [&Spec; 7] = [
+pub const ALL: [&Spec; 8] = [
     &COMMANDS,
     &REPLIES,
     &STARTS,
@@ -144,6 +156,7 @@ pub const ALL: [&Spec; 7] = [
     &JOURNAL,
     &TIMERS,
     &DEAD_LETTERS,
+    &ADVISORIES,
 ];
 
 /// The dead-letter subject for messages that failed in `source`
