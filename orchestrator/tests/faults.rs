@@ -139,3 +139,37 @@ async fn max_deliveries_of_any_consumer_are_dead_lettered_even_when_nobody_liste
     .await;
     running.shutdown().await;
 }
+
+/// Hole 14: a start whose first record would be over the server's
+/// `max_payload` (the start message itself fits) is dead-lettered with the
+/// reason instead of being nak'd forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_over_max_payload_is_dead_lettered_not_retried_forever() {
+    let server = NatsServer::start_with(jetsaga_testkit::Options {
+        extra_config: "max_payload: 16384\n".to_owned(),
+        ..Default::default()
+    });
+    let running = orchestrator(&server.url(), None).await;
+    let handle = running.handle().clone();
+    let js = js(&server).await;
+    let mut input = order("tok_ok");
+    input["customer_id"] = "c".repeat(15_000).into();
+    let start = protocol::Start {
+        protocol: protocol::VERSION,
+        key: "huge".to_owned(),
+        input,
+        requested_at: None,
+    };
+    let body = protocol::Body::encode(&start);
+    assert!(body.len() < 16_000, "the start itself fits: {}", body.len());
+    publish_stored(&js, &protocol::subject::start("order-creation"), body).await;
+    wait_until("the start is dead-lettered", WAIT, || async {
+        dead_letters(&js).await.iter().any(|(subject, reason)| {
+            subject == "saga.dead.orchestrator.starts" && reason.contains("max_payload")
+        })
+    })
+    .await;
+    let saga_id = protocol::saga_id("order-creation", "huge");
+    assert!(handle.saga(&saga_id).await.unwrap().is_none());
+    running.shutdown().await;
+}

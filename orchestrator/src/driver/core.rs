@@ -238,6 +238,8 @@ pub(crate) enum Poison {
     WrongDefinition(String),
     #[error("{0}")]
     KeyHorizon(String),
+    #[error("its transition cannot be stored: {0} (the server's max_payload)")]
+    TooLarge(String),
 }
 
 impl Poison {
@@ -250,6 +252,7 @@ impl Poison {
             other @ Poison::WrongDefinition(_) => ApiError::NotAllowed(other.to_string()),
             Poison::InvalidInput(reason) => ApiError::InvalidInput(reason),
             Poison::KeyHorizon(reason) => ApiError::KeyHorizon(reason),
+            other @ Poison::TooLarge(_) => ApiError::InvalidInput(other.to_string()),
             other @ (Poison::Decode(_)
             | Poison::ForeignCommand { .. }
             | Poison::Subject { .. }
@@ -326,6 +329,7 @@ pub(crate) fn backoff(kind: IoErrorKind, delivered: Option<u64>) -> Duration {
         IoErrorKind::Conflict
         | IoErrorKind::Corrupt
         | IoErrorKind::Timeout
+        | IoErrorKind::TooLarge
         | IoErrorKind::Unavailable => {
             let doublings = delivered.unwrap_or(1).saturating_sub(1).min(16) as u32;
             NAK_BASE.saturating_mul(1 << doublings).min(NAK_MAX)
@@ -1272,6 +1276,14 @@ impl<H: Handles> Core<H> {
     }
 
     fn fail(&mut self, work: Work<H>, error: Error) -> Known {
+        if error.kind() == IoErrorKind::TooLarge {
+            // Retrying can never store it: keep the input, with the reason, as a
+            // dead letter (the saga stays as it was, its timer still runs).
+            let reason = std::error::Error::source(&error)
+                .map_or_else(|| error.to_string(), |source| format!("{error}: {source}"));
+            self.conclude(work, Verdict::Poison(Poison::TooLarge(reason)));
+            return Known::NotLoaded;
+        }
         tracing::warn!(saga_id = work.saga_id(), error = %error, source = ?std::error::Error::source(&error), "saga work failed; it will be retried");
         self.conclude(work, Verdict::Failed(error));
         Known::NotLoaded

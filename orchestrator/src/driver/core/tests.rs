@@ -1142,3 +1142,38 @@ fn the_sweep_wakes_a_saga_whose_timer_is_overdue() {
     assert!(drain(&mut core).is_empty(), "nothing to nak or answer");
     assert!(!core.holds(&id));
 }
+
+/// Hole 14: a transition whose record is over the server's `max_payload` is
+/// never stored however often it is retried: its input is dead-lettered with
+/// the reason (a caller is refused), not nak'd forever.
+#[test]
+fn a_record_over_max_payload_dead_letters_its_input() {
+    let too_large = || {
+        Error::Store(store::Error::Append(PublishError::new(
+            PublishErrorKind::MaxPayloadExceeded,
+        )))
+    };
+    let mut core = core();
+    let saga = stored("big", 2);
+    let id = saga.record.saga.id.clone();
+    reserved(&mut core, at(0), &id, 1, 1);
+    assert_load(&drain(&mut core)[0], &id, false);
+    loaded(&mut core, at(0), &id, Ok(Some(saga)));
+    assert_write(&drain(&mut core)[0], &id, 2);
+    written(&mut core, at(0), &id, Err(too_large()));
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 1, "{io:?}");
+    assert_dead_letter(&io[0], 1, Source::Replies, "max_payload");
+
+    core.handle_input(at(1), api_start("big-start", 7));
+    let start_id = protocol::saga_id(TYPE, "big-start");
+    assert_load(&drain(&mut core)[0], &start_id, false);
+    loaded(&mut core, at(1), &start_id, Ok(None));
+    assert_write(&drain(&mut core)[0], &start_id, 0);
+    written(&mut core, at(1), &start_id, Err(too_large()));
+    let (caller, result) = started(drain(&mut core).pop().unwrap());
+    assert_eq!(caller, 7);
+    let error = result.unwrap_err();
+    assert_eq!(error.kind(), super::super::ErrorKind::BadRequest, "{error}");
+    assert!(error.to_string().contains("max_payload"), "{error}");
+}
