@@ -173,3 +173,108 @@ async fn a_record_over_max_payload_is_dead_lettered_not_retried_forever() {
     assert!(handle.saga(&saga_id).await.unwrap().is_none());
     running.shutdown().await;
 }
+
+/// Waits until the start consumer has settled every start it was given.
+async fn starts_settled(js: &async_nats::jetstream::Context) {
+    let stream = js
+        .get_stream(jetsaga_sagas::streams::STARTS.name)
+        .await
+        .unwrap();
+    wait_until("every start is settled", WAIT, || async {
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+            .get_consumer(jetsaga_orchestrator::provision::STARTS_CONSUMER)
+            .await
+            .unwrap();
+        let info = consumer.info().await.unwrap();
+        info.num_pending == 0 && info.num_ack_pending == 0
+    })
+    .await;
+}
+
+fn probe_event() -> protocol::Event {
+    protocol::Event {
+        protocol: protocol::VERSION,
+        event: "probe".to_owned(),
+        saga_id: "probe".to_owned(),
+        saga_type: "probe".to_owned(),
+        key: "probe".to_owned(),
+        input: serde_json::json!({}),
+        occurred_at: chrono::Utc::now(),
+    }
+}
+
+/// Hole 13: the same start of a finished saga again, past JetStream's
+/// de-duplication (another message id, as after the 2-minute window), changes
+/// nothing: no second `order.confirmed` is published, no journal record added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_start_of_a_finished_saga_changes_nothing() {
+    let server = NatsServer::start();
+    let running = orchestrator(&server.url(), None).await;
+    let handle = running.handle().clone();
+    let js = js(&server).await;
+    let _inventory = Responder::start(&js, "inventory", by_card()).await;
+    let _payment = Responder::start(&js, "payment", by_card()).await;
+    // Every publish, also one the events stream would drop as a duplicate
+    // inside its window: past the window it would be stored.
+    let seen = events(&server).await;
+    let start = protocol::Start {
+        protocol: protocol::VERSION,
+        key: "again".to_owned(),
+        input: order("tok_ok"),
+        requested_at: None,
+    };
+    let body = protocol::Body::encode(&start);
+    let publish = |msg_id: &'static str| {
+        let (js, body) = (js.clone(), body.clone());
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(protocol::header::MSG_ID, msg_id);
+            js.publish_with_headers(
+                protocol::subject::start("order-creation"),
+                headers,
+                body.into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+    };
+    publish("first").await;
+    let saga_id = protocol::saga_id("order-creation", "again");
+    wait_until("the saga completes", WAIT, || async {
+        handle
+            .saga(&saga_id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.phase() == Phase::Completed)
+    })
+    .await;
+    let confirmed = || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.saga_id == saga_id && e.event == "order.confirmed")
+            .count()
+    };
+    wait_until("order.confirmed is published", WAIT, || async {
+        confirmed() == 1
+    })
+    .await;
+    let journal = handle.journal(&saga_id).await.unwrap().len();
+
+    publish("second").await;
+    publish("third").await;
+    starts_settled(&js).await;
+    // A later event seen means the subscription saw everything before it.
+    let probe = protocol::Body::encode(&probe_event());
+    publish_stored(&js, "saga.event.probe", probe).await;
+    wait_until("the probe event is seen", WAIT, || async {
+        seen.lock().unwrap().iter().any(|e| e.event == "probe")
+    })
+    .await;
+    assert_eq!(confirmed(), 1, "no second order.confirmed");
+    assert_eq!(handle.journal(&saga_id).await.unwrap().len(), journal);
+    running.shutdown().await;
+}
