@@ -282,6 +282,7 @@ impl Service {
             trace,
             index.clone(),
             config.engine.timer_sweep,
+            config.engine.ack_wait,
         );
         let (driver_done_tx, driver_done) = oneshot::channel();
         let driver_token = token.clone();

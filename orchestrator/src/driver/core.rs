@@ -25,8 +25,8 @@ use crate::trace::Tracer;
 
 /// The executor's types for what the core hands back to be settled or answered.
 pub(crate) trait Handles {
-    /// A message to ack, nak or dead-letter.
-    type Message: std::fmt::Debug;
+    /// A message to ack, nak or dead-letter (cloned to mark it in progress).
+    type Message: std::fmt::Debug + Clone;
     /// Where the answer to a start goes.
     type StartReply: std::fmt::Debug;
     /// Where the answer to an operator input goes.
@@ -42,6 +42,8 @@ pub(crate) enum Origin<M, R> {
         source: Source,
         /// How often it was delivered, if known.
         delivered: Option<u64>,
+        /// When it arrived or was last marked in progress.
+        progressed: DateTime<Utc>,
     },
     /// A caller waiting for the answer.
     Api(R),
@@ -73,6 +75,31 @@ pub(crate) enum Work<H: Handles> {
 }
 
 impl<H: Handles> Work<H> {
+    /// The message it came from, and when that was last marked in progress.
+    fn message_mut(&mut self) -> Option<(&H::Message, &mut DateTime<Utc>)> {
+        match self {
+            Work::Start {
+                origin:
+                    Origin::Message {
+                        message,
+                        progressed,
+                        ..
+                    },
+                ..
+            }
+            | Work::Input {
+                origin:
+                    Origin::Message {
+                        message,
+                        progressed,
+                        ..
+                    },
+                ..
+            } => Some((message, progressed)),
+            Work::Start { .. } | Work::Input { .. } => None,
+        }
+    }
+
     fn saga_id(&self) -> &str {
         match self {
             Work::Start { saga_id, .. } | Work::Input { saga_id, .. } => saga_id,
@@ -128,6 +155,9 @@ pub(crate) enum Io<H: Handles> {
     SetTimer { saga_id: String, at: DateTime<Utc> },
     /// Ack or nak a message.
     Settle { message: H::Message, settle: Settle },
+    /// Tell JetStream a message is still being worked on (it waits behind
+    /// other work for its saga, or for its I/O), so it is not redelivered.
+    Progress { message: H::Message },
     /// Copy a poison message to the dead-letter stream, then terminate it.
     DeadLetter {
         message: H::Message,
@@ -413,6 +443,9 @@ pub(crate) struct Core<H: Handles> {
     trace: Option<Tracer>,
     /// Sagas the timer sweep woke: the recorded timer it saw, and when.
     swept: HashMap<String, (Option<DateTime<Utc>>, DateTime<Utc>)>,
+    /// The consumers' `ack_wait`: messages held longer than a third of it are
+    /// marked in progress.
+    ack_wait: Duration,
 }
 
 impl<H: Handles> std::fmt::Debug for Core<H> {
@@ -439,7 +472,14 @@ impl<H: Handles> Core<H> {
             stopping: false,
             trace: None,
             swept: HashMap::new(),
+            ack_wait: Duration::from_secs(30),
         }
+    }
+
+    /// Marks messages held longer than a third of `ack_wait` in progress.
+    pub(crate) fn with_ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait;
+        self
     }
 
     /// Emits saga spans with `trace` (`None`: tracing is off, nothing is built).
@@ -485,6 +525,7 @@ impl<H: Handles> Core<H> {
                         message,
                         source,
                         delivered,
+                        progressed: now,
                     },
                 },
             ),
@@ -497,6 +538,7 @@ impl<H: Handles> Core<H> {
                         message,
                         source,
                         delivered,
+                        progressed: now,
                     },
                 },
             ),
@@ -505,6 +547,7 @@ impl<H: Handles> Core<H> {
                     message,
                     source,
                     delivered,
+                    progressed: now,
                 };
                 self.settle(origin, Verdict::Poison(poison), Answer::Phase, |done| {
                     done.0
@@ -751,8 +794,28 @@ impl<H: Handles> Core<H> {
         }
     }
 
-    /// Drops sagas idle in memory for [`IDLE_EVICTION`] and counts the rest by state.
+    /// Drops sagas idle in memory for [`IDLE_EVICTION`], counts the rest by
+    /// state, and marks the messages held longer than a third of `ack_wait`
+    /// (queued behind other work of their saga, or waiting for its I/O) in
+    /// progress: under overload JetStream would redeliver them otherwise.
     pub(crate) fn handle_tick(&mut self, now: DateTime<Utc>) {
+        let period = chrono::Duration::from_std(self.ack_wait / 3).unwrap_or(chrono::Duration::MAX);
+        for slot in self.slots.values_mut() {
+            let running = match &mut slot.entry {
+                Entry::CheckedOut(running) => Some(&mut running.work),
+                Entry::NotLoaded | Entry::Missing | Entry::Loaded(_) => None,
+            };
+            for work in running.into_iter().chain(slot.queue.iter_mut()) {
+                if let Some((message, progressed)) = work.message_mut()
+                    && now - *progressed >= period
+                {
+                    *progressed = now;
+                    self.io.push_back(Io::Progress {
+                        message: message.clone(),
+                    });
+                }
+            }
+        }
         let again = chrono::Duration::from_std(SWEEP_AGAIN).unwrap_or(chrono::Duration::MAX);
         self.swept.retain(|_, (_, at)| now - *at < again);
         let idle = chrono::Duration::from_std(IDLE_EVICTION).unwrap_or(chrono::Duration::MAX);
@@ -1316,6 +1379,7 @@ impl<H: Handles> Core<H> {
                 message,
                 source,
                 delivered,
+                ..
             } => match (settlement(&verdict, delivered), verdict) {
                 (Settle::Term, Verdict::Poison(poison)) => {
                     let reason = poison.to_string();

@@ -53,6 +53,8 @@ pub(crate) struct Driver {
     index: Index,
     /// How often it runs, and how overdue a timer must be.
     timer_sweep: Duration,
+    /// The consumers' ack wait.
+    ack_wait: Duration,
 }
 
 impl std::fmt::Debug for Driver {
@@ -74,14 +76,18 @@ impl Driver {
         trace: Option<crate::trace::Tracer>,
         index: Index,
         timer_sweep: Duration,
+        ack_wait: Duration,
     ) -> Self {
         Self {
-            core: Core::new(registry, metrics, finished_retention).with_tracer(trace),
+            core: Core::new(registry, metrics, finished_retention)
+                .with_tracer(trace)
+                .with_ack_wait(ack_wait),
             js,
             store,
             inflight: FuturesUnordered::new(),
             index,
             timer_sweep,
+            ack_wait,
         }
     }
 
@@ -92,7 +98,8 @@ impl Driver {
         mut requests: mpsc::Receiver<Request>,
         token: CancellationToken,
     ) {
-        let mut gauges = tokio::time::interval(Duration::from_secs(1));
+        // Also marks held messages in progress: at least thrice per ack wait.
+        let mut gauges = tokio::time::interval(Duration::from_secs(1).min(self.ack_wait / 3));
         let mut sweep = tokio::time::interval(self.timer_sweep);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -212,6 +219,17 @@ impl Driver {
                         async move {
                             if let Err(e) = message.ack_with(kind).await {
                                 tracing::warn!(error = %e, "ack failed; the message will be redelivered");
+                            }
+                            None
+                        }
+                        .boxed(),
+                    );
+                }
+                Io::Progress { message } => {
+                    self.inflight.push(
+                        async move {
+                            if let Err(e) = message.ack_with(AckKind::Progress).await {
+                                tracing::debug!(error = %e, "cannot mark a message in progress");
                             }
                             None
                         }

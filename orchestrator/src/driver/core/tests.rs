@@ -1177,3 +1177,47 @@ fn a_record_over_max_payload_dead_letters_its_input() {
     assert_eq!(error.kind(), super::super::ErrorKind::BadRequest, "{error}");
     assert!(error.to_string().contains("max_payload"), "{error}");
 }
+
+/// Hole 14: messages held by the core (waiting for their saga's I/O, or queued
+/// behind it) are marked in progress every third of `ack_wait`, so overload
+/// does not make JetStream redeliver them while they wait; callers are not.
+#[test]
+fn held_messages_are_kept_in_progress() {
+    let mut core = core().with_ack_wait(std::time::Duration::from_secs(30));
+    let saga = stored("busy", 2);
+    let id = saga.record.saga.id.clone();
+    reserved(&mut core, at(0), &id, 1, 1);
+    reserved(&mut core, at(1_000), &id, 1, 2);
+    core.handle_input(at(1_000), api_input(&id, Input::Wake, 9));
+    assert_load(&drain(&mut core)[0], &id, false);
+    let progress = |io: Vec<Io<Test>>| -> Vec<u32> {
+        io.into_iter()
+            .map(|io| match io {
+                Io::Progress { message } => message,
+                other => panic!("expected only progress, got {other:?}"),
+            })
+            .collect()
+    };
+    core.handle_tick(at(9_000));
+    assert!(drain(&mut core).is_empty(), "not held long enough yet");
+    core.handle_tick(at(10_500));
+    assert_eq!(progress(drain(&mut core)), vec![1], "the one in progress");
+    core.handle_tick(at(11_000));
+    assert_eq!(progress(drain(&mut core)), vec![2], "the queued one");
+    core.handle_tick(at(15_000));
+    assert!(drain(&mut core).is_empty(), "marked lately");
+    core.handle_tick(at(21_000));
+    assert_eq!(progress(drain(&mut core)), vec![1, 2]);
+    // Once settled, a message is not marked any more.
+    loaded(&mut core, at(21_000), &id, Ok(Some(saga)));
+    drain(&mut core);
+    written(&mut core, at(21_000), &id, Ok(3));
+    let io = drain(&mut core);
+    assert_settled(&io[0], 1, Settle::Ack);
+    core.handle_tick(at(60_000));
+    assert_eq!(
+        progress(drain(&mut core)),
+        vec![2],
+        "only the one still held"
+    );
+}
