@@ -278,11 +278,13 @@ impl Service {
             store.clone(),
             metrics.clone(),
             registry.clone(),
-            config.streams.finished_retention,
             trace,
             index.clone(),
-            config.engine.timer_sweep,
-            config.engine.ack_wait,
+            driver::executor::Settings {
+                finished_retention: config.streams.finished_retention,
+                timer_sweep: config.engine.timer_sweep,
+                ack_wait: config.engine.ack_wait,
+            },
         );
         let (driver_done_tx, driver_done) = oneshot::channel();
         let driver_token = token.clone();

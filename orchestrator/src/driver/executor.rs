@@ -66,28 +66,37 @@ impl std::fmt::Debug for Driver {
     }
 }
 
+/// The driver's timing settings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    /// The TTL of a finished saga's record.
+    pub(crate) finished_retention: Duration,
+    /// How often the timer sweep runs, and how overdue a timer must be.
+    pub(crate) timer_sweep: Duration,
+    /// The consumers' ack wait.
+    pub(crate) ack_wait: Duration,
+}
+
 impl Driver {
     pub(crate) fn new(
         js: jetstream::Context,
         store: Store,
         metrics: Metrics,
         registry: std::sync::Arc<crate::definitions::Registry>,
-        finished_retention: Duration,
         trace: Option<crate::trace::Tracer>,
         index: Index,
-        timer_sweep: Duration,
-        ack_wait: Duration,
+        settings: Settings,
     ) -> Self {
         Self {
-            core: Core::new(registry, metrics, finished_retention)
+            core: Core::new(registry, metrics, settings.finished_retention)
                 .with_tracer(trace)
-                .with_ack_wait(ack_wait),
+                .with_ack_wait(settings.ack_wait),
             js,
             store,
             inflight: FuturesUnordered::new(),
             index,
-            timer_sweep,
-            ack_wait,
+            timer_sweep: settings.timer_sweep,
+            ack_wait: settings.ack_wait,
         }
     }
 
