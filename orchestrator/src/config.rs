@@ -162,6 +162,11 @@ pub struct Engine {
     /// How long shutdown waits for in-flight work.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
+    /// How often live sagas whose timer is overdue by more than this are woken
+    /// (their timer fire was lost, e.g. during an outage): read from the listing
+    /// index, no NATS reads.
+    #[serde(with = "duration")]
+    pub timer_sweep: Duration,
     /// A name for this instance in logs and the NATS connection.
     pub instance: String,
 }
@@ -174,6 +179,7 @@ impl Default for Engine {
             ack_wait: Duration::from_secs(30),
             max_deliver: -1,
             shutdown_grace: Duration::from_secs(10),
+            timer_sweep: Duration::from_secs(10),
             instance: "jetsaga".to_owned(),
         }
     }
@@ -214,6 +220,9 @@ impl jetsaga_runtime::config::Validate for Config {
         }
         if self.engine.ack_wait < Duration::from_secs(1) {
             return invalid("engine.ack-wait", "must be at least 1s");
+        }
+        if self.engine.timer_sweep < Duration::from_secs(1) {
+            return invalid("engine.timer-sweep", "must be at least 1s");
         }
         if self.engine.max_deliver != -1 && self.engine.max_deliver < 2 {
             return invalid("engine.max-deliver", "must be -1 (unlimited) or at least 2");

@@ -33,78 +33,108 @@ struct MaxDeliveries {
     deliveries: u64,
 }
 
-/// The advisory subject for consumers that exhausted their deliveries.
-pub(crate) const MAX_DELIVERIES_ADVISORY: &str = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>";
-
-/// Copies messages that exhausted their deliveries on a jetsaga consumer
-/// (`orchestrator-*`, `participant-*`) to the dead-letter stream. Every instance
-/// listens; the copy's message id makes the duplicates collapse.
+/// Copies messages that exhausted their deliveries on any consumer of a
+/// jetsaga stream (the orchestrator's, the participants', the notification's,
+/// whatever their names) to the dead-letter stream. The advisories are read
+/// from the durable `orchestrator-advisories` consumer on their own stream, so those
+/// emitted while no orchestrator ran are copied when one starts. Every
+/// instance shares the consumer; the copy's message id makes repeats collapse.
 pub(crate) async fn watch_max_deliveries(
-    client: async_nats::Client,
+    advisories: jetstream::consumer::PullConsumer,
     js: jetstream::Context,
     metrics: Metrics,
     token: CancellationToken,
 ) {
-    let mut advisories = match client.subscribe(MAX_DELIVERIES_ADVISORY).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch max-deliveries advisories");
-            return;
-        }
-    };
-    loop {
-        let advisory = tokio::select! {
-            next = advisories.next() => match next { Some(a) => a, None => break },
-            () = token.cancelled() => break,
-        };
-        let Ok(event) = serde_json::from_slice::<MaxDeliveries>(&advisory.payload) else {
-            continue;
-        };
-        if !(event.consumer.starts_with("orchestrator-")
-            || event.consumer.starts_with("participant-"))
-        {
-            continue;
-        }
-        let stream = match js.get_stream(&event.stream).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, stream = event.stream, "max deliveries: stream lookup failed");
-                continue;
-            }
-        };
-        let message = match stream.get_raw_message(event.stream_seq).await {
+    while !token.is_cancelled() {
+        let mut messages = match advisories.messages().await {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(error = %e, seq = event.stream_seq, "max deliveries: message gone");
-                continue;
+                tracing::warn!(error = %e, "cannot read max-deliveries advisories; trying again");
+                tokio::select! {
+                    () = tokio::time::sleep(jetsaga_runtime::consume::RESUBSCRIBE_DELAY) => continue,
+                    () = token.cancelled() => return,
+                }
             }
         };
-        let reason = format!(
-            "max deliveries ({}) reached on consumer {}",
-            event.deliveries, event.consumer
-        );
-        let source = format!("maxdeliver.{}", event.consumer);
-        let letter = dead_letter::DeadLetter {
-            source: &source,
-            subject: &message.subject,
-            headers: Some(&message.headers),
-            payload: message.payload,
-            reason: &reason,
-            msg_id: dead_letter::msg_id(&event.stream, event.stream_seq),
-        };
-        match dead_letter::publish(&js, letter).await {
-            Ok(()) => {
-                metrics
-                    .dead_letters
-                    .with_label_values(&["max_deliveries"])
-                    .inc();
-                tracing::warn!(
-                    consumer = event.consumer,
-                    seq = event.stream_seq,
-                    "dead-lettered after max deliveries"
-                );
-            }
-            Err(e) => tracing::error!(error = %e, "could not store a max-deliveries dead letter"),
+        loop {
+            let advisory = tokio::select! {
+                next = messages.next() => match next {
+                    Some(Ok(a)) => a,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "advisory pull hiccup");
+                        continue;
+                    }
+                    None => break,
+                },
+                () = token.cancelled() => return,
+            };
+            let kind = copy_max_delivered(&js, &metrics, &advisory.payload).await;
+            jetsaga_runtime::consume::settle(&advisory, kind).await;
+        }
+    }
+}
+
+/// Copies the message one advisory names; the advisory is done with (`Ack`)
+/// unless the copy could not be stored.
+async fn copy_max_delivered(
+    js: &jetstream::Context,
+    metrics: &Metrics,
+    payload: &[u8],
+) -> jetstream::AckKind {
+    let done = jetstream::AckKind::Ack;
+    let Ok(event) = serde_json::from_slice::<MaxDeliveries>(payload) else {
+        tracing::warn!("max deliveries: an advisory that cannot be read; skipped");
+        return done;
+    };
+    let ours = jetsaga_sagas::streams::ALL.iter().any(|spec| {
+        spec.name == event.stream && spec.name != jetsaga_sagas::streams::ADVISORIES.name
+    });
+    if !ours {
+        return done;
+    }
+    let stream = match js.get_stream(&event.stream).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, stream = event.stream, "max deliveries: stream lookup failed");
+            return jetstream::AckKind::Nak(Some(std::time::Duration::from_secs(5)));
+        }
+    };
+    let message = match stream.get_raw_message(event.stream_seq).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, seq = event.stream_seq, "max deliveries: message gone");
+            return done;
+        }
+    };
+    let reason = format!(
+        "max deliveries ({}) reached on consumer {}",
+        event.deliveries, event.consumer
+    );
+    let source = format!("maxdeliver.{}", event.consumer);
+    let letter = dead_letter::DeadLetter {
+        source: &source,
+        subject: &message.subject,
+        headers: Some(&message.headers),
+        payload: message.payload,
+        reason: &reason,
+        msg_id: dead_letter::msg_id(&event.stream, event.stream_seq),
+    };
+    match dead_letter::publish(js, letter).await {
+        Ok(()) => {
+            metrics
+                .dead_letters
+                .with_label_values(&["max_deliveries"])
+                .inc();
+            tracing::warn!(
+                consumer = event.consumer,
+                seq = event.stream_seq,
+                "dead-lettered after max deliveries"
+            );
+            done
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "could not store a max-deliveries dead letter");
+            jetstream::AckKind::Nak(Some(std::time::Duration::from_secs(5)))
         }
     }
 }

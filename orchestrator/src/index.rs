@@ -428,6 +428,31 @@ impl Index {
         counts
     }
 
+    /// Up to `limit` running or compensating sagas whose recorded timer was due
+    /// before `before`, or that have none, with that timer: their timer fire was
+    /// lost (or never armed), so nothing else would wake them.
+    pub fn overdue(
+        &self,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Vec<(String, Option<DateTime<Utc>>)> {
+        let before = ms(before);
+        let live = [phase_code(Phase::Running), phase_code(Phase::Compensating)];
+        let inner = self.read();
+        inner
+            .groups
+            .iter()
+            .filter(|((_, phase), _)| live.contains(phase))
+            .flat_map(|(_, slots)| slots.values())
+            .filter(|slot| slot.timer_at < before || slot.timer_at == NONE)
+            .take(limit)
+            .map(|slot| {
+                let timer_at = (slot.timer_at != NONE).then(|| time(slot.timer_at));
+                (uuid::Uuid::from_u128(slot.id).to_string(), timer_at)
+            })
+            .collect()
+    }
+
     /// Drops the sagas whose last record expired by `now` (expiry sends nothing).
     pub fn sweep(&self, now: DateTime<Utc>) -> usize {
         let now = ms(now);

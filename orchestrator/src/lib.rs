@@ -218,6 +218,18 @@ impl Service {
                 .await?,
             ),
         ];
+        let advisories = provision::consumer(
+            &js,
+            jetsaga_sagas::streams::ADVISORIES.name,
+            provision::ADVISORIES_CONSUMER,
+            jetsaga_sagas::protocol::subject::MAX_DELIVERIES_ADVISORIES,
+            provision::ConsumerSettings {
+                max_deliver: -1,
+                max_ack_pending: 1024,
+                ..settings
+            },
+        )
+        .await?;
         let store = Store::new(js.clone()).await?;
         let ready = Arc::new(AtomicBool::new(true));
         let token = CancellationToken::new();
@@ -236,7 +248,7 @@ impl Service {
         }
         drop(message_tx);
         tracker.spawn(dead::watch_max_deliveries(
-            client.clone(),
+            advisories,
             js.clone(),
             metrics.clone(),
             token.clone(),
@@ -266,8 +278,13 @@ impl Service {
             store.clone(),
             metrics.clone(),
             registry.clone(),
-            config.streams.finished_retention,
             trace,
+            index.clone(),
+            driver::executor::Settings {
+                finished_retention: config.streams.finished_retention,
+                timer_sweep: config.engine.timer_sweep,
+                ack_wait: config.engine.ack_wait,
+            },
         );
         let (driver_done_tx, driver_done) = oneshot::channel();
         let driver_token = token.clone();

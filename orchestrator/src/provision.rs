@@ -17,6 +17,8 @@ pub const REPLIES_CONSUMER: &str = "orchestrator-replies";
 pub const STARTS_CONSUMER: &str = "orchestrator-starts";
 /// Durable consumer of fired timers.
 pub const TIMERS_CONSUMER: &str = "orchestrator-timers";
+/// Durable consumer of max-deliveries advisories (see [`crate::dead`]).
+pub const ADVISORIES_CONSUMER: &str = "orchestrator-advisories";
 /// The subject fired timers arrive on.
 pub const TIMER_FIRED: &str = jetsaga_sagas::protocol::subject::TIMERS_FIRED;
 

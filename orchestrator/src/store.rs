@@ -36,6 +36,9 @@ pub enum ErrorKind {
     Timeout,
     /// JetStream refused or the connection failed.
     Unavailable,
+    /// The record is larger than the server's `max_payload`: retrying will
+    /// never store it.
+    TooLarge,
 }
 
 /// Why a store operation failed.
@@ -81,6 +84,9 @@ impl Error {
             Error::Corrupt { .. } | Error::Encode(_) => ErrorKind::Corrupt,
             Error::Read(e) if e.kind() == DirectGetErrorKind::TimedOut => ErrorKind::Timeout,
             Error::Append(e) if e.kind() == PublishErrorKind::TimedOut => ErrorKind::Timeout,
+            Error::Append(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                ErrorKind::TooLarge
+            }
             Error::Open(_)
             | Error::Read(_)
             | Error::ReadLeader(_)

@@ -195,7 +195,8 @@ pub fn config(spec: &Spec, settings: &Streams) -> stream::Config {
         allow_message_ttl: spec.allow_msg_ttl,
         duplicate_window: spec.duplicate_window,
         allow_rollup: spec.allow_rollup,
-        max_bytes: i64::try_from(settings.max_bytes.as_u64()).unwrap_or(i64::MAX),
+        max_bytes: i64::try_from(spec.max_bytes.unwrap_or(settings.max_bytes.as_u64()))
+            .unwrap_or(i64::MAX),
         discard: if spec.discard_new {
             stream::DiscardPolicy::New
         } else {

@@ -142,6 +142,9 @@ pub mod subject {
     pub const TIMERS_FIRED: &str = "saga.timer.fire.>";
     /// The subject all dead letters live under.
     pub const DEAD_LETTERS: &str = "saga.dead.>";
+    /// JetStream's advisories for messages that exhausted a consumer's
+    /// deliveries (kept in a stream, so none is missed while no orchestrator runs).
+    pub const MAX_DELIVERIES_ADVISORIES: &str = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>";
 }
 
 /// The namespace of saga ids derived from (type, key).

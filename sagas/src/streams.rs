@@ -42,6 +42,8 @@ pub struct Spec {
     pub discard_new: bool,
     /// The `Nats-Msg-Id` de-duplication window.
     pub duplicate_window: Duration,
+    /// A byte limit of its own (`None`: the deployment's `streams.max-bytes`).
+    pub max_bytes: Option<u64>,
 }
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -70,6 +72,7 @@ const fn spec(name: &'static str, subjects: &'static [&'static str], max_age: Du
         allow_rollup: false,
         discard_new: true,
         duplicate_window: DEDUP,
+        max_bytes: None,
     }
 }
 
@@ -135,8 +138,23 @@ pub const DEAD_LETTERS: Spec = Spec {
     )
 };
 
+/// Max-deliveries advisories, kept until the orchestrator has copied the
+/// messages they name to the dead letters (also those emitted while no
+/// orchestrator was running). When full, the oldest go.
+pub const ADVISORIES: Spec = Spec {
+    discard_new: false,
+    // Advisories are small and rare: a byte limit of its own keeps the
+    // storage JetStream reserves for it small.
+    max_bytes: Some(64 * 1024 * 1024),
+    ..spec(
+        "JETSAGA_ADVISORIES",
+        &[subject::MAX_DELIVERIES_ADVISORIES],
+        WEEK,
+    )
+};
+
 /// Every stream, in creation order.
-pub const ALL: [&Spec; 7] = [
+pub const ALL: [&Spec; 8] = [
     &COMMANDS,
     &REPLIES,
     &STARTS,
@@ -144,6 +162,7 @@ pub const ALL: [&Spec; 7] = [
     &JOURNAL,
     &TIMERS,
     &DEAD_LETTERS,
+    &ADVISORIES,
 ];
 
 /// The dead-letter subject for messages that failed in `source`

@@ -1734,3 +1734,41 @@ fn a_stored_state_naming_a_missing_step_is_refused_not_a_panic() {
         }
     }
 }
+
+#[test]
+fn a_pivot_without_compensation_that_times_out_parks_instead_of_compensating() {
+    let one = EXACT.replace("max-attempts = 3", "max-attempts = 1");
+    let text = custom(&one, EXACT, "1h");
+    let mut def = text.clone();
+    def.steps[1].compensation = None;
+    let (mut h, _) = Harness::custom(def);
+    h.ok("s-1:a:do:1");
+    // The pivot's only attempt gets no reply: it may have been applied, and
+    // nothing could undo it, so the steps before it are not compensated.
+    let parked = h.at(2_000).wake();
+    assert_eq!(parked, ["clear timer", "park b"]);
+    assert!(matches!(
+        &h.saga.state,
+        State::Failed { step: 1, forward: true, error, .. } if error.code == "timeout"
+    ));
+    assert_eq!(h.saga.steps[1].status, StepStatus::Uncertain);
+    assert_eq!(h.saga.steps[0].compensation_attempts, 0);
+    assert_eq!(h.timer(), None);
+    // A late ok of that attempt is stale; an operator's retry sends the pivot again.
+    assert_eq!(h.reject(reply("s-1:b:do:1", ok())), Rejected::Stale);
+    let retried = h.step(Input::Retry {
+        operator: "ana".into(),
+    });
+    assert_eq!(retried[0], "send saga.cmd.p2.do-b s-1:b:do:2");
+    h.ok("s-1:b:do:2");
+    assert_eq!(h.saga.phase(), Phase::Running);
+
+    // A pivot that refuses for good was not applied: the steps before it are
+    // compensated as before.
+    let mut def = text;
+    def.steps[1].compensation = None;
+    let (mut h, _) = Harness::custom(def);
+    h.ok("s-1:a:do:1");
+    let refused = h.fail("s-1:b:do:1", "declined", false);
+    assert_eq!(refused[0], "send saga.cmd.p1.undo-a s-1:a:undo:1");
+}

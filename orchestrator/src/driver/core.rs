@@ -25,8 +25,8 @@ use crate::trace::Tracer;
 
 /// The executor's types for what the core hands back to be settled or answered.
 pub(crate) trait Handles {
-    /// A message to ack, nak or dead-letter.
-    type Message: std::fmt::Debug;
+    /// A message to ack, nak or dead-letter (cloned to mark it in progress).
+    type Message: std::fmt::Debug + Clone;
     /// Where the answer to a start goes.
     type StartReply: std::fmt::Debug;
     /// Where the answer to an operator input goes.
@@ -42,9 +42,14 @@ pub(crate) enum Origin<M, R> {
         source: Source,
         /// How often it was delivered, if known.
         delivered: Option<u64>,
+        /// When it arrived or was last marked in progress.
+        progressed: DateTime<Utc>,
     },
     /// A caller waiting for the answer.
     Api(R),
+    /// The timer sweep: a wake for a saga whose recorded timer is overdue.
+    /// Nothing is settled; a wake that fails is swept again later.
+    Sweep,
 }
 
 /// One unit of work for one saga.
@@ -70,6 +75,31 @@ pub(crate) enum Work<H: Handles> {
 }
 
 impl<H: Handles> Work<H> {
+    /// The message it came from, and when that was last marked in progress.
+    fn message_mut(&mut self) -> Option<(&H::Message, &mut DateTime<Utc>)> {
+        match self {
+            Work::Start {
+                origin:
+                    Origin::Message {
+                        message,
+                        progressed,
+                        ..
+                    },
+                ..
+            }
+            | Work::Input {
+                origin:
+                    Origin::Message {
+                        message,
+                        progressed,
+                        ..
+                    },
+                ..
+            } => Some((message, progressed)),
+            Work::Start { .. } | Work::Input { .. } => None,
+        }
+    }
+
     fn saga_id(&self) -> &str {
         match self {
             Work::Start { saga_id, .. } | Work::Input { saga_id, .. } => saga_id,
@@ -90,7 +120,7 @@ impl<H: Handles> Work<H> {
                 Origin::Message { delivered, .. } => {
                     *input == Input::Wake || delivered.is_none_or(|n| n > 1)
                 }
-                Origin::Api(_) => true,
+                Origin::Api(_) | Origin::Sweep => true,
             },
         }
     }
@@ -125,6 +155,9 @@ pub(crate) enum Io<H: Handles> {
     SetTimer { saga_id: String, at: DateTime<Utc> },
     /// Ack or nak a message.
     Settle { message: H::Message, settle: Settle },
+    /// Tell JetStream a message is still being worked on (it waits behind
+    /// other work for its saga, or for its I/O), so it is not redelivered.
+    Progress { message: H::Message },
     /// Copy a poison message to the dead-letter stream, then terminate it.
     DeadLetter {
         message: H::Message,
@@ -235,6 +268,8 @@ pub(crate) enum Poison {
     WrongDefinition(String),
     #[error("{0}")]
     KeyHorizon(String),
+    #[error("its transition cannot be stored: {0} (the server's max_payload)")]
+    TooLarge(String),
 }
 
 impl Poison {
@@ -247,6 +282,7 @@ impl Poison {
             other @ Poison::WrongDefinition(_) => ApiError::NotAllowed(other.to_string()),
             Poison::InvalidInput(reason) => ApiError::InvalidInput(reason),
             Poison::KeyHorizon(reason) => ApiError::KeyHorizon(reason),
+            other @ Poison::TooLarge(_) => ApiError::InvalidInput(other.to_string()),
             other @ (Poison::Decode(_)
             | Poison::ForeignCommand { .. }
             | Poison::Subject { .. }
@@ -278,6 +314,11 @@ pub(crate) const NAK_MAX: Duration = Duration::from_secs(30);
 /// The shortest delay of a re-armed timer: a wake that is not due never re-arms
 /// into the past (or the present), so it cannot turn into a hot loop.
 pub(crate) const REARM_MIN: Duration = Duration::from_millis(250);
+
+/// How long the timer sweep leaves a saga it woke alone while its recorded
+/// timer stays the same (a wake that was not due re-arms the timer without a
+/// new record): the sweep costs at most one wake per saga this often.
+pub(crate) const SWEEP_AGAIN: Duration = Duration::from_secs(60);
 
 /// The largest clock skew a re-arm makes up for.
 const MAX_SKEW: chrono::Duration = chrono::Duration::minutes(5);
@@ -318,6 +359,7 @@ pub(crate) fn backoff(kind: IoErrorKind, delivered: Option<u64>) -> Duration {
         IoErrorKind::Conflict
         | IoErrorKind::Corrupt
         | IoErrorKind::Timeout
+        | IoErrorKind::TooLarge
         | IoErrorKind::Unavailable => {
             let doublings = delivered.unwrap_or(1).saturating_sub(1).min(16) as u32;
             NAK_BASE.saturating_mul(1 << doublings).min(NAK_MAX)
@@ -399,6 +441,11 @@ pub(crate) struct Core<H: Handles> {
     stopping: bool,
     /// Saga spans, when traces are exported.
     trace: Option<Tracer>,
+    /// Sagas the timer sweep woke: the recorded timer it saw, and when.
+    swept: HashMap<String, (Option<DateTime<Utc>>, DateTime<Utc>)>,
+    /// The consumers' `ack_wait`: messages held longer than a third of it are
+    /// marked in progress.
+    ack_wait: Duration,
 }
 
 impl<H: Handles> std::fmt::Debug for Core<H> {
@@ -424,7 +471,15 @@ impl<H: Handles> Core<H> {
             io: VecDeque::new(),
             stopping: false,
             trace: None,
+            swept: HashMap::new(),
+            ack_wait: Duration::from_secs(30),
         }
+    }
+
+    /// Marks messages held longer than a third of `ack_wait` in progress.
+    pub(crate) fn with_ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait;
+        self
     }
 
     /// Emits saga spans with `trace` (`None`: tracing is off, nothing is built).
@@ -470,6 +525,7 @@ impl<H: Handles> Core<H> {
                         message,
                         source,
                         delivered,
+                        progressed: now,
                     },
                 },
             ),
@@ -482,6 +538,7 @@ impl<H: Handles> Core<H> {
                         message,
                         source,
                         delivered,
+                        progressed: now,
                     },
                 },
             ),
@@ -490,6 +547,7 @@ impl<H: Handles> Core<H> {
                     message,
                     source,
                     delivered,
+                    progressed: now,
                 };
                 self.settle(origin, Verdict::Poison(poison), Answer::Phase, |done| {
                     done.0
@@ -697,8 +755,69 @@ impl<H: Handles> Core<H> {
         }
     }
 
-    /// Drops sagas idle in memory for [`IDLE_EVICTION`] and counts the rest by state.
+    /// Wakes sagas whose recorded timer (`None`: none) is overdue, as the
+    /// listing index sees them: their timer fire was lost (an outage dropped
+    /// it, or it was never armed). A wake recovers an interrupted transition's
+    /// effects, applies what is due, or re-arms the timer. Sagas busy here are
+    /// left alone, and one swept with the same recorded timer within
+    /// [`SWEEP_AGAIN`] too.
+    pub(crate) fn handle_overdue(
+        &mut self,
+        now: DateTime<Utc>,
+        overdue: Vec<(String, Option<DateTime<Utc>>)>,
+    ) {
+        let again = chrono::Duration::from_std(SWEEP_AGAIN).unwrap_or(chrono::Duration::MAX);
+        for (saga_id, timer_at) in overdue {
+            if self.stopping {
+                return;
+            }
+            let busy = self.slots.get(&saga_id).is_some_and(|slot| {
+                matches!(slot.entry, Entry::CheckedOut(_)) || !slot.queue.is_empty()
+            });
+            let recent = self
+                .swept
+                .get(&saga_id)
+                .is_some_and(|(seen, at)| *seen == timer_at && now - *at < again);
+            if busy || recent {
+                continue;
+            }
+            tracing::info!(saga_id, timer_at = ?timer_at, "waking a saga whose timer is overdue");
+            self.swept.insert(saga_id.clone(), (timer_at, now));
+            self.handle_input(
+                now,
+                Work::Input {
+                    saga_id,
+                    input: Input::Wake,
+                    origin: Origin::Sweep,
+                },
+            );
+        }
+    }
+
+    /// Drops sagas idle in memory for [`IDLE_EVICTION`], counts the rest by
+    /// state, and marks the messages held longer than a third of `ack_wait`
+    /// (queued behind other work of their saga, or waiting for its I/O) in
+    /// progress: under overload JetStream would redeliver them otherwise.
     pub(crate) fn handle_tick(&mut self, now: DateTime<Utc>) {
+        let period = chrono::Duration::from_std(self.ack_wait / 3).unwrap_or(chrono::Duration::MAX);
+        for slot in self.slots.values_mut() {
+            let running = match &mut slot.entry {
+                Entry::CheckedOut(running) => Some(&mut running.work),
+                Entry::NotLoaded | Entry::Missing | Entry::Loaded(_) => None,
+            };
+            for work in running.into_iter().chain(slot.queue.iter_mut()) {
+                if let Some((message, progressed)) = work.message_mut()
+                    && now - *progressed >= period
+                {
+                    *progressed = now;
+                    self.io.push_back(Io::Progress {
+                        message: message.clone(),
+                    });
+                }
+            }
+        }
+        let again = chrono::Duration::from_std(SWEEP_AGAIN).unwrap_or(chrono::Duration::MAX);
+        self.swept.retain(|_, (_, at)| now - *at < again);
         let idle = chrono::Duration::from_std(IDLE_EVICTION).unwrap_or(chrono::Duration::MAX);
         self.slots.retain(|_, slot| {
             matches!(slot.entry, Entry::CheckedOut(_))
@@ -749,11 +868,11 @@ impl<H: Handles> Core<H> {
                 ..
             } => Answer::Phase(reply, Err(ApiError::ShuttingDown)),
             Work::Start {
-                origin: Origin::Message { .. },
+                origin: Origin::Message { .. } | Origin::Sweep,
                 ..
             }
             | Work::Input {
-                origin: Origin::Message { .. },
+                origin: Origin::Message { .. } | Origin::Sweep,
                 ..
             } => return,
         };
@@ -1220,6 +1339,14 @@ impl<H: Handles> Core<H> {
     }
 
     fn fail(&mut self, work: Work<H>, error: Error) -> Known {
+        if error.kind() == IoErrorKind::TooLarge {
+            // Retrying can never store it: keep the input, with the reason, as a
+            // dead letter (the saga stays as it was, its timer still runs).
+            let reason = std::error::Error::source(&error)
+                .map_or_else(|| error.to_string(), |source| format!("{error}: {source}"));
+            self.conclude(work, Verdict::Poison(Poison::TooLarge(reason)));
+            return Known::NotLoaded;
+        }
         tracing::warn!(saga_id = work.saga_id(), error = %error, source = ?std::error::Error::source(&error), "saga work failed; it will be retried");
         self.conclude(work, Verdict::Failed(error));
         Known::NotLoaded
@@ -1252,6 +1379,7 @@ impl<H: Handles> Core<H> {
                 message,
                 source,
                 delivered,
+                ..
             } => match (settlement(&verdict, delivered), verdict) {
                 (Settle::Term, Verdict::Poison(poison)) => {
                     let reason = poison.to_string();
@@ -1268,6 +1396,11 @@ impl<H: Handles> Core<H> {
                 }
                 (settle, _) => self.io.push_back(Io::Settle { message, settle }),
             },
+            Origin::Sweep => {
+                if let Verdict::Failed(error) = verdict {
+                    tracing::debug!(%error, "a swept wake failed; the next sweep tries again");
+                }
+            }
             Origin::Api(reply) => {
                 let result = match verdict {
                     Verdict::Done { phase, created } => Ok(done((phase, created))),

@@ -22,9 +22,13 @@ use tokio_util::sync::CancellationToken;
 use super::core::{Answer, Core, Done, Handles, Incoming, Io, Settle, Write};
 use super::{ApiError, Error, Source, Started};
 use crate::dead;
+use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::record::Outbound;
 use crate::store::Store;
+
+/// The most overdue sagas one sweep wakes; the next sweep takes the rest.
+const SWEEP_LIMIT: usize = 1000;
 
 /// The executor's side of what the core settles and answers.
 #[derive(Debug)]
@@ -45,6 +49,12 @@ pub(crate) struct Driver {
     js: jetstream::Context,
     store: Store,
     inflight: FuturesUnordered<BoxFuture<'static, Option<Done>>>,
+    /// Where the timer sweep finds overdue sagas.
+    index: Index,
+    /// How often it runs, and how overdue a timer must be.
+    timer_sweep: Duration,
+    /// The consumers' ack wait.
+    ack_wait: Duration,
 }
 
 impl std::fmt::Debug for Driver {
@@ -56,20 +66,37 @@ impl std::fmt::Debug for Driver {
     }
 }
 
+/// The driver's timing settings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    /// The TTL of a finished saga's record.
+    pub(crate) finished_retention: Duration,
+    /// How often the timer sweep runs, and how overdue a timer must be.
+    pub(crate) timer_sweep: Duration,
+    /// The consumers' ack wait.
+    pub(crate) ack_wait: Duration,
+}
+
 impl Driver {
     pub(crate) fn new(
         js: jetstream::Context,
         store: Store,
         metrics: Metrics,
         registry: std::sync::Arc<crate::definitions::Registry>,
-        finished_retention: Duration,
         trace: Option<crate::trace::Tracer>,
+        index: Index,
+        settings: Settings,
     ) -> Self {
         Self {
-            core: Core::new(registry, metrics, finished_retention).with_tracer(trace),
+            core: Core::new(registry, metrics, settings.finished_retention)
+                .with_tracer(trace)
+                .with_ack_wait(settings.ack_wait),
             js,
             store,
             inflight: FuturesUnordered::new(),
+            index,
+            timer_sweep: settings.timer_sweep,
+            ack_wait: settings.ack_wait,
         }
     }
 
@@ -80,7 +107,10 @@ impl Driver {
         mut requests: mpsc::Receiver<Request>,
         token: CancellationToken,
     ) {
-        let mut gauges = tokio::time::interval(Duration::from_secs(1));
+        // Also marks held messages in progress: at least thrice per ack wait.
+        let mut gauges = tokio::time::interval(Duration::from_secs(1).min(self.ack_wait / 3));
+        let mut sweep = tokio::time::interval(self.timer_sweep);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -90,6 +120,7 @@ impl Driver {
                     }
                 }
                 _ = gauges.tick() => self.core.handle_tick(Utc::now()),
+                _ = sweep.tick() => self.sweep_timers(),
                 Some((source, message)) = messages.recv() => self.handle_message(source, message),
                 Some(request) = requests.recv() => self.core.handle_input(Utc::now(), request),
                 () = token.cancelled() => break,
@@ -112,6 +143,20 @@ impl Driver {
             self.core.handle_input(Utc::now(), request);
         }
         self.perform();
+    }
+
+    /// Wakes live sagas whose recorded timer is overdue by more than a sweep
+    /// interval, once the listing has caught up with the journal.
+    fn sweep_timers(&mut self) {
+        if !self.index.caught_up() {
+            return;
+        }
+        let now = Utc::now();
+        let margin = chrono::Duration::from_std(self.timer_sweep).unwrap_or_default();
+        let overdue = self.index.overdue(now - margin, SWEEP_LIMIT);
+        if !overdue.is_empty() {
+            self.core.handle_overdue(now, overdue);
+        }
     }
 
     fn handle_message(&mut self, source: Source, message: jetstream::Message) {
@@ -183,6 +228,17 @@ impl Driver {
                         async move {
                             if let Err(e) = message.ack_with(kind).await {
                                 tracing::warn!(error = %e, "ack failed; the message will be redelivered");
+                            }
+                            None
+                        }
+                        .boxed(),
+                    );
+                }
+                Io::Progress { message } => {
+                    self.inflight.push(
+                        async move {
+                            if let Err(e) = message.ack_with(AckKind::Progress).await {
+                                tracing::debug!(error = %e, "cannot mark a message in progress");
                             }
                             None
                         }

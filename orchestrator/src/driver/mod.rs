@@ -100,6 +100,7 @@ impl ApiError {
                 | IoErrorKind::Corrupt
                 | IoErrorKind::NotLoaded
                 | IoErrorKind::Unavailable => ErrorKind::Unavailable,
+                IoErrorKind::TooLarge => ErrorKind::BadRequest,
             },
         }
     }
@@ -139,6 +140,9 @@ pub enum IoErrorKind {
     Timeout,
     /// NATS refused or the connection failed.
     Unavailable,
+    /// What must be written is larger than the server's `max_payload`: it never
+    /// will be, so the input that caused it is dead-lettered.
+    TooLarge,
 }
 
 /// Why a saga's I/O failed.
@@ -183,6 +187,7 @@ impl Error {
     pub fn kind(&self) -> IoErrorKind {
         let publish = |e: &PublishError| match e.kind() {
             PublishErrorKind::TimedOut => IoErrorKind::Timeout,
+            PublishErrorKind::MaxPayloadExceeded => IoErrorKind::TooLarge,
             _ => IoErrorKind::Unavailable,
         };
         match self {
@@ -191,6 +196,7 @@ impl Error {
                 store::ErrorKind::Corrupt => IoErrorKind::Corrupt,
                 store::ErrorKind::Timeout => IoErrorKind::Timeout,
                 store::ErrorKind::Unavailable => IoErrorKind::Unavailable,
+                store::ErrorKind::TooLarge => IoErrorKind::TooLarge,
             },
             Error::Publish { source, .. } | Error::Timer { source, .. } => publish(source),
             Error::NotLoaded { .. } => IoErrorKind::NotLoaded,

@@ -282,3 +282,39 @@ fn record_headers_are_read_or_refused_by_name() {
         .to_string();
     assert!(err.contains(header::SAGA_ID), "{err}");
 }
+
+#[test]
+fn overdue_lists_live_sagas_whose_timer_passed() {
+    let index = Index::new(Arc::new(Registry::builtin()));
+    let with_timer = |seq, saga, phase, timer: Option<i64>| Update {
+        timer_at: timer.map(t),
+        ..update(seq, saga, "order-creation", phase, Some("reserve-stock"), 1)
+    };
+    index.apply(&with_timer(1, 1, Phase::Running, Some(5)));
+    index.apply(&with_timer(2, 2, Phase::Compensating, Some(8)));
+    index.apply(&with_timer(3, 3, Phase::Running, Some(20)));
+    index.apply(&with_timer(4, 4, Phase::Running, None));
+    index.apply(&with_timer(5, 5, Phase::Failed, None));
+    index.apply(&with_timer(6, 6, Phase::Completed, None));
+    let overdue_ids = |before| {
+        let mut ids: Vec<String> = index
+            .overdue(t(before), 100)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    // A live saga with no timer at all is overdue too: nothing would wake it.
+    assert_eq!(overdue_ids(10), vec![id(1), id(2), id(4)]);
+    let mut found = index.overdue(t(10), 100);
+    found.sort();
+    assert_eq!(found[0], (id(1), Some(t(5))));
+    assert_eq!(found[2], (id(4), None));
+    assert_eq!(index.overdue(t(10), 1).len(), 1);
+    assert_eq!(overdue_ids(4), vec![id(4)], "only the one with no timer");
+    // A newer record with a later timer takes the saga off the list.
+    index.apply(&with_timer(7, 1, Phase::Running, Some(30)));
+    index.apply(&with_timer(8, 4, Phase::Running, Some(30)));
+    assert_eq!(overdue_ids(10), vec![id(2)]);
+}

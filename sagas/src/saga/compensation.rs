@@ -82,7 +82,21 @@ impl Saga {
             return;
         }
         self.steps[index].finished_at = Some(now);
-        self.steps[index].status = if failure.retryable || may_be_applied {
+        let uncertain = failure.retryable || may_be_applied;
+        if uncertain && spec.kind == StepKind::Pivot && spec.compensation.is_none() {
+            // The pivot may have been applied and nothing undoes it: compensating
+            // the steps before it would leave its effect behind (a charge with
+            // the stock released). Park for an operator, whose retry sends it again.
+            self.steps[index].status = StepStatus::Uncertain;
+            self.state = State::Failed {
+                step: index,
+                error: failure.clone(),
+                cause: failure,
+                forward: true,
+            };
+            return;
+        }
+        self.steps[index].status = if uncertain {
             StepStatus::Uncertain
         } else {
             StepStatus::Failed

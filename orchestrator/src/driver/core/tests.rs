@@ -1093,3 +1093,131 @@ fn a_traced_start_gets_a_root_span_of_its_own_and_commands_name_their_attempt() 
         "the attempt's start"
     );
 }
+
+/// Hole 4: a saga whose timer fire was lost (an outage) is woken by the sweep:
+/// its effects go out again, the overdue timeout applies, nothing is settled;
+/// busy sagas and ones swept for the same recorded timer lately are left alone.
+#[test]
+fn the_sweep_wakes_a_saga_whose_timer_is_overdue() {
+    let mut core = core();
+    let mut saga = stored("sw", 4);
+    saga.record.effects.clear();
+    let id = saga.record.saga.id.clone();
+    let timeout = saga.record.timer_at.unwrap();
+    let now = timeout + Ms::seconds(30);
+    core.handle_overdue(now, vec![(id.clone(), Some(timeout))]);
+    assert_load(&drain(&mut core)[0], &id, false);
+    // Swept again while it is busy, or later for the same recorded timer: no new work.
+    core.handle_overdue(now, vec![(id.clone(), Some(timeout))]);
+    assert!(drain(&mut core).is_empty());
+    loaded(&mut core, now, &id, Ok(Some(saga)));
+    assert!(matches!(&drain(&mut core)[..], [Io::Publish { .. }]));
+    core.handle_io_done(
+        now,
+        Done::Published {
+            saga_id: id.clone(),
+            result: Ok(()),
+        },
+    );
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 1, "{io:?}");
+    let write = assert_write(&io[0], &id, 4);
+    let record = Record::decode(&write.append.body).unwrap();
+    assert_eq!(record.entry.cause, Cause::StepTimeout, "{:?}", record.entry);
+    assert!(write.set_timer.is_some(), "the next wait has a timer");
+    written(&mut core, now, &id, Ok(5));
+    assert!(drain(&mut core).is_empty(), "a sweep settles nothing");
+    core.handle_overdue(now + Ms::seconds(1), vec![(id.clone(), Some(timeout))]);
+    assert!(
+        drain(&mut core).is_empty(),
+        "swept lately for the same timer"
+    );
+
+    // A failed wake is swept again once SWEEP_AGAIN has passed.
+    let later = now + chrono::Duration::from_std(SWEEP_AGAIN).unwrap();
+    core.handle_tick(later + Ms::days(1));
+    core.handle_overdue(later, vec![(id.clone(), Some(timeout))]);
+    assert_load(&drain(&mut core)[0], &id, false);
+    loaded(&mut core, later, &id, Err(timed_out()));
+    assert!(drain(&mut core).is_empty(), "nothing to nak or answer");
+    assert!(!core.holds(&id));
+}
+
+/// Hole 14: a transition whose record is over the server's `max_payload` is
+/// never stored however often it is retried: its input is dead-lettered with
+/// the reason (a caller is refused), not nak'd forever.
+#[test]
+fn a_record_over_max_payload_dead_letters_its_input() {
+    let too_large = || {
+        Error::Store(store::Error::Append(PublishError::new(
+            PublishErrorKind::MaxPayloadExceeded,
+        )))
+    };
+    let mut core = core();
+    let saga = stored("big", 2);
+    let id = saga.record.saga.id.clone();
+    reserved(&mut core, at(0), &id, 1, 1);
+    assert_load(&drain(&mut core)[0], &id, false);
+    loaded(&mut core, at(0), &id, Ok(Some(saga)));
+    assert_write(&drain(&mut core)[0], &id, 2);
+    written(&mut core, at(0), &id, Err(too_large()));
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 1, "{io:?}");
+    assert_dead_letter(&io[0], 1, Source::Replies, "max_payload");
+
+    core.handle_input(at(1), api_start("big-start", 7));
+    let start_id = protocol::saga_id(TYPE, "big-start");
+    assert_load(&drain(&mut core)[0], &start_id, false);
+    loaded(&mut core, at(1), &start_id, Ok(None));
+    assert_write(&drain(&mut core)[0], &start_id, 0);
+    written(&mut core, at(1), &start_id, Err(too_large()));
+    let (caller, result) = started(drain(&mut core).pop().unwrap());
+    assert_eq!(caller, 7);
+    let error = result.unwrap_err();
+    assert_eq!(error.kind(), super::super::ErrorKind::BadRequest, "{error}");
+    assert!(error.to_string().contains("max_payload"), "{error}");
+}
+
+/// Hole 14: messages held by the core (waiting for their saga's I/O, or queued
+/// behind it) are marked in progress every third of `ack_wait`, so overload
+/// does not make JetStream redeliver them while they wait; callers are not.
+#[test]
+fn held_messages_are_kept_in_progress() {
+    let mut core = core().with_ack_wait(std::time::Duration::from_secs(30));
+    let saga = stored("busy", 2);
+    let id = saga.record.saga.id.clone();
+    reserved(&mut core, at(0), &id, 1, 1);
+    reserved(&mut core, at(1_000), &id, 1, 2);
+    core.handle_input(at(1_000), api_input(&id, Input::Wake, 9));
+    assert_load(&drain(&mut core)[0], &id, false);
+    let progress = |io: Vec<Io<Test>>| -> Vec<u32> {
+        io.into_iter()
+            .map(|io| match io {
+                Io::Progress { message } => message,
+                other => panic!("expected only progress, got {other:?}"),
+            })
+            .collect()
+    };
+    core.handle_tick(at(9_000));
+    assert!(drain(&mut core).is_empty(), "not held long enough yet");
+    core.handle_tick(at(10_500));
+    assert_eq!(progress(drain(&mut core)), vec![1], "the one in progress");
+    core.handle_tick(at(11_000));
+    assert_eq!(progress(drain(&mut core)), vec![2], "the queued one");
+    core.handle_tick(at(15_000));
+    assert!(drain(&mut core).is_empty(), "marked lately");
+    core.handle_tick(at(21_000));
+    assert_eq!(progress(drain(&mut core)), vec![1, 2]);
+    // Once settled, a message is not marked any more.
+    loaded(&mut core, at(21_000), &id, Ok(Some(saga)));
+    drain(&mut core);
+    written(&mut core, at(21_000), &id, Ok(3));
+    let io = drain(&mut core);
+    assert_settled(&io[0], 1, Settle::Ack);
+    core.handle_tick(at(60_000));
+    assert_eq!(
+        progress(drain(&mut core)),
+        vec![2],
+        "only the one still held"
+    );
+}
