@@ -113,9 +113,22 @@ impl<H: Handles> Work<H> {
     /// a command that was published). A start of a finished saga cannot be it
     /// either: the transition that finished it was caused by another input, which
     /// is redelivered itself (a start of a known saga changes nothing).
-    fn may_follow_an_interrupted_transition(&self, stored: &Stored) -> bool {
+    ///
+    /// A finished saga's events are re-published only inside JetStream's
+    /// de-duplication window after its last record: there a copy is dropped by
+    /// the server, and an interrupted transition's input comes back within
+    /// seconds (nak backoff, ack wait). Past it a re-publish would be stored
+    /// twice, so a late reply or timer fire of a finished saga sends nothing: its
+    /// events are taken as sent.
+    fn may_follow_an_interrupted_transition(&self, stored: &Stored, now: DateTime<Utc>) -> bool {
+        let finished = stored.record.saga.phase().is_finished();
+        let dedup = chrono::TimeDelta::from_std(jetsaga_sagas::streams::DEDUP)
+            .unwrap_or(chrono::TimeDelta::MAX);
+        if finished && now - stored.record.entry.at >= dedup {
+            return false;
+        }
         match self {
-            Work::Start { .. } => !stored.record.saga.phase().is_finished(),
+            Work::Start { .. } => !finished,
             Work::Input { input, origin, .. } => match origin {
                 Origin::Message { delivered, .. } => {
                     *input == Input::Wake || delivered.is_none_or(|n| n > 1)
@@ -652,7 +665,7 @@ impl<H: Handles> Core<H> {
         let known = match (stage, done) {
             (Stage::Loading { recheck }, Done::Loaded { result, .. }) => match result {
                 Ok(Some(stored))
-                    if !recheck && work.may_follow_an_interrupted_transition(&stored) =>
+                    if !recheck && work.may_follow_an_interrupted_transition(&stored, now) =>
                 {
                     // A record loaded from the journal may belong to a transition whose
                     // effects were interrupted (a crash between persisting and

@@ -1221,3 +1221,35 @@ fn held_messages_are_kept_in_progress() {
         "only the one still held"
     );
 }
+
+/// Found by the chaos runner's long profile: a wake or a redelivered reply of a finished
+/// saga re-published its completion event, and past JetStream's 2-minute de-duplication
+/// window the events stream stored `order.confirmed` a second time. Inside the window a
+/// re-publish is what completes a transition interrupted before its event went out (and the
+/// server drops a copy); past it the event is taken as sent.
+#[test]
+fn a_finished_saga_republishes_its_event_only_inside_the_dedup_window() {
+    let dedup = i64::try_from(jetsaga_sagas::streams::DEDUP.as_millis()).unwrap();
+    for (late_by, republished) in [(1_000, true), (dedup + 1_000, false)] {
+        for timer_fire in [false, true] {
+            let mut core = core();
+            let done = completed("kz", 9);
+            let id = done.record.saga.id.clone();
+            let now = done.record.entry.at + Ms::milliseconds(late_by);
+            if timer_fire {
+                let subject = protocol::subject::timer_fire(&id);
+                message(&mut core, now, Source::Timers, &subject, b"", 1, 1);
+            } else {
+                reserved(&mut core, now, &id, 2, 1);
+            }
+            assert_load(&drain(&mut core)[0], &id, false);
+            loaded(&mut core, now, &id, Ok(Some(done)));
+            let io = drain(&mut core);
+            assert_eq!(
+                io.iter().any(|io| matches!(io, Io::Publish { .. })),
+                republished,
+                "{late_by} ms after the record, timer fire {timer_fire}: {io:?}"
+            );
+        }
+    }
+}
