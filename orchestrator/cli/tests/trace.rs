@@ -396,7 +396,7 @@ async fn each_saga_is_one_trace_down_to_the_participants_and_a_compensation_is_m
             .iter()
             .filter(|s| s.attr("command_id").is_some())
             .count()
-            >= 5
+            >= 6 // three commands per saga: reserve, charge, commit or release
     })
     .await;
 
