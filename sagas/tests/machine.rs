@@ -1772,3 +1772,24 @@ fn a_pivot_without_compensation_that_times_out_parks_instead_of_compensating() {
     let refused = h.fail("s-1:b:do:1", "declined", false);
     assert_eq!(refused[0], "send saga.cmd.p1.undo-a s-1:a:undo:1");
 }
+
+/// Found by the `record` fuzz target: a stored compensating saga whose round began at a
+/// later attempt than the one it waits on (a corrupt record) made a failed compensation
+/// attempt subtract with overflow. Now it is counted as the round's first attempt.
+#[test]
+fn a_corrupt_compensation_round_is_retried_not_a_panic() {
+    let comp = EXACT.replace("max-attempts = 3", "max-attempts = 2");
+    let one = EXACT.replace("max-attempts = 3", "max-attempts = 1");
+    let (mut h, _) = Harness::custom(custom(&one, &comp, "1h"));
+    h.ok("s-1:a:do:1");
+    h.at(100).fail("s-1:b:do:1", "declined", false);
+    let State::Compensating { first_attempt, .. } = &mut h.saga.state else {
+        panic!("{:?}", h.saga.state)
+    };
+    *first_attempt = 7;
+    assert_eq!(
+        h.at(200).fail("s-1:a:undo:1", "locked", false),
+        ["timer 300ms"]
+    );
+    assert_eq!(h.saga.phase(), Phase::Compensating);
+}

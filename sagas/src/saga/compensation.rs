@@ -122,7 +122,8 @@ impl Saga {
         } = undo;
         let policy = &def.compensation_retry;
         self.steps[index].last_error = Some(failure.clone());
-        let used = attempt + 1 - first_attempt;
+        // A corrupt record may name a later first attempt: count it as the first.
+        let used = (attempt + 1).saturating_sub(first_attempt).max(1);
         if policy.allows_another(used) {
             let key = self.command_id(&def.steps[index].name, Direction::Compensate, attempt);
             let until = backoff_until(policy, used, &key.to_string(), now);
