@@ -44,9 +44,12 @@ for target in $(cargo +nightly fuzz list); do
     corpus="fuzz/target/corpus/${target}"
     mkdir -p "$corpus"
     echo "== fuzz ${target} for ${seconds}s (seeds: fuzz/corpus/${target})"
-    # -timeout: an input that takes over 10 s counts as a hang (a crash).
+    # -timeout: an input that takes over 10 s counts as a hang (a crash). -seed: the same
+    # mutations on every run (JETSAGA_FUZZ_SEED=0 lets libFuzzer pick one), so the test
+    # command does not fail at random; longer or other-seed runs are for finding new bugs.
     if ! cargo +nightly fuzz run "${flags[@]}" "$target" "$corpus" "fuzz/corpus/${target}" -- \
-        -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1; then
+        -seed="${JETSAGA_FUZZ_SEED:-1}" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+        -print_final_stats=1; then
         echo "FAILED: fuzz target ${target}; its input is in fuzz/artifacts/${target}/, reproduce with" >&2
         echo "  cargo +nightly fuzz run ${flags[*]} ${target} fuzz/artifacts/${target}/<file>" >&2
         status=1
