@@ -52,17 +52,9 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_http() { # url what
-  for _ in $(seq 1 600); do
-    curl -fsS "$1" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "check-dashboards: $2 did not come up ($1)" >&2
-  return 1
-}
+tool=check-dashboards
+# shellcheck source=deploy/lib.sh
+source "$root/deploy/lib.sh"
 
 nats_port=$(free_port); mon_port=$(free_port); http_port=$(free_port); prom_port=$(free_port)
 inv_port=$(free_port); pay_port=$(free_port); note_port=$(free_port)
