@@ -18,7 +18,11 @@
 #                                                  on a fresh system; medians and current/base ratios
 #
 # Options of every mode: --sync-always (nats-server fsyncs every write), --json (one JSON object
-# with every figure on the last line). Other arguments go to `jetsaga bench`. Exits non-zero with
+# with every figure on the last line), --participants builtin (the system without its reference
+# participants; `jetsaga bench` answers the commands itself with trivial in-process participants,
+# whose CPU then counts as the load generator's), --ttl D (every per-saga TTL set to D: a
+# finished saga's journal record, replies, and the inventory, payment and notification records;
+# so a growth run longer than D shows the steady state of a store that keeps D of sagas). Other arguments go to `jetsaga bench`. Exits non-zero with
 # a message when the system does not start, a process dies, or a run has unfinished, failed or
 # mismatched sagas.
 set -euo pipefail
@@ -46,6 +50,7 @@ growth_total=0
 step=100000
 idle=0
 compare_rev=""
+ttl=""
 json=false
 system_args=(--no-demo --fresh)
 bench_args=()
@@ -63,7 +68,21 @@ while (($#)); do
       shift ;;
     --json) json=true ;;
     --sync-always) system_args+=(--sync-always) ;;
-    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
+    --ttl)
+      (($# >= 2)) || die "$1 needs a value"
+      [[ "$2" =~ ^[0-9]+(s|m|h|d)$ ]] || die "--ttl needs a duration like 90s, 5m or 1h, not '$2'"
+      ttl="$2"
+      shift ;;
+    --participants)
+      (($# >= 2)) || die "$1 needs a value"
+      case "$2" in
+        builtin) system_args+=(--no-participants); processes=(nats-server orchestrator) ;;
+        reference) ;;
+        *) die "--participants is reference or builtin, not '$2'" ;;
+      esac
+      bench_args+=("$1" "$2")
+      shift ;;
+    -h | --help) sed -n '2,29p' "$0"; exit 0 ;;
     *) bench_args+=("$1") ;;
   esac
   shift
@@ -82,6 +101,16 @@ if [[ $compare_rev != "" && $growth_total != 0 ]]; then die "--growth and --comp
 if [[ $mode != growth ]] && ((${#growth_only[@]})); then die "${growth_only[0]} only goes with --growth"; fi
 
 work="$(mktemp -d)"
+if [[ -n "$ttl" ]]; then
+  # Config files for run-local.sh (JETSAGA_LOCAL_CONFIG_DIR): every per-saga TTL set to $ttl.
+  mkdir -p "$work/config"
+  printf '[streams]\nfinished-retention = "%s"\n' "$ttl" >"$work/config/orchestrator.toml"
+  for p in inventory payment; do
+    printf '[consumer]\nreply-ttl = "%s"\n[%s]\nrecord-ttl = "%s"\n' "$ttl" "$p" "$ttl" >"$work/config/$p.toml"
+  done
+  printf '[notification]\nrecord-ttl = "%s"\n' "$ttl" >"$work/config/notification.toml"
+  export JETSAGA_LOCAL_CONFIG_DIR="$work/config"
+fi
 system=""
 loadgen=""
 finish() {

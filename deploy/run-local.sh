@@ -12,7 +12,11 @@
 #   deploy/run-local.sh --no-demo       skip the demo orders
 #   deploy/run-local.sh --demo-only     run the demo, then stop everything and exit
 #   deploy/run-local.sh --fresh         start from an empty JetStream store
+#   deploy/run-local.sh --no-participants   no reference participants (and no demo), e.g. for
+#                                       `jetsaga bench --participants builtin`
 #   JETSAGA_BIN_DIR=DIR deploy/run-local.sh   run the binaries in DIR (no build), e.g. another revision's
+#   JETSAGA_LOCAL_CONFIG_DIR=DIR deploy/run-local.sh   start each service with `--config DIR/<name>.toml`
+#                                       (orchestrator, inventory, payment, notification) where it exists
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,13 +26,15 @@ sync_always=false
 fresh=false
 demo=true
 keep=true
+participants=true
 for arg in "$@"; do
   case "$arg" in
     --sync-always) sync_always=true ;;
     --no-demo) demo=false ;;
     --fresh) fresh=true ;;
     --demo-only) keep=false ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --no-participants) participants=false; demo=false ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "run-local: unknown argument '$arg'" >&2; exit 64 ;;
   esac
 done
@@ -63,6 +69,12 @@ else
   cargo build --release --bins --quiet
   bin="$root/target/release"
 fi
+
+# config_of NAME: the `--config FILE` arguments of a service, from JETSAGA_LOCAL_CONFIG_DIR.
+config_of() {
+  local file="${JETSAGA_LOCAL_CONFIG_DIR:-}/$1.toml"
+  if [[ -n "${JETSAGA_LOCAL_CONFIG_DIR:-}" && -f "$file" ]]; then printf '%s\n' --config "$file"; fi
+}
 
 pids=()
 cleanup() {
@@ -100,7 +112,8 @@ done
 
 export JETSAGA_NATS__URL="nats://127.0.0.1:$nats_port"
 echo "==> orchestrator on http://$http"
-"$bin/jetsaga" serve >"$logs/orchestrator.log" 2>&1 &
+mapfile -t config_args < <(config_of orchestrator)
+"$bin/jetsaga" serve "${config_args[@]}" >"$logs/orchestrator.log" 2>&1 &
 pids+=($!)
 echo $! > "$state/orchestrator.pid"
 ready=false
@@ -114,18 +127,21 @@ if ! $ready; then
   exit 1
 fi
 
-for p in inventory payment notification; do
-  echo "==> $p participant"
-  "$bin/jetsaga-$p" >"$logs/$p.log" 2>&1 &
-  pids+=($!)
-  echo $! > "$state/$p.pid"
-done
-for port in 9101 9102 9103; do
-  for _ in $(seq 1 100); do
-    curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
-    sleep 0.1
+if $participants; then
+  for p in inventory payment notification; do
+    echo "==> $p participant"
+    mapfile -t config_args < <(config_of "$p")
+    "$bin/jetsaga-$p" "${config_args[@]}" >"$logs/$p.log" 2>&1 &
+    pids+=($!)
+    echo $! > "$state/$p.pid"
   done
-done
+  for port in 9101 9102 9103; do
+    for _ in $(seq 1 100); do
+      curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
+      sleep 0.1
+    done
+  done
+fi
 
 prom_line="  Prometheus      not installed (deploy/install-prometheus.sh installs it)"
 if [[ -n "$prometheus_bin" ]]; then
@@ -138,6 +154,9 @@ if [[ -n "$prometheus_bin" ]]; then
   prom_line="  Prometheus      http://127.0.0.1:$prom_port (alerts: /alerts; dashboards' queries: deploy/grafana/dashboards)"
 fi
 
+participants_line="  participants    http://127.0.0.1:9101/metrics (inventory), :9102 (payment), :9103 (notification)"
+if ! $participants; then participants_line="  participants    none started (--no-participants)"; fi
+
 if $demo; then
   echo "==> demo: 100 orders, 10 % declined"
   "$bin/jetsaga" bench --nats "$JETSAGA_NATS__URL" --sagas 100 --concurrency 20 --timeout 30s
@@ -149,7 +168,7 @@ jetsaga is running:
   HTTP API        http://$http/v1  (GET /v1/sagas, POST /v1/sagas/order-creation; /openapi.json, /healthz, /readyz)
   web page        http://$http/  (sagas, timelines, retry / abort, dead letters)
   metrics         http://$http/metrics
-  participants    http://127.0.0.1:9101/metrics (inventory), :9102 (payment), :9103 (notification)
+$participants_line
   NATS            nats://127.0.0.1:$nats_port (monitoring http://127.0.0.1:8222/varz, /jsz)
 $prom_line
   logs            $logs (process ids in $state/*.pid)

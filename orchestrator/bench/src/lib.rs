@@ -31,6 +31,8 @@ use tokio::sync::{Mutex, Semaphore};
 
 use jetsaga_orchestrator::store::Store;
 
+pub mod builtin;
+
 /// How sagas are started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Via {
@@ -38,6 +40,16 @@ pub enum Via {
     Subject,
     /// `POST /v1/sagas/<type>` on the orchestrator.
     Http,
+}
+
+/// Who answers the saga's commands during a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Participants {
+    /// The system's own participants (the reference ones, started separately).
+    Reference,
+    /// Trivial inventory and payment participants inside the load generator (see
+    /// [`builtin`]): the engine's cost without the reference participants' storage.
+    Builtin,
 }
 
 /// How load is offered.
@@ -80,6 +92,8 @@ pub struct Options {
     pub json: bool,
     /// The saga type (an order-shaped input).
     pub saga_type: String,
+    /// Who answers the commands.
+    pub participants: Participants,
 }
 
 impl Default for Options {
@@ -97,6 +111,7 @@ impl Default for Options {
             timeout: Duration::from_secs(60),
             json: false,
             saga_type: "order-creation".to_owned(),
+            participants: Participants::Reference,
         }
     }
 }
@@ -291,6 +306,22 @@ pub async fn run(options: Options) -> Result<Report, Error> {
     let js = async_nats::jetstream::ContextBuilder::new()
         .max_ack_inflight(20_000)
         .build(client.clone());
+    let builtin = match options.participants {
+        Participants::Builtin => Some(builtin::Builtin::start(&client)?),
+        Participants::Reference => None,
+    };
+    let report = load(options, client, js).await;
+    if let Some(builtin) = builtin {
+        builtin.stop().await;
+    }
+    report
+}
+
+async fn load(
+    options: Options,
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+) -> Result<Report, Error> {
     let run_id = uuid::Uuid::new_v4().simple().to_string();
     let key_prefix = format!("bench-{}-", &run_id[..12]);
     let key = |i: u64| format!("{key_prefix}{i}");
@@ -723,6 +754,11 @@ pub struct Args {
     /// The saga type to start; its input must be order-shaped.
     #[arg(long, value_name = "TYPE", default_value = "order-creation")]
     pub saga_type: String,
+    /// Who answers the commands: the running system's participants, or trivial built-in
+    /// inventory and payment participants in this process (start the system without its
+    /// participants), to measure the engine without the reference participants' storage.
+    #[arg(long, value_enum, default_value = "reference")]
+    pub participants: Participants,
     /// Also print the report as one JSON object on the last line.
     #[arg(long)]
     pub json: bool,
@@ -748,6 +784,7 @@ impl Args {
             timeout: self.timeout,
             json: self.json,
             saga_type: self.saga_type,
+            participants: self.participants,
         }
     }
 }

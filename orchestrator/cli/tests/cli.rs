@@ -240,3 +240,66 @@ async fn bench_reports_json_and_fails_on_unfinished_sagas() {
     assert_eq!(report["unfinished"], 5);
     running.shutdown().await;
 }
+
+/// `--participants builtin`: with no participant running, the load generator's own trivial
+/// inventory and payment answer every command, and the outcomes still follow the decline
+/// rule (the built-in payment declines exactly the orders marked for decline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_with_builtin_participants_needs_no_participant() {
+    let server = NatsServer::start();
+    let running = orchestrator(&server.url(), None).await;
+    let url = server.url();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(cargo_bin("jetsaga"))
+            .args([
+                "bench",
+                "--nats",
+                &url,
+                "--participants",
+                "builtin",
+                "--sagas",
+                "300",
+                "--concurrency",
+                "50",
+                "--json",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["sagas"], 300, "{report}");
+    assert_eq!(report["completed"], 270, "{report}");
+    assert_eq!(report["compensated"], 30, "{report}");
+    assert_eq!(report["unfinished"], 0, "{report}");
+
+    // Without them (and without any participant) nothing finishes: the built-in ones did the work.
+    let url = server.url();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(cargo_bin("jetsaga"))
+            .args([
+                "bench",
+                "--nats",
+                &url,
+                "--sagas",
+                "3",
+                "--timeout",
+                "2",
+                "--json",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    running.shutdown().await;
+}
