@@ -15,6 +15,7 @@ use async_nats::jetstream::stream::{
 };
 use async_nats::jetstream::{self};
 use bytes::Bytes;
+use jetsaga_runtime::nats::put_header;
 use jetsaga_sagas::protocol::{header, subject};
 
 pub use crate::record::{Effect, Outbound, Record, Stored, headers, outbound, rebuild};
@@ -197,11 +198,12 @@ impl Store {
 pub fn append_headers(record_headers: &[(&'static str, String)], expected: u64) -> HeaderMap {
     let mut headers = HeaderMap::new();
     for (name, value) in record_headers {
-        headers.insert(*name, value.as_str());
+        put_header(&mut headers, name, value.as_str());
     }
-    headers.insert(
+    put_header(
+        &mut headers,
         header::EXPECTED_LAST_SUBJECT_SEQUENCE,
-        expected.to_string().as_str(),
+        expected.to_string(),
     );
     headers
 }

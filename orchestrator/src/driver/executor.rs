@@ -26,6 +26,7 @@ use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::record::Outbound;
 use crate::store::Store;
+use jetsaga_runtime::nats::put_header;
 
 /// The most overdue sagas one sweep wakes; the next sweep takes the rest.
 const SWEEP_LIMIT: usize = 1000;
@@ -320,12 +321,12 @@ async fn publish_effects(
     let mut acks = Vec::with_capacity(effects.len());
     for effect in effects {
         let mut headers = HeaderMap::new();
-        headers.insert(header::MSG_ID, effect.msg_id.as_str());
+        put_header(&mut headers, header::MSG_ID, effect.msg_id.as_str());
         for (name, value) in &effect.headers {
-            headers.insert(*name, value.as_str());
+            put_header(&mut headers, name, value.as_str());
         }
         if resent {
-            headers.insert(header::RESENT, "true");
+            put_header(&mut headers, header::RESENT, "true");
         }
         let failed = |source| Error::Publish {
             subject: effect.subject.clone(),
@@ -346,15 +347,17 @@ async fn publish_effects(
 /// Schedules the saga's single timer at `at`, replacing any armed one.
 async fn set_timer(js: &jetstream::Context, saga_id: &str, at: DateTime<Utc>) -> Result<(), Error> {
     let mut headers = HeaderMap::new();
-    headers.insert(
+    put_header(
+        &mut headers,
         header::SCHEDULE,
-        format!("@at {}", at.format("%Y-%m-%dT%H:%M:%S%.3fZ")).as_str(),
+        format!("@at {}", at.format("%Y-%m-%dT%H:%M:%S%.3fZ")),
     );
-    headers.insert(
+    put_header(
+        &mut headers,
         header::SCHEDULE_TARGET,
-        subject::timer_fire(saga_id).as_str(),
+        subject::timer_fire(saga_id),
     );
-    headers.insert(header::SAGA_ID, saga_id);
+    put_header(&mut headers, header::SAGA_ID, saga_id);
     publish_timer(js, saga_id, headers).await
 }
 
@@ -362,7 +365,7 @@ async fn set_timer(js: &jetstream::Context, saga_id: &str, at: DateTime<Utc>) ->
 /// per subject) and expires by itself.
 async fn clear_timer(js: &jetstream::Context, saga_id: &str) -> Result<(), Error> {
     let mut headers = HeaderMap::new();
-    headers.insert(header::TTL, "1s");
+    put_header(&mut headers, header::TTL, "1s");
     publish_timer(js, saga_id, headers).await
 }
 

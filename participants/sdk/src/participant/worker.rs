@@ -10,6 +10,7 @@ use async_nats::jetstream::{self, AckKind, Message};
 use async_nats::{HeaderMap, jetstream::stream::DirectGetErrorKind};
 use futures::FutureExt;
 use jetsaga_runtime::consume::{self};
+use jetsaga_runtime::nats::put_header;
 use jetsaga_sagas::definition::is_subject_token;
 use jetsaga_sagas::protocol::{
     self, Body, Command, DecodeError, DecodeErrorKind, Failure, Outcome, Reply, header, subject,
@@ -366,13 +367,25 @@ fn reply_message(
         outcome,
     };
     let mut headers = HeaderMap::new();
-    headers.insert(header::MSG_ID, reply_msg_id(&command.command_id));
-    headers.insert(header::SAGA_ID, command.saga_id.as_str());
-    headers.insert(header::COMMAND_ID, command.command_id.as_str());
+    put_header(
+        &mut headers,
+        header::MSG_ID,
+        reply_msg_id(&command.command_id),
+    );
+    put_header(&mut headers, header::SAGA_ID, command.saga_id.as_str());
+    put_header(
+        &mut headers,
+        header::COMMAND_ID,
+        command.command_id.as_str(),
+    );
     // The recorded reply goes after `ttl`, and its subject with it (see `Builder::reply_ttl`).
-    headers.insert(header::TTL, jetsaga_runtime::kv::ttl_header(ttl));
+    put_header(
+        &mut headers,
+        header::TTL,
+        jetsaga_runtime::kv::ttl_header(ttl),
+    );
     if let Some(traceparent) = traceparent {
-        headers.insert(header::TRACEPARENT, traceparent);
+        put_header(&mut headers, header::TRACEPARENT, traceparent);
     }
     (headers, reply.encode().into())
 }
