@@ -40,6 +40,10 @@ const STEP_DOWNS: (Duration, Duration) = (Duration::from_secs(2), Duration::from
 /// kill is skipped for this turn (two nodes behind at once would leave streams without a
 /// quorum, which is an outage to wait out, not a fault this mode means to inject).
 const CURRENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A replica this many operations behind its leader counts as caught up: under load a
+/// healthy follower is rarely `current` at the instant it is asked (it trails by the writes
+/// in flight), while a node that has just come back is thousands behind or offline.
+const CAUGHT_UP_LAG: u64 = 200;
 /// Upper bound for one JetStream API request of the fault schedule.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -363,14 +367,21 @@ async fn behind(js: &jetstream::Context) -> Option<String> {
             Ok(info) => info.cluster.clone(),
             Err(e) => return Some(format!("stream {name}: {e}")),
         };
-        if let Some(what) = lagging(cluster.as_ref()) {
+        if let Some(what) = lagging(cluster.as_ref(), NODES) {
             return Some(format!("stream {name}: {what}"));
         }
         let mut consumers = stream.consumers();
         while let Some(info) = consumers.next().await {
             match info {
                 Ok(info) => {
-                    if let Some(what) = lagging(info.cluster.as_ref()) {
+                    // Ephemeral consumers may have one replica (their clients make a new
+                    // one when its node goes away): only replicated ones are waited for.
+                    let replicated = info.config.num_replicas > 1
+                        || info
+                            .cluster
+                            .as_ref()
+                            .is_some_and(|c| !c.replicas.is_empty());
+                    if replicated && let Some(what) = lagging(info.cluster.as_ref(), NODES) {
                         return Some(format!("consumer {name}/{}: {what}", info.name));
                     }
                 }
@@ -381,24 +392,31 @@ async fn behind(js: &jetstream::Context) -> Option<String> {
     None
 }
 
-fn lagging(cluster: Option<&jetstream::stream::ClusterInfo>) -> Option<String> {
+/// What keeps a group of `nodes` replicas from being whole: no leader, a replica missing,
+/// offline or more than [`CAUGHT_UP_LAG`] behind.
+fn lagging(cluster: Option<&jetstream::stream::ClusterInfo>, nodes: usize) -> Option<String> {
     let Some(cluster) = cluster else {
         return Some("no cluster information".to_owned());
     };
     if cluster.leader.is_none() {
         return Some("no leader".to_owned());
     }
-    if cluster.replicas.len() + 1 < NODES {
+    if cluster.replicas.len() + 1 < nodes {
         return Some(format!(
             "{} replicas besides the leader",
             cluster.replicas.len()
         ));
     }
-    cluster
-        .replicas
-        .iter()
-        .find(|r| !r.current || r.offline)
-        .map(|r| format!("replica {} not current", r.name))
+    cluster.replicas.iter().find_map(|r| {
+        let lag = r.lag.unwrap_or_default();
+        if r.offline {
+            Some(format!("replica {} offline", r.name))
+        } else if !r.current && lag > CAUGHT_UP_LAG {
+            Some(format!("replica {} {lag} behind", r.name))
+        } else {
+            None
+        }
+    })
 }
 
 async fn stream_names(js: &jetstream::Context) -> Result<Vec<String>, String> {
