@@ -14,7 +14,7 @@
 //! At the end, besides the common checks, [`acknowledged_starts`]: every start the load
 //! generator saw acknowledged has a journal (no acknowledged start lost).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -159,13 +159,16 @@ pub struct Report {
     pub consumer_step_downs: u64,
     /// Step-downs the server refused (e.g. no current replica to take over).
     pub step_downs_refused: u64,
+    /// The dead letters at the end, by source subject and reason (numbers and ids
+    /// replaced by `#`): what was given up on, and why.
+    pub dead_letters: BTreeMap<String, u64>,
 }
 
 impl Report {
-    /// One line for the summary.
+    /// The summary's lines.
     pub fn render(&self) -> String {
         let max_down = self.node_outages_s.iter().copied().fold(0.0_f64, f64::max);
-        format!(
+        let mut out = format!(
             "  cluster: {} node kills (each down ≤ {max_down:.1} s, {} skipped: replicas behind), \
              replicas current again within {:.1} s; leader step-downs: {} stream, {} consumer, \
              {} refused",
@@ -175,18 +178,81 @@ impl Report {
             self.stream_step_downs,
             self.consumer_step_downs,
             self.step_downs_refused,
-        )
+        );
+        let letters: u64 = self.dead_letters.values().sum();
+        out.push_str(&format!("\n  dead letters: {letters}"));
+        for (what, n) in &self.dead_letters {
+            out.push_str(&format!("\n    {n:>5}  {what}"));
+        }
+        out
     }
 }
 
-/// The cluster's fault report, if the system runs on a cluster.
-pub(crate) fn report(system: &System) -> Option<Report> {
-    system
+/// The cluster's fault report, with the dead letters at the end, if the system runs on a
+/// cluster.
+pub(crate) async fn report(system: &System, js: &jetstream::Context) -> Option<Report> {
+    let mut report = system
         .with_nats(|nats| match nats {
             Nats::Single(_) => None,
             Nats::Cluster { report, .. } => Some(report.clone()),
         })
-        .flatten()
+        .flatten()?;
+    report.dead_letters = match dead_letters(js).await {
+        Ok(letters) => letters,
+        Err(e) => BTreeMap::from([(format!("(unreadable: {e})"), 0)]),
+    };
+    Some(report)
+}
+
+/// Counts the dead letters by source subject (its first two tokens) and reason.
+async fn dead_letters(js: &jetstream::Context) -> Result<BTreeMap<String, u64>, String> {
+    use jetsaga_sagas::protocol::header;
+    let mut stream = js
+        .get_stream(jetsaga_sagas::streams::DEAD_LETTERS.name)
+        .await
+        .map_err(|e| e.to_string())?;
+    let state = stream
+        .info()
+        .await
+        .map_err(|e| e.to_string())?
+        .state
+        .clone();
+    let mut letters = BTreeMap::new();
+    if state.messages == 0 {
+        return Ok(letters);
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        let Ok(message) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        let value = |name: &str| {
+            message
+                .headers
+                .get(name)
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        let subject: Vec<String> = value(header::DEAD_SUBJECT)
+            .split('.')
+            .take(3)
+            .map(str::to_owned)
+            .collect();
+        let reason = value(header::DEAD_REASON);
+        let reason: Vec<&str> = reason
+            .split_whitespace()
+            .map(|w| {
+                if w.chars().any(|c| c.is_ascii_digit()) {
+                    "#"
+                } else {
+                    w
+                }
+            })
+            .collect();
+        *letters
+            .entry(format!("{}: {}", subject.join("."), reason.join(" ")))
+            .or_insert(0) += 1;
+    }
+    Ok(letters)
 }
 
 /// Connects to `url`, or to each of several comma-separated URLs.

@@ -383,7 +383,7 @@ async fn run_in(plan: &Plan, log_dir: PathBuf) -> Result<Summary, Error> {
         bench,
         processes,
         nats_outages_s: outages.iter().map(Duration::as_secs_f64).collect(),
-        cluster: cluster::report(&system),
+        cluster: cluster::report(&system, &js).await,
         checks,
         elapsed_s: began.elapsed().as_secs_f64(),
     };
