@@ -558,3 +558,38 @@ async fn step_down(
         Err(e) => format!("step-down of {what} refused: {e}"),
     }
 }
+
+/// The journal history (every entry the last record keeps, and its effects) of the first
+/// sagas a failed check names, to tell what happened to them after the run is gone.
+pub(crate) async fn histories(
+    store: &jetsaga_orchestrator::store::Store,
+    checks: &[Check],
+) -> String {
+    const SHOWN: usize = 5;
+    let mut ids: Vec<&str> = checks
+        .iter()
+        .flat_map(|c| c.violations.iter())
+        .filter_map(|v| v.split(':').next())
+        .collect();
+    ids.dedup();
+    let mut out = String::new();
+    for id in ids.into_iter().take(SHOWN) {
+        out.push_str(&format!("saga {id}:\n"));
+        match store.load(id, true).await {
+            Ok(Some(stored)) => {
+                let record = &stored.record;
+                for entry in record.earlier.iter().chain([&record.entry]) {
+                    let line = serde_json::to_string(entry).unwrap_or_default();
+                    out.push_str(&format!("  {line}\n"));
+                }
+                out.push_str(&format!(
+                    "  seq {}, effects {:?}, timer {:?}\n",
+                    stored.seq, record.effects, record.timer_at
+                ));
+            }
+            Ok(None) => out.push_str("  no journal\n"),
+            Err(e) => out.push_str(&format!("  unreadable: {e}\n")),
+        }
+    }
+    out
+}

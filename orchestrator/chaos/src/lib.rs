@@ -390,6 +390,8 @@ async fn run_in(plan: &Plan, log_dir: PathBuf) -> Result<Summary, Error> {
     if !summary.passed() {
         let path = system::log_path(&log_dir, "nats-server");
         let _ = std::fs::write(path, system.nats_log());
+        let path = system::log_path(&log_dir, "histories");
+        let _ = std::fs::write(path, cluster::histories(&store, &summary.checks).await);
     }
     drop(guard);
     Ok(summary)
