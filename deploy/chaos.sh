@@ -10,6 +10,8 @@
 #   deploy/chaos.sh                     the short profile (~1-2 minutes, 2,400 sagas)
 #   deploy/chaos.sh --profile long      10,500 sagas (~8 minutes)
 #   deploy/chaos.sh --seed 42 --logs DIR   replay a fault schedule, keep every log in DIR
+#   deploy/chaos.sh --cluster           a 3-node NATS cluster (R3, sync_interval: always): node
+#                                       kills every ~10 s and leader step-downs (~2-3 minutes)
 #   deploy/chaos.sh --help              every option
 #   JETSAGA_BIN_DIR=DIR deploy/chaos.sh  run the binaries in DIR (no build)
 set -euo pipefail

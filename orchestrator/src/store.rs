@@ -160,7 +160,8 @@ impl Store {
             .await;
         match ack {
             Ok(ack) => Ok(ack.sequence),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(Error::Conflict),
+            // Either code a lost compare-and-set gets (one server, or a cluster).
+            Err(e) if jetsaga_runtime::kv::is_conflict(&e) => Err(Error::Conflict),
             Err(e) => Err(Error::Append(e)),
         }
     }

@@ -99,15 +99,50 @@ pub async fn write(
     match revision {
         None => match store.create(key, value).await {
             Ok(revision) => Ok(Some(revision)),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists || is_conflict(&e) => Ok(None),
             Err(e) => Err(failed("create", key)(e)),
         },
         Some(revision) => match store.update(key, value, revision).await {
             Ok(revision) => Ok(Some(revision)),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) if is_conflict(&e) => Ok(None),
             Err(e) => Err(failed("update", key)(e)),
         },
     }
+}
+
+/// Whether a write failed because its `Nats-Expected-Last-Subject-Sequence` (a KV
+/// revision, a journal's last record) no longer matched: a conflict to re-read and decide
+/// again on, not a failure. Looks through `error`'s sources (a KV update error wraps the
+/// publish error, which wraps the server's).
+///
+/// A single server answers a lost compare-and-set with error code 10071, which async-nats
+/// 0.51 maps to `WrongLastSequence`; a clustered stream's leader answers 10164
+/// (`JSStreamWrongLastSequenceConstantErr`), which it leaves as `Other`. Both are conflicts.
+pub fn is_conflict(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(e) = e.downcast_ref::<jetstream::context::PublishError>()
+            && e.kind() == PublishErrorKind::WrongLastSequence
+        {
+            return true;
+        }
+        if let Some(e) = e.downcast_ref::<kv::UpdateError>()
+            && e.kind() == kv::UpdateErrorKind::WrongLastRevision
+        {
+            return true;
+        }
+        if let Some(e) = e.downcast_ref::<jetstream::Error>()
+            && matches!(
+                e.error_code(),
+                jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+                    | jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+            )
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// The `Nats-TTL` header value of `ttl`: whole seconds (as async-nats writes it), at least one.
@@ -133,7 +168,7 @@ pub async fn write_with_ttl(
     let Some(revision) = revision else {
         return match store.create_with_ttl(key, value, ttl).await {
             Ok(revision) => Ok(Some(revision)),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists || is_conflict(&e) => Ok(None),
             Err(e) => Err(failed("create", key)(e)),
         };
     };
@@ -159,7 +194,7 @@ pub async fn write_with_ttl(
     };
     match published {
         Ok(ack) => Ok(Some(ack.sequence)),
-        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
+        Err(e) if is_conflict(&e) => Ok(None),
         Err(e) => Err(failed("update", key)(e)),
     }
 }

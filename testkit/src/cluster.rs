@@ -59,9 +59,20 @@ impl Cluster {
     /// As for [`NatsServer::try_start`], plus [`Error::JetStreamNotReady`] if no stream replicated
     /// to all nodes could be created within 30 s. Taken ports are retried with fresh ones.
     pub fn try_start(n: usize) -> Result<Self, Error> {
+        Self::try_start_with(n, &Options::default())
+    }
+
+    /// Like [`try_start`](Self::try_start), with every node configured by `options`
+    /// (e.g. `sync_always` for `sync_interval: always`; `extra_config` is appended to each
+    /// node's cluster settings).
+    ///
+    /// # Errors
+    ///
+    /// As for [`try_start`](Self::try_start).
+    pub fn try_start_with(n: usize, options: &Options) -> Result<Self, Error> {
         let mut attempt = 1;
         loop {
-            match Self::try_start_once(n.max(1)) {
+            match Self::try_start_once(n.max(1), options) {
                 Err(Error::PortInUse { .. }) if attempt < START_ATTEMPTS => attempt += 1,
                 other => return other,
             }
@@ -119,7 +130,7 @@ impl Cluster {
         &self.nodes
     }
 
-    fn try_start_once(n: usize) -> Result<Self, Error> {
+    fn try_start_once(n: usize, base: &Options) -> Result<Self, Error> {
         // Hold every listener until all ports are chosen, so no two nodes get the same one.
         let listeners = (0..2 * n)
             .map(|_| std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)))
@@ -143,8 +154,9 @@ impl Cluster {
                 extra_config,
                 "server_name: n{i}\ncluster {{\n  name: {CLUSTER_NAME}\n  listen: 127.0.0.1:{route_port}\n  routes: [{routes}]\n}}\n"
             );
+            extra_config.push_str(&base.extra_config);
             let options = Options {
-                sync_always: false,
+                sync_always: base.sync_always,
                 extra_config,
             };
             nodes.push(NatsServer::configured(&options, *client_port)?);

@@ -74,7 +74,7 @@ pub enum Load {
 /// Everything `jetsaga bench` takes.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// NATS URL.
+    /// NATS URL, or several comma-separated (a cluster's nodes).
     pub nats_url: String,
     /// The orchestrator's HTTP address, for `--via http` (and nothing else).
     pub http: String,
@@ -295,14 +295,15 @@ struct Tracker {
 
 /// Runs the load and reports.
 pub async fn run(options: Options) -> Result<Report, Error> {
-    let client = async_nats::connect(options.nats_url.as_str())
-        .await
-        .map_err(|e| {
-            Error::Io(format!(
-                "cannot connect to NATS at {}: {e}",
-                options.nats_url
-            ))
-        })?;
+    // A cluster's URLs come comma-separated (as in the services' `nats.url`); async-nats
+    // does not split a string itself.
+    let urls: Vec<&str> = options.nats_url.split(',').map(str::trim).collect();
+    let client = async_nats::connect(urls).await.map_err(|e| {
+        Error::Io(format!(
+            "cannot connect to NATS at {}: {e}",
+            options.nats_url
+        ))
+    })?;
     let js = async_nats::jetstream::ContextBuilder::new()
         .max_ack_inflight(20_000)
         .build(client.clone());
@@ -713,7 +714,7 @@ impl HttpStarter {
 /// default; `--rate` with `--duration` asks for open loop instead.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// NATS server URL.
+    /// NATS server URL, or several comma-separated (the nodes of a cluster).
     #[arg(
         long = "nats",
         value_name = "URL",

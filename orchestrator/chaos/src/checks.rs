@@ -77,7 +77,7 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(name: &str, detail: String, violations: Vec<String>) -> Self {
+    pub(crate) fn new(name: &str, detail: String, violations: Vec<String>) -> Self {
         Self {
             name: name.to_owned(),
             detail,

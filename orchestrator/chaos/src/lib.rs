@@ -19,9 +19,15 @@
 //! check's result. Every process it starts is killed by its handle at the end, also on an error
 //! or Ctrl-C.
 //!
-//! Modules: [`system`] (the processes), [`checks`] (the final checks).
+//! With `--cluster` ([`cluster`]) the system runs on a 3-node NATS cluster (R3 streams,
+//! `sync_interval: always`) and the faults are node kills every ~10 s and leader step-downs
+//! instead; a further check finds every acknowledged start in the journal.
+//!
+//! Modules: [`system`] (the processes), [`checks`] (the final checks), [`cluster`] (cluster
+//! mode).
 
 pub mod checks;
+pub mod cluster;
 pub mod system;
 
 use std::collections::BTreeMap;
@@ -43,7 +49,7 @@ const DECLINE_SHARE: f64 = 0.1;
 /// Upper bound for the system to come up.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often processes that exited on their own are looked for (and restarted).
-const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+pub(crate) const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Why a run could not be carried out (a broken invariant is a failed check instead).
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +94,10 @@ pub struct Args {
     /// Also print the summary as one JSON object on the last line.
     #[arg(long)]
     pub json: bool,
+    /// Run on a 3-node NATS cluster (R3, `sync_interval: always`) and kill a node every
+    /// ~10 s and step leaders down, instead of killing and stopping services.
+    #[arg(long)]
+    pub cluster: bool,
 }
 
 /// What a run does, from [`Args`] and the directory of the binaries.
@@ -119,6 +129,8 @@ pub struct Plan {
     pub bin_dir: PathBuf,
     /// Where logs go, if kept.
     pub logs: Option<PathBuf>,
+    /// Cluster mode: a 3-node cluster and its faults ([`cluster`]).
+    pub cluster: bool,
 }
 
 impl Args {
@@ -143,6 +155,7 @@ impl Args {
             settle: s(180),
             bin_dir,
             logs: self.logs,
+            cluster: self.cluster,
         }
     }
 }
@@ -164,6 +177,8 @@ pub struct Summary {
     pub processes: Vec<(String, Tally)>,
     /// How long each nats-server restart kept it down, in seconds.
     pub nats_outages_s: Vec<f64>,
+    /// Cluster mode: node kills and leader step-downs.
+    pub cluster: Option<cluster::Report>,
     /// Each check and what it found.
     pub checks: Vec<Check>,
     /// Start of the load to the end of the checks, in seconds.
@@ -180,9 +195,14 @@ impl Summary {
     pub fn render(&self) -> String {
         let b = &self.bench;
         let mut out = format!(
-            "chaos run, profile {:?}, seed {}: {} sagas at {:.0}/s for {:.0} s, {:.0} s in all\n\
+            "chaos run{}, profile {:?}, seed {}: {} sagas at {:.0}/s for {:.0} s, {:.0} s in all\n\
              bench: {} completed, {} compensated ({} declined), {} failed, {} unfinished; \
              {} start retries; latency ms p50 {:.0} p99 {:.0} max {:.0}\nfaults:\n",
+            if self.cluster.is_some() {
+                " on a 3-node cluster"
+            } else {
+                ""
+            },
             self.profile,
             self.seed,
             b.sagas,
@@ -212,6 +232,10 @@ impl Summary {
                 .map(|s| format!("{s:.1} s"))
                 .collect();
             out.push_str(&format!("  nats-server down for {}\n", outages.join(", ")));
+        }
+        if let Some(cluster) = &self.cluster {
+            out.push_str(&cluster.render());
+            out.push('\n');
         }
         out.push_str("checks:\n");
         for check in &self.checks {
@@ -280,6 +304,7 @@ async fn run_in(plan: &Plan, log_dir: PathBuf) -> Result<Summary, Error> {
         bin_dir: plan.bin_dir.clone(),
         log_dir: log_dir.clone(),
         catalogue: catalogue.clone(),
+        cluster: plan.cluster,
     })?;
     let guard = ShutDown(system.clone());
     eprintln!(
@@ -288,15 +313,19 @@ async fn run_in(plan: &Plan, log_dir: PathBuf) -> Result<Summary, Error> {
         system.orchestrator_http().join(" and "),
         plan.seed
     );
-    let client = async_nats::connect(system.nats_url())
-        .await
-        .map_err(|e| Error::Io(format!("NATS: {e}")))?;
+    let client = cluster::connect(system.nats_url()).await?;
     let js = async_nats::jetstream::new(client);
     wait_ready(&system, &js).await?;
 
     let faults = {
         let (system, plan) = (system.clone(), plan.clone());
-        tokio::spawn(async move { inject(system, plan).await })
+        tokio::spawn(async move {
+            if plan.cluster {
+                cluster::inject(system, plan).await
+            } else {
+                inject(system, plan).await
+            }
+        })
     };
     let bench = jetsaga_bench::run(jetsaga_bench::Options {
         nats_url: system.nats_url().to_owned(),
@@ -335,7 +364,7 @@ async fn run_in(plan: &Plan, log_dir: PathBuf) -> Result<Summary, Error> {
     // Commands and events still in flight (a compensation's release, an email) finish
     // within the participants' redelivery time once every saga is terminal.
     wait_quiet(&js).await?;
-    let checks = checks::run(
+    let mut checks = checks::run(
         &js,
         system.orchestrator_http(),
         &sagas,
@@ -344,6 +373,7 @@ async fn run_in(plan: &Plan, log_dir: PathBuf) -> Result<Summary, Error> {
         SAGA_TYPE,
     )
     .await?;
+    checks.push(cluster::acknowledged_starts(&store, &sagas, &phases).await?);
     let (processes, outages) = system.tallies();
     let summary = Summary {
         profile: plan.profile,
@@ -353,12 +383,15 @@ async fn run_in(plan: &Plan, log_dir: PathBuf) -> Result<Summary, Error> {
         bench,
         processes,
         nats_outages_s: outages.iter().map(Duration::as_secs_f64).collect(),
+        cluster: cluster::report(&system, &js).await,
         checks,
         elapsed_s: began.elapsed().as_secs_f64(),
     };
     if !summary.passed() {
         let path = system::log_path(&log_dir, "nats-server");
         let _ = std::fs::write(path, system.nats_log());
+        let path = system::log_path(&log_dir, "histories");
+        let _ = std::fs::write(path, cluster::histories(&store, &summary.checks).await);
     }
     drop(guard);
     Ok(summary)
@@ -571,7 +604,7 @@ async fn inject(system: System, plan: Plan) -> Result<(), Error> {
 }
 
 /// Runs a blocking system operation (spawning, waiting for nats-server) off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, Error> + Send + 'static,
 ) -> Result<T, Error> {
     tokio::task::spawn_blocking(work)

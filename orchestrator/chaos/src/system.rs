@@ -14,9 +14,10 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use jetsaga_testkit::{ChildGuard, NatsServer};
+use jetsaga_testkit::ChildGuard;
 
 use crate::Error;
+use crate::cluster::Nats;
 
 /// The participant binaries, by name.
 pub(crate) const PARTICIPANTS: [&str; 3] = ["inventory", "payment", "notification"];
@@ -110,7 +111,7 @@ pub struct System {
 #[derive(Debug)]
 struct Inner {
     procs: BTreeMap<String, Proc>,
-    nats: NatsServer,
+    nats: Nats,
     nats_tally: Tally,
     nats_outages: Vec<Duration>,
     /// Set by [`System::shut_down`]: nothing is started again after it.
@@ -126,22 +127,28 @@ pub struct Layout {
     pub log_dir: PathBuf,
     /// Units of each product the inventory starts with.
     pub catalogue: BTreeMap<String, u64>,
+    /// A 3-node NATS cluster with R3 streams and buckets instead of one nats-server.
+    pub cluster: bool,
 }
 
 impl System {
-    /// Starts nats-server (free loopback port, temporary store), the two orchestrators and the
+    /// Starts nats-server (free loopback port, temporary store; or a 3-node cluster), the two orchestrators and the
     /// participants. Does not wait for them to be ready; see [`System::wait_ready`].
     ///
     /// # Errors
     ///
     /// A binary that is missing or does not start, or a nats-server that does not come up.
     pub fn start(layout: &Layout) -> Result<Self, Error> {
-        let nats = NatsServer::try_start().map_err(|e| Error::Io(format!("nats-server: {e}")))?;
+        let nats = Nats::start(layout.cluster)?;
         let nats_url = nats.url();
+        let replicas = nats.replicas().to_string();
         let mut procs = BTreeMap::new();
         let mut orchestrator_http = Vec::new();
         let common = |extra: Vec<(String, String)>| {
-            let mut env = vec![("JETSAGA_NATS__URL".to_owned(), nats_url.clone())];
+            let mut env = vec![
+                ("JETSAGA_NATS__URL".to_owned(), nats_url.clone()),
+                ("JETSAGA_STREAMS__REPLICAS".to_owned(), replicas.clone()),
+            ];
             env.extend(extra);
             env
         };
@@ -209,7 +216,7 @@ impl System {
         })
     }
 
-    /// nats-server's client URL.
+    /// nats-server's client URL (a cluster's: every node's, comma-separated).
     pub fn nats_url(&self) -> &str {
         &self.nats_url
     }
@@ -345,7 +352,7 @@ impl System {
     /// What happened to each process, nats-server first, and nats-server's outages.
     pub fn tallies(&self) -> (Vec<(String, Tally)>, Vec<Duration>) {
         let inner = self.lock();
-        let mut out = vec![("nats-server".to_owned(), inner.nats_tally.clone())];
+        let mut out = inner.nats.tallies(&inner.nats_tally);
         out.extend(
             inner
                 .procs
@@ -353,6 +360,13 @@ impl System {
                 .map(|(name, p)| (name.clone(), p.tally.clone())),
         );
         (out, inner.nats_outages.clone())
+    }
+
+    /// Runs `f` on nats-server (or the cluster) under the system's lock; `None` once the
+    /// system is shut down.
+    pub(crate) fn with_nats<T>(&self, f: impl FnOnce(&mut Nats) -> T) -> Option<T> {
+        let mut inner = self.lock();
+        (!inner.shut_down).then(|| f(&mut inner.nats))
     }
 
     /// Everything nats-server wrote to its log so far (all its runs).

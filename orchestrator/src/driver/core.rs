@@ -421,10 +421,12 @@ struct Running<H: Handles> {
 #[derive(Debug)]
 enum Stage {
     /// Waits for [`Done::Loaded`]; `recheck`: the load only re-checks a
-    /// decision taken from the cache (no re-publish).
-    Loading { recheck: bool },
+    /// decision taken from a copy that may be stale (no re-publish); `leader`:
+    /// it reads from the stream leader (otherwise any replica, which may lag).
+    Loading { recheck: bool, leader: bool },
     /// Waits for [`Done::Published`], then applies to `stored`.
-    Republishing(Box<Stored>),
+    /// `leader`: `stored` was read from the leader.
+    Republishing { stored: Box<Stored>, leader: bool },
     /// Waits for [`Done::Written`] of `record`.
     Writing(Box<Record>),
     /// Waits for [`Done::Written`] of `record`, which restarted the wait for a
@@ -663,7 +665,12 @@ impl<H: Handles> Core<H> {
             return;
         };
         let known = match (stage, done) {
-            (Stage::Loading { recheck }, Done::Loaded { result, .. }) => match result {
+            (Stage::Loading { recheck, leader }, Done::Loaded { result, .. }) => match result {
+                // A replica that has not seen the saga yet (it started a moment ago,
+                // or the replica's node has just come back) is no ground to drop an
+                // input: only the leader can say a saga does not exist. A start
+                // needs no second read (it writes under compare-and-set).
+                Ok(None) if !leader && matches!(work, Work::Input { .. }) => self.recheck(work),
                 Ok(Some(stored))
                     if !recheck && work.may_follow_an_interrupted_transition(&stored, now) =>
                 {
@@ -675,7 +682,7 @@ impl<H: Handles> Core<H> {
                     match self.registry.get(&saga.saga_type, saga.version) {
                         Some(def) => {
                             let messages = rebuild(&stored.record, def);
-                            self.check_out(&saga_id, work, Stage::Republishing(stored));
+                            self.check_out(&saga_id, work, Stage::Republishing { stored, leader });
                             self.io.push_back(Io::Publish {
                                 saga_id: saga_id.clone(),
                                 messages,
@@ -683,25 +690,27 @@ impl<H: Handles> Core<H> {
                             None
                         }
                         // Applying it fails the same way, and says why.
-                        None => self.apply(now, work, Some(stored), false),
+                        None => self.apply(now, work, Some(stored), !leader),
                     }
                 }
-                Ok(found) => self.apply(now, work, found, false),
+                Ok(found) => self.apply(now, work, found, !leader),
                 Err(error) => Some(self.fail(work, error)),
             },
-            (Stage::Republishing(mut stored), Done::Published { result, .. }) => match result {
-                Ok(()) => match self.resent(now, &work, &stored) {
-                    Some(write) => {
-                        stored.record.effects.clear();
-                        self.start_write(write, work, Known::Loaded(stored), Stage::Resending)
-                    }
-                    None => {
-                        stored.record.effects.clear();
-                        self.apply(now, work, Some(stored), false)
-                    }
-                },
-                Err(error) => Some(self.fail(work, error)),
-            },
+            (Stage::Republishing { mut stored, leader }, Done::Published { result, .. }) => {
+                match result {
+                    Ok(()) => match self.resent(now, &work, &stored) {
+                        Some(write) => {
+                            stored.record.effects.clear();
+                            self.start_write(write, work, Known::Loaded(stored), Stage::Resending)
+                        }
+                        None => {
+                            stored.record.effects.clear();
+                            self.apply(now, work, Some(stored), !leader)
+                        }
+                    },
+                    Err(error) => Some(self.fail(work, error)),
+                }
+            }
             (Stage::Writing(record), Done::Written { result, .. }) => match result {
                 Ok(seq) => {
                     let phase = record.saga.phase();
@@ -946,7 +955,14 @@ impl<H: Handles> Core<H> {
     }
 
     fn load(&mut self, saga_id: &str, work: Work<H>, leader: bool) {
-        self.check_out(saga_id, work, Stage::Loading { recheck: false });
+        self.check_out(
+            saga_id,
+            work,
+            Stage::Loading {
+                recheck: false,
+                leader,
+            },
+        );
         self.io.push_back(Io::Load {
             saga_id: saga_id.to_owned(),
             leader,
@@ -957,7 +973,14 @@ impl<H: Handles> Core<H> {
     /// nothing, taken from a cached copy that may be stale.
     fn recheck(&mut self, work: Work<H>) -> Option<Known> {
         let saga_id = work.saga_id().to_owned();
-        self.check_out(&saga_id, work, Stage::Loading { recheck: true });
+        self.check_out(
+            &saga_id,
+            work,
+            Stage::Loading {
+                recheck: true,
+                leader: true,
+            },
+        );
         self.io.push_back(Io::Load {
             saga_id,
             leader: true,
@@ -972,7 +995,8 @@ impl<H: Handles> Core<H> {
     }
 
     /// Applies work to a loaded saga (`None`: there is no such saga); `cached`:
-    /// `stored` is this instance's copy, which may be stale.
+    /// `stored` may be stale (this instance's copy, or a replica's answer), so a
+    /// decision that writes nothing is re-checked against the leader first.
     fn apply(
         &mut self,
         now: DateTime<Utc>,

@@ -344,7 +344,10 @@ impl Handler for Notifier {
                 self.emails.with_label_values(&[label, "sent"]).inc();
                 AckKind::Ack
             }
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+            Err(e)
+                if e.kind() == kv::CreateErrorKind::AlreadyExists
+                    || jetsaga_runtime::kv::is_conflict(&e) =>
+            {
                 debug!(saga_id = %event.saga_id, "email already sent");
                 self.emails.with_label_values(&[label, "duplicate"]).inc();
                 AckKind::Ack

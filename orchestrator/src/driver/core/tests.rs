@@ -499,6 +499,9 @@ fn poison_is_dead_lettered_and_callers_are_refused() {
     );
     assert_load(&drain(&mut core)[0], &gone, false);
     loaded(&mut core, at(2), &gone, Ok(None));
+    // A replica may lag: only the leader's answer counts.
+    assert_load(&drain(&mut core)[0], &gone, true);
+    loaded(&mut core, at(2), &gone, Ok(None));
     let mut io = drain(&mut core).into_iter();
     assert_dead_letter(
         &io.next().unwrap(),
@@ -943,7 +946,7 @@ fn an_early_wake_never_rearms_into_a_hot_loop() {
             },
         );
         drain(core);
-        loaded(core, now, &saga_id, Ok(Some(saga)));
+        loaded(core, now, &saga_id, Ok(Some(saga.clone())));
         match &drain(core)[..] {
             [Io::Publish { .. }] => {}
             other => panic!("expected a re-publish, got {other:?}"),
@@ -955,6 +958,12 @@ fn an_early_wake_never_rearms_into_a_hot_loop() {
                 result: Ok(()),
             },
         );
+        // Not due on a replica's copy: the leader's decides.
+        match &drain(core)[..] {
+            [Io::Load { leader: true, .. }] => {}
+            other => panic!("expected a load from the leader, got {other:?}"),
+        }
+        loaded(core, now, &saga_id, Ok(Some(saga)));
         match &drain(core)[..] {
             [Io::SetTimer { at, .. }] => *at,
             other => panic!("expected a re-arm, got {other:?}"),
@@ -1252,4 +1261,75 @@ fn a_finished_saga_republishes_its_event_only_inside_the_dedup_window() {
             );
         }
     }
+}
+
+/// Issue 10 hole 6: under R3 a load is a direct get that a lagging replica may serve. A
+/// reply for a saga the replica does not know yet (it was started a moment ago, or the
+/// replica's node has just restarted) must not be dead-lettered from that answer, nor an
+/// operator's retry refused from a replica's old copy: decisions that write nothing are
+/// taken from the leader. (Writes need no second read: compare-and-set catches a stale copy.)
+#[test]
+fn decisions_that_write_nothing_are_not_taken_from_a_replica() {
+    let mut core = core();
+    let saga = stored("r", 5);
+    let id = saga.record.saga.id.clone();
+
+    // A replica has no record yet: the reply is read again from the leader, which has it.
+    reserved(&mut core, at(0), &id, 1, 30);
+    assert_load(&drain(&mut core)[0], &id, false);
+    loaded(&mut core, at(1), &id, Ok(None));
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 1, "{io:?}");
+    assert_load(&io[0], &id, true);
+    loaded(&mut core, at(2), &id, Ok(Some(saga)));
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 1, "{io:?}");
+    assert_write(&io[0], &id, 5);
+    written(&mut core, at(3), &id, Ok(6));
+    assert_settled(&drain(&mut core)[0], 30, Settle::Ack);
+
+    // A running saga's copy from a replica refuses an operator's retry: the leader decides
+    // (here it agrees, and the caller hears it once).
+    let mut other = stored("s", 3);
+    // Its effects were acknowledged: re-publishing them restarts no wait.
+    other.record.effects.clear();
+    let other_id = other.record.saga.id.clone();
+    core.handle_input(
+        at(4),
+        api_input(
+            &other_id,
+            Input::Retry {
+                operator: "ana".into(),
+            },
+            31,
+        ),
+    );
+    assert_load(&drain(&mut core)[0], &other_id, false);
+    loaded(&mut core, at(5), &other_id, Ok(Some(other.clone())));
+    // An operator's input first completes the record's effects (they may never have been
+    // sent), then decides.
+    assert!(
+        matches!(&drain(&mut core)[..], [Io::Publish { .. }]),
+        "a re-publish"
+    );
+    core.handle_io_done(
+        at(5),
+        Done::Published {
+            saga_id: other_id.clone(),
+            result: Ok(()),
+        },
+    );
+    let io = drain(&mut core);
+    assert_eq!(io.len(), 1, "{io:?}");
+    assert_load(&io[0], &other_id, true);
+    loaded(&mut core, at(6), &other_id, Ok(Some(other)));
+    let io: Vec<_> = drain(&mut core);
+    assert_eq!(io.len(), 1, "{io:?}");
+    assert!(
+        matches!(
+            &io[0],
+            Io::Answer(Answer::Phase(31, Err(ApiError::NotAllowed(_))))
+        ),
+        "{io:?}"
+    );
 }

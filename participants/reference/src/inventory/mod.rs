@@ -166,7 +166,9 @@ async fn seed(store: &kv::Store, catalogue: &BTreeMap<String, u64>) -> Result<()
         let value = encode(&product).map_err(|e| Error::Kv(format!("encoding {sku}: {e}")))?;
         match store.create(product_key(sku), value).await {
             Ok(_) => info!(%sku, units, "seeded product"),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e)
+                if e.kind() == kv::CreateErrorKind::AlreadyExists
+                    || jetsaga_runtime::kv::is_conflict(&e) => {}
             Err(e) => return Err(Error::Kv(format!("seeding {sku}: {e}"))),
         }
     }

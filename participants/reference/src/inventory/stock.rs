@@ -289,7 +289,7 @@ impl ProductTask {
                     *known = Some((next, new_revision));
                     return Ok(results);
                 }
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Err(e) if jetsaga_runtime::kv::is_conflict(&e) => {
                     read = Read::Any;
                 }
                 Err(e) => {
