@@ -1,0 +1,175 @@
+//! Issue 10's holes 1, 7, 9, 11 and the late success of hole 14, end to end:
+//! each fault is injected for real against a real nats-server and the real
+//! orchestrator (the library's `Service`), and each test failed before its fix.
+//!
+//! A lost publish is injected by moving a stream's subjects aside for a while:
+//! the journal append succeeds, the command or event publish after it finds no
+//! stream (as when the instance dies between the two, or the stream is
+//! unavailable), and the input is nak'd.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use common::*;
+use jetsaga_orchestrator::provision;
+use jetsaga_sagas::protocol::{self, Body, Command, Direction};
+use jetsaga_sagas::{Cause, Phase, streams};
+use jetsaga_testkit::{NatsServer, wait_until};
+
+/// Points stream `name` at `subjects` (`None`: back at its own): publishes to
+/// its real subjects find no stream while they are moved aside.
+async fn move_subjects(js: &jetstream::Context, spec: &streams::Spec, moved: bool) {
+    let mut stream = js.get_stream(spec.name).await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.subjects = spec
+        .subjects
+        .iter()
+        .map(|s| {
+            if moved {
+                format!("moved.{s}")
+            } else {
+                (*s).to_owned()
+            }
+        })
+        .collect();
+    js.update_stream(config).await.unwrap();
+}
+
+/// How many `event`s of `saga_id` the events stream stores.
+async fn stored_events(js: &jetstream::Context, saga_id: &str, event: &str) -> usize {
+    let mut stream = js.get_stream(streams::EVENTS.name).await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    let subject = protocol::subject::event(event);
+    let mut count = 0;
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(m) = stream.get_raw_message(seq).await
+            && m.subject.as_str() == subject
+            && protocol::Event::decode(&m.payload).is_ok_and(|e| e.saga_id == saga_id)
+        {
+            count += 1;
+        }
+    }
+    count
+}
+
+/// Waits until the orchestrator consumer `name` of stream `spec` has settled
+/// everything it was given.
+async fn settled(js: &jetstream::Context, spec: &streams::Spec, name: &str) {
+    let stream = js.get_stream(spec.name).await.unwrap();
+    wait_until(&format!("{name} has settled everything"), WAIT, || async {
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer(name).await.unwrap();
+        let info = consumer.info().await.unwrap();
+        info.num_pending == 0 && info.num_ack_pending == 0
+    })
+    .await;
+}
+
+/// Waits until the saga's last journal entry has `cause`.
+async fn last_cause(handle: &jetsaga_orchestrator::Handle, saga_id: &str, cause: Cause) {
+    wait_until(
+        &format!("the journal ends with {cause:?}"),
+        WAIT,
+        || async {
+            handle
+                .journal(saga_id)
+                .await
+                .is_ok_and(|j| j.last().is_some_and(|e| e.cause == cause))
+        },
+    )
+    .await;
+}
+
+/// The first command the responder saw with this saga, step and direction.
+fn seen(responder: &Responder, saga_id: &str, step: &str, direction: Direction) -> Option<Command> {
+    responder.commands().into_iter().find(|c| {
+        c.saga_id == saga_id
+            && protocol::CommandId::parse(&c.command_id)
+                .is_ok_and(|id| id.step == step && id.direction == direction)
+    })
+}
+
+async fn wait_seen(
+    responder: &Responder,
+    saga_id: &str,
+    step: &str,
+    direction: Direction,
+) -> Command {
+    let what = format!("{step} {direction:?} is delivered");
+    wait_until(&what, WAIT, || async {
+        seen(responder, saga_id, step, direction).is_some()
+    })
+    .await;
+    seen(responder, saga_id, step, direction).unwrap()
+}
+
+/// Answers everything ok but the actions named, which get no answer.
+fn silent_on(actions: &'static [&'static str]) -> Behaviour {
+    Arc::new(move |c: &Command| {
+        if actions.contains(&c.action.as_str()) {
+            vec![]
+        } else {
+            ok()
+        }
+    })
+}
+
+/// Hole 1, the event: the transition that completes the saga is appended but
+/// its `order.confirmed` cannot be published (the events stream is away); a
+/// duplicate of an earlier reply then arrives first and is journaled as
+/// ignored. When the completing reply comes back the event is still sent, and
+/// stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_lost_behind_an_ignored_reply_is_still_sent() {
+    let server = NatsServer::start();
+    let dir = fast_order_dir();
+    let running = orchestrator(&server.url(), Some(dir.path())).await;
+    let handle = running.handle().clone();
+    let js = js(&server).await;
+    let inventory = Responder::start(&js, "inventory", silent_on(&["commit"])).await;
+    let _payment = Responder::start(&js, "payment", by_card()).await;
+    let saga_id = handle
+        .start("fast-order", "lost-event", order("tok_ok"))
+        .await
+        .unwrap()
+        .saga_id;
+    let commit = wait_seen(&inventory, &saga_id, "confirm-order", Direction::Forward).await;
+    let reserve = seen(&inventory, &saga_id, "reserve-stock", Direction::Forward).unwrap();
+
+    move_subjects(&js, &streams::EVENTS, true).await;
+    publish_reply(
+        &js,
+        &commit,
+        protocol::Outcome::Ok {
+            result: serde_json::json!({}),
+        },
+    )
+    .await;
+    wait_phase(&handle, &saga_id, Phase::Completed).await;
+    // A late duplicate of the reserve's reply, first delivered while the
+    // completing reply waits for its redelivery.
+    publish_reply(
+        &js,
+        &reserve,
+        protocol::Outcome::Ok {
+            result: serde_json::json!({}),
+        },
+    )
+    .await;
+    last_cause(&handle, &saga_id, Cause::Ignored).await;
+    assert_eq!(stored_events(&js, &saga_id, "order.confirmed").await, 0);
+    move_subjects(&js, &streams::EVENTS, false).await;
+
+    wait_until("order.confirmed is stored", WAIT, || async {
+        stored_events(&js, &saga_id, "order.confirmed").await > 0
+    })
+    .await;
+    settled(&js, &streams::REPLIES, provision::REPLIES_CONSUMER).await;
+    assert_eq!(stored_events(&js, &saga_id, "order.confirmed").await, 1);
+    running.shutdown().await;
+}
