@@ -173,3 +173,71 @@ async fn an_event_lost_behind_an_ignored_reply_is_still_sent() {
     assert_eq!(stored_events(&js, &saga_id, "order.confirmed").await, 1);
     running.shutdown().await;
 }
+
+/// Hole 1, the command: the reserve's success is appended with the charge to
+/// send, but the charge cannot be published (the commands stream is away); a
+/// duplicate of the reserve's reply arrives first and is journaled as ignored.
+/// The charge is still delivered, once its stream is back, and the saga
+/// completes on its first payment attempt: no step timeout, no compensation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_lost_behind_an_ignored_reply_is_still_sent() {
+    let server = NatsServer::start();
+    let dir = fast_order_dir();
+    let running = orchestrator(&server.url(), Some(dir.path())).await;
+    let handle = running.handle().clone();
+    let js = js(&server).await;
+    let inventory = Responder::start(&js, "inventory", silent_on(&["reserve"])).await;
+    let payment = Responder::start(&js, "payment", by_card()).await;
+    let saga_id = handle
+        .start("fast-order", "lost-command", order("tok_ok"))
+        .await
+        .unwrap()
+        .saga_id;
+    let reserve = wait_seen(&inventory, &saga_id, "reserve-stock", Direction::Forward).await;
+
+    move_subjects(&js, &streams::COMMANDS, true).await;
+    publish_reply(
+        &js,
+        &reserve,
+        protocol::Outcome::Ok {
+            result: serde_json::json!({}),
+        },
+    )
+    .await;
+    wait_until("the reserve's success is journaled", WAIT, || async {
+        handle
+            .saga(&saga_id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.steps[1].attempts == 1)
+    })
+    .await;
+    publish_reply(
+        &js,
+        &reserve,
+        protocol::Outcome::Ok {
+            result: serde_json::json!({}),
+        },
+    )
+    .await;
+    last_cause(&handle, &saga_id, Cause::Ignored).await;
+    assert!(seen(&payment, &saga_id, "take-payment", Direction::Forward).is_none());
+    move_subjects(&js, &streams::COMMANDS, false).await;
+
+    wait_all_terminal(&handle, std::slice::from_ref(&saga_id)).await;
+    let saga = saga(&handle, &saga_id).await;
+    let journal = handle.journal(&saga_id).await.unwrap();
+    let causes: Vec<_> = journal.iter().map(|e| e.cause).collect();
+    assert_eq!(saga.phase(), Phase::Completed, "{causes:?}");
+    assert_eq!(saga.steps[1].attempts, 1, "{:?}", saga.steps[1]);
+    assert!(
+        !journal.iter().any(|e| e.cause == Cause::StepTimeout),
+        "{journal:?}"
+    );
+    assert_eq!(
+        payment.distinct_by_saga()[&saga_id],
+        [format!("{saga_id}:take-payment:do:1")]
+    );
+    running.shutdown().await;
+}

@@ -427,6 +427,9 @@ enum Stage {
     Republishing(Box<Stored>),
     /// Waits for [`Done::Written`] of `record`.
     Writing(Box<Record>),
+    /// Waits for [`Done::Written`] of the record of an ignored input, which
+    /// published nothing: the effects it carries are still pending.
+    Ignoring(Box<Record>),
     /// Waits for [`Done::Written`] of `record`, which restarted the wait for a
     /// re-sent command; then applies the work to it.
     Resending(Box<Record>),
@@ -723,6 +726,35 @@ impl<H: Handles> Core<H> {
                 Err(error) if error.kind() == IoErrorKind::Conflict => {
                     // Another instance was first: reload (from the leader, a replica
                     // may lag) and apply the same input to what it wrote.
+                    self.metrics.conflicts.inc();
+                    self.load(&saga_id, work, true);
+                    None
+                }
+                Err(error) => Some(self.fail(work, error)),
+            },
+            (Stage::Ignoring(record), Done::Written { result, .. }) => match result {
+                Ok(seq) => {
+                    let phase = record.saga.phase();
+                    self.conclude(
+                        work,
+                        Verdict::Done {
+                            phase,
+                            created: false,
+                        },
+                    );
+                    // Effects it carries were never seen acknowledged: the copy is not
+                    // kept, so the next input loads it and (the interrupted
+                    // transition's own input, its timer) publishes them.
+                    Some(if phase.is_finished() || !record.effects.is_empty() {
+                        Known::NotLoaded
+                    } else {
+                        Known::Loaded(Box::new(Stored {
+                            record: *record,
+                            seq,
+                        }))
+                    })
+                }
+                Err(error) if error.kind() == IoErrorKind::Conflict => {
                     self.metrics.conflicts.inc();
                     self.load(&saga_id, work, true);
                     None
@@ -1148,7 +1180,7 @@ impl<H: Handles> Core<H> {
                     clear_timer: false,
                     expected: stored.seq,
                 };
-                self.start_write(write, work, Known::Loaded(stored), Stage::Writing)
+                self.start_write(write, work, Known::Loaded(stored), Stage::Ignoring)
             }
             Err(Rejected::UnknownCommand(reason)) => {
                 self.conclude(work, Verdict::Poison(Poison::UnknownCommand(reason)));
