@@ -241,3 +241,59 @@ async fn a_command_lost_behind_an_ignored_reply_is_still_sent() {
     );
     running.shutdown().await;
 }
+
+/// Hole 7: the instance stops between the start's append and its command's
+/// publish (the commands stream refuses it, then the instance is gone), so
+/// nothing but the step's timer, armed before the append, is left to recover
+/// the saga. That timer fires at the step timeout while no orchestrator runs;
+/// the next instance re-sends the reserve and gives it its full timeout: the
+/// saga completes on its first attempt, with no step timeout and no
+/// compensation, and the journal says the command was re-sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_recovered_after_a_crash_gets_its_full_timeout() {
+    let server = NatsServer::start();
+    let dir = fast_order_dir();
+    let js = js(&server).await;
+    let first = orchestrator(&server.url(), Some(dir.path())).await;
+    move_subjects(&js, &streams::COMMANDS, true).await;
+    let saga_id = protocol::saga_id("fast-order", "crashed");
+    let refused = first
+        .handle()
+        .start("fast-order", "crashed", order("tok_ok"))
+        .await;
+    assert!(
+        refused.is_err(),
+        "the command could not be stored: {refused:?}"
+    );
+    let saga = first
+        .handle()
+        .saga(&saga_id)
+        .await
+        .unwrap()
+        .expect("appended");
+    assert_eq!(saga.steps[0].attempts, 1);
+    first.shutdown().await;
+
+    // The reserve's timeout fires with nobody listening.
+    let timers = js.get_stream(streams::TIMERS.name).await.unwrap();
+    let fire = protocol::subject::timer_fire(&saga_id);
+    wait_until("the step timeout has fired", WAIT, || async {
+        timers.get_last_raw_message_by_subject(&fire).await.is_ok()
+    })
+    .await;
+    move_subjects(&js, &streams::COMMANDS, false).await;
+    let _inventory = Responder::start(&js, "inventory", by_card()).await;
+    let _payment = Responder::start(&js, "payment", by_card()).await;
+    let second = orchestrator(&server.url(), Some(dir.path())).await;
+    let handle = second.handle().clone();
+
+    wait_all_terminal(&handle, std::slice::from_ref(&saga_id)).await;
+    let saga = common::saga(&handle, &saga_id).await;
+    let journal = handle.journal(&saga_id).await.unwrap();
+    let causes: Vec<_> = journal.iter().map(|e| e.cause).collect();
+    assert_eq!(saga.phase(), Phase::Completed, "{causes:?}");
+    assert_eq!(saga.steps[0].attempts, 1, "the crash cost no attempt");
+    assert!(causes.contains(&Cause::Resent), "{causes:?}");
+    assert!(!causes.contains(&Cause::StepTimeout), "{causes:?}");
+    second.shutdown().await;
+}
