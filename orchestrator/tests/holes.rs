@@ -297,3 +297,67 @@ async fn a_command_recovered_after_a_crash_gets_its_full_timeout() {
     assert!(!causes.contains(&Cause::StepTimeout), "{causes:?}");
     second.shutdown().await;
 }
+
+/// Hole 9: two instances. `a` parks two sagas as failed (their releases keep
+/// failing) and keeps its copies; an operator retries both through `b`, which
+/// then stops, so from here on only `a`, with its stale copies, is left.
+/// - The retried release of one gets no answer and times out: its timer fires
+///   at `a`, whose copy says "failed, no timer". The wake is applied from the
+///   journal (the release is sent again and the saga is compensated), not
+///   dropped as "nothing due" (which would leave it compensating with no timer
+///   at all: `a`'s timer sweep is off here).
+/// - An operator retry of the other through `a` is refused: the journal says
+///   it is compensating already, whatever `a`'s copy says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_copy_neither_drops_a_timer_nor_decides_an_operator_input() {
+    let server = NatsServer::start();
+    let dir = fast_order_dir();
+    let js = js(&server).await;
+    let a = orchestrator_with(&server.url(), Some(dir.path()), |c| {
+        c.engine.timer_sweep = Duration::from_secs(3600);
+    })
+    .await;
+    let inventory = Responder::start(&js, "inventory", releases_fail()).await;
+    let _payment = Responder::start(&js, "payment", by_card()).await;
+    let mut ids = Vec::new();
+    for key in ["stale-wake", "stale-retry"] {
+        let started = a
+            .handle()
+            .start("fast-order", key, order("tok_decline"))
+            .await
+            .unwrap();
+        ids.push(started.saga_id);
+    }
+    for id in &ids {
+        wait_phase(a.handle(), id, Phase::Failed).await;
+    }
+    let (woken, retried) = (&ids[0], &ids[1]);
+
+    inventory.set(silent_on(&["release"]));
+    let b = orchestrator(&server.url(), Some(dir.path())).await;
+    for id in &ids {
+        assert_eq!(
+            b.handle().retry(id, "ana").await.unwrap(),
+            Phase::Compensating
+        );
+    }
+    b.shutdown().await;
+
+    let refused = a.handle().retry(retried, "ana").await;
+    assert!(
+        matches!(refused, Err(jetsaga_orchestrator::ApiError::NotAllowed(_))),
+        "a retry of a compensating saga is refused: {refused:?}"
+    );
+
+    inventory.set(ok_behaviour());
+    let saga = wait_phase(a.handle(), woken, Phase::Compensated).await;
+    let journal = a.handle().journal(woken).await.unwrap();
+    let causes: Vec<_> = journal.iter().map(|e| e.cause).collect();
+    assert!(causes.contains(&Cause::StepTimeout), "{causes:?}");
+    assert_eq!(saga.steps[0].compensation_attempts, 5, "{causes:?}");
+    a.shutdown().await;
+}
+
+fn ok_behaviour() -> Behaviour {
+    Arc::new(|_: &Command| ok())
+}
