@@ -361,3 +361,77 @@ async fn a_stale_copy_neither_drops_a_timer_nor_decides_an_operator_input() {
 fn ok_behaviour() -> Behaviour {
     Arc::new(|_: &Command| ok())
 }
+
+/// Runs one order whose reserve is never answered (it times out, the stock is
+/// released) on an orchestrator whose clock is `offset` off the server's, and
+/// returns the saga and how many timers the orchestrator armed for it.
+async fn timed_out_under_skew(offset: chrono::TimeDelta) -> (jetsaga_sagas::Saga, u64) {
+    let server = NatsServer::start();
+    let dir = fast_order_dir();
+    let running = orchestrator_with(&server.url(), Some(dir.path()), |c| {
+        c.engine.clock_offset = offset;
+    })
+    .await;
+    let handle = running.handle().clone();
+    let js = js(&server).await;
+    let _inventory = Responder::start(&js, "inventory", silent_on(&["reserve"])).await;
+    let saga_id = handle
+        .start("fast-order", "skewed", order("tok_ok"))
+        .await
+        .unwrap()
+        .saga_id;
+    wait_until("the saga finishes", Duration::from_secs(120), || async {
+        handle
+            .saga(&saga_id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.phase().is_finished())
+    })
+    .await;
+    let saga = common::saga(&handle, &saga_id).await;
+    let sets = handle
+        .metrics()
+        .timer_writes
+        .with_label_values(&["set"])
+        .get();
+    running.shutdown().await;
+    (saga, sets)
+}
+
+/// Hole 11, the orchestrator 30 s behind the server: every timer it arms for
+/// "5 s from now" is in the server's past and fires at once, early by the
+/// orchestrator's clock. It re-arms once, shifted by the skew the fire's own
+/// server timestamp shows, never into a hot loop; the reserve still times out
+/// on its first attempt and the saga is compensated. Timer writes: the
+/// start's, one re-arm, the release's. (Re-arming from how early the timer
+/// fired, the previous rule, made 21: a timer shorter than the skew fires at
+/// once whatever it was armed for, and the re-check reload forgot the last
+/// re-arm, so it looped at the scheduler's pace until the step was due.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orchestrator_behind_the_server_rearms_a_bounded_number_of_times() {
+    let (saga, sets) = timed_out_under_skew(chrono::TimeDelta::seconds(-30)).await;
+    assert_eq!(saga.phase(), Phase::Compensated);
+    assert_eq!(saga.steps[0].attempts, 1);
+    assert!(
+        sets <= 6,
+        "{sets} timer writes for one step timeout and its release"
+    );
+}
+
+/// Hole 11, the orchestrator 30 s ahead of the server: its timers fire 30 s
+/// late by its clock, when they are due (the timer sweep, which finds them
+/// overdue by its clock, wakes the saga first; that wake recovers like any
+/// other and renews the reserve's wait once). Nothing is re-armed: the
+/// start's timer, the renewed wait's and the release's; the saga is
+/// compensated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orchestrator_ahead_of_the_server_finishes_without_rearms() {
+    let (saga, sets) = timed_out_under_skew(chrono::TimeDelta::seconds(30)).await;
+    assert_eq!(saga.phase(), Phase::Compensated);
+    assert_eq!(saga.steps[0].attempts, 1);
+    assert!(
+        sets <= 3,
+        "{sets} timer writes for one step timeout and its release"
+    );
+}
