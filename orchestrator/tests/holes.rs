@@ -435,3 +435,59 @@ async fn an_orchestrator_ahead_of_the_server_finishes_without_rearms() {
         "{sets} timer writes for one step timeout and its release"
     );
 }
+
+/// Hole 14: the release's last attempt times out and the saga parks as
+/// failed; then the release's success arrives (the participant was slow, not
+/// down). The release did happen, so the saga is compensated: journaled as
+/// the reply that moved it from failed, with `order.cancelled` published once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_success_of_the_last_compensation_compensates_a_failed_saga() {
+    let server = NatsServer::start();
+    let slow_release = FAST_ORDER
+        .replace("name = \"fast-order\"", "name = \"slow-release\"")
+        .replace("max-attempts = 3", "max-attempts = 2")
+        .replacen("timeout = \"5s\"", "timeout = \"1s\"", 1);
+    let dir = definitions_dir(&[("slow-release.toml", &slow_release), order_schema_file()]);
+    let running = orchestrator(&server.url(), Some(dir.path())).await;
+    let handle = running.handle().clone();
+    let js = js(&server).await;
+    let inventory = Responder::start(&js, "inventory", silent_on(&["release"])).await;
+    let _payment = Responder::start(&js, "payment", by_card()).await;
+    let saga_id = handle
+        .start("slow-release", "late-release", order("tok_decline"))
+        .await
+        .unwrap()
+        .saga_id;
+    let parked = wait_phase(&handle, &saga_id, Phase::Failed).await;
+    assert_eq!(parked.steps[0].compensation_attempts, 2);
+    let last = inventory
+        .commands()
+        .into_iter()
+        .find(|c| c.saga_id == saga_id && c.command_id.ends_with(":reserve-stock:undo:2"))
+        .expect("the last release was sent");
+
+    publish_reply(
+        &js,
+        &last,
+        protocol::Outcome::Ok {
+            result: serde_json::json!({}),
+        },
+    )
+    .await;
+    wait_phase(&handle, &saga_id, Phase::Compensated).await;
+    let journal = handle.journal(&saga_id).await.unwrap();
+    let entry = journal.last().unwrap();
+    assert_eq!(entry.cause, Cause::ReplyOk);
+    assert_eq!(
+        (entry.from, entry.to),
+        (Some(Phase::Failed), Phase::Compensated)
+    );
+    assert_eq!(entry.command_id.as_deref(), Some(last.command_id.as_str()));
+    wait_until("order.cancelled is stored", WAIT, || async {
+        stored_events(&js, &saga_id, "order.cancelled").await > 0
+    })
+    .await;
+    settled(&js, &streams::REPLIES, provision::REPLIES_CONSUMER).await;
+    assert_eq!(stored_events(&js, &saga_id, "order.cancelled").await, 1);
+    running.shutdown().await;
+}
