@@ -307,7 +307,14 @@ async fn a_command_recovered_after_a_crash_gets_its_full_timeout() {
 ///   dropped as "nothing due" (which would leave it compensating with no timer
 ///   at all: `a`'s timer sweep is off here).
 /// - An operator retry of the other through `a` is refused: the journal says
-///   it is compensating already, whatever `a`'s copy says.
+///   it is compensating already, whatever `a`'s copy says. (This held before
+///   the fix too: accepting writes, and the compare-and-set write conflicts.)
+///
+/// The other direction, a retry refused because `a`'s copy is behind a park
+/// that `b` wrote, needs `b` to take a reply or a timer fire that `a` does
+/// not, and the two share their durable consumers: a test cannot steer that,
+/// so `driver::core::tests::decisions_that_write_nothing_are_rechecked_against_the_journal`
+/// covers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_copy_neither_drops_a_timer_nor_decides_an_operator_input() {
     let server = NatsServer::start();
