@@ -169,6 +169,12 @@ pub struct Engine {
     pub timer_sweep: Duration,
     /// A name for this instance in logs and the NATS connection.
     pub instance: String,
+    /// Added to this instance's clock wherever the driver reads it, to test
+    /// clock skew between the orchestrator and nats-server (issue 10 hole 11).
+    /// Only library callers (tests) set it: it is never read from a file or
+    /// the environment, and is zero otherwise.
+    #[serde(skip)]
+    pub clock_offset: chrono::TimeDelta,
 }
 
 impl Default for Engine {
@@ -181,6 +187,7 @@ impl Default for Engine {
             shutdown_grace: Duration::from_secs(10),
             timer_sweep: Duration::from_secs(10),
             instance: "jetsaga".to_owned(),
+            clock_offset: chrono::TimeDelta::zero(),
         }
     }
 }

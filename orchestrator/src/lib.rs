@@ -284,6 +284,7 @@ impl Service {
                 finished_retention: config.streams.finished_retention,
                 timer_sweep: config.engine.timer_sweep,
                 ack_wait: config.engine.ack_wait,
+                clock_offset: config.engine.clock_offset,
             },
         );
         let (driver_done_tx, driver_done) = oneshot::channel();

@@ -15,23 +15,6 @@ use jetsaga_sagas::protocol::{self, Command};
 use jetsaga_sagas::{Cause, Phase};
 use jetsaga_testkit::{NatsServer, wait_until};
 
-async fn orchestrator_with(
-    url: &str,
-    definitions: Option<&std::path::Path>,
-    tune: impl FnOnce(&mut jetsaga_orchestrator::config::Config),
-) -> jetsaga_orchestrator::Running {
-    let mut config = config(url, definitions);
-    tune(&mut config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    jetsaga_orchestrator::Service::start_with_listener(config, listener)
-        .await
-        .expect("orchestrator starts")
-}
-
-fn fast_order_dir() -> tempfile::TempDir {
-    definitions_dir(&[("fast-order.toml", FAST_ORDER), order_schema_file()])
-}
-
 /// Hole 4: a saga whose timer fire was lost (the schedule is gone, as after an
 /// outage dropped it) is woken by the sweep over the listing index, and its
 /// step times out as it should: it does not wait forever.

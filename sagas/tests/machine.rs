@@ -1194,11 +1194,15 @@ fn a_compensation_that_keeps_failing_parks_the_saga_until_an_operator_retries() 
     assert_eq!(h.saga.steps[0].last_error, Some(last_error));
     assert_eq!(h.timer(), None);
 
-    // Parked: replies, timers and aborts do nothing; only an operator retry moves it.
+    // Parked: replies (but a late success of the last attempt, see
+    // `a_late_success_of_the_last_compensation_attempt_compensates_a_failed_saga`),
+    // timers and aborts do nothing; only an operator retry moves it.
     assert_eq!(
-        h.at(5_000).reject(reply("s-1:a:undo:2", ok())),
+        h.at(5_000)
+            .reject(reply("s-1:a:undo:2", failed("locked", true))),
         Rejected::Stale
     );
+    assert_eq!(h.reject(reply("s-1:a:undo:1", ok())), Rejected::Stale);
     assert_eq!(h.reject(reply("s-1:a:undo:3", ok())), Rejected::Stale);
     assert_eq!(h.reject(Input::Wake), Rejected::NotDue);
     assert!(matches!(
@@ -1328,6 +1332,67 @@ fn a_compensation_that_keeps_failing_parks_the_saga_until_an_operator_retries() 
         h.ok("s-1:reserve-stock:undo:9")[1],
         "publish saga.event.order.cancelled"
     );
+}
+
+/// Issue 10 hole 14: the last compensation attempt timed out (or failed) and
+/// parked the saga; its success arrives afterwards. The compensation did
+/// happen, so the saga goes on as if the reply had come in time: the next step
+/// down is compensated, or the saga is compensated, journaled as a `ReplyOk`
+/// from `failed`. Earlier attempts, other steps, later failures and forward
+/// replies stay stale.
+#[test]
+fn a_late_success_of_the_last_compensation_attempt_compensates_a_failed_saga() {
+    let comp = EXACT.replace("max-attempts = 3", "max-attempts = 2");
+    let one = EXACT.replace("max-attempts = 3", "max-attempts = 1");
+    let (mut h, _) = Harness::custom(custom(&one, &comp, "1h"));
+    h.ok("s-1:a:do:1");
+    h.at(100).fail("s-1:b:do:1", "declined", false);
+    let cause = Failure::new("declined", "declined happened", false);
+    h.at(200).fail("s-1:a:undo:1", "locked", true);
+    h.at(300).wake();
+    // The second (last) attempt times out: parked.
+    h.now = h.timer().unwrap();
+    assert_eq!(h.wake(), ["clear timer", "park a"]);
+    assert!(matches!(
+        h.saga.state,
+        State::Failed {
+            step: 0,
+            forward: false,
+            ..
+        }
+    ));
+
+    let cases: [(&str, Outcome); 5] = [
+        ("s-1:a:undo:1", ok()),
+        ("s-1:a:undo:2", failed("locked", true)),
+        ("s-1:a:undo:3", ok()),
+        ("s-1:a:do:1", ok()),
+        ("s-1:b:undo:2", ok()),
+    ];
+    for (id, outcome) in cases {
+        assert_eq!(h.reject(reply(id, outcome)), Rejected::Stale, "{id}");
+    }
+
+    let late = h.at(5_000).apply(reply("s-1:a:undo:2", ok())).unwrap();
+    assert_eq!(
+        describe(&late.actions),
+        [
+            "publish saga.event.custom.undone",
+            "publish saga.event.custom.audit",
+            "finish compensated"
+        ]
+    );
+    assert_eq!(late.entry.cause, Cause::ReplyOk);
+    assert_eq!(
+        (late.entry.from, late.entry.to),
+        (Some(Phase::Failed), Phase::Compensated)
+    );
+    assert_eq!(h.saga.state, State::Compensated { cause });
+    assert_eq!(h.saga.steps[0].status, StepStatus::Compensated);
+    assert_eq!(h.saga.steps[0].finished_at, Some(at(5_000)));
+    assert_eq!(h.timer(), None);
+    // Once: the same reply again is a reply to a finished saga.
+    assert_eq!(h.reject(reply("s-1:a:undo:2", ok())), Rejected::Finished);
 }
 
 #[test]

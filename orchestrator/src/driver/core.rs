@@ -44,6 +44,8 @@ pub(crate) enum Origin<M, R> {
         delivered: Option<u64>,
         /// When it arrived or was last marked in progress.
         progressed: DateTime<Utc>,
+        /// When the server stored it, by the server's clock, if known.
+        stored_at: Option<DateTime<Utc>>,
     },
     /// A caller waiting for the answer.
     Api(R),
@@ -147,6 +149,8 @@ pub(crate) struct Incoming<'a, M> {
     pub(crate) payload: &'a [u8],
     pub(crate) traceparent: Option<String>,
     pub(crate) delivered: Option<u64>,
+    /// When the server stored it, by the server's clock.
+    pub(crate) stored_at: Option<DateTime<Utc>>,
     pub(crate) message: M,
 }
 
@@ -336,22 +340,30 @@ pub(crate) const SWEEP_AGAIN: Duration = Duration::from_secs(60);
 /// The largest clock skew a re-arm makes up for.
 const MAX_SKEW: chrono::Duration = chrono::Duration::minutes(5);
 
-/// When to re-arm a timer that woke the saga before `due`. The timer armed for
-/// `armed` fired at `now`: if that is early by this instance's clock, the
-/// server's clock is ahead by as much, so the new one is scheduled that much
-/// later (else it would fire at once again, until the clocks agree); and never
-/// sooner than [`REARM_MIN`] from now.
+/// When to re-arm a timer that woke the saga before `due`, in the server's
+/// time (it runs the schedule). The fire reached this instance at `now`; the
+/// server stored it at `fired_at` by its own clock, so the server's clock is
+/// `fired_at - now` off ours, and the new timer is shifted by as much (else a
+/// server ahead of us would fire it at once again, until the clocks agree).
+/// Without that timestamp, a timer armed for `armed` that fired early by our
+/// clock says the server is at least that much ahead. Never sooner than
+/// [`REARM_MIN`] from now, by either clock.
 pub(crate) fn rearm_at(
     due: DateTime<Utc>,
     armed: Option<DateTime<Utc>>,
+    fired_at: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> DateTime<Utc> {
-    let skew = armed
-        .map(|armed| (armed - now).min(MAX_SKEW))
-        .filter(|early| *early > chrono::Duration::zero())
-        .unwrap_or_default();
+    let skew = match fired_at {
+        Some(fired_at) => fired_at - now,
+        None => armed
+            .map(|armed| armed - now)
+            .filter(|early| *early > chrono::Duration::zero())
+            .unwrap_or_default(),
+    }
+    .clamp(-MAX_SKEW, MAX_SKEW);
     let floor = chrono::Duration::from_std(REARM_MIN).unwrap_or_default();
-    round_up((due + skew).max(now + floor))
+    round_up(due.max(now + floor) + skew)
 }
 
 /// How a message whose work ended so is settled: the one place that decides.
@@ -429,6 +441,9 @@ enum Stage {
     Republishing { stored: Box<Stored>, leader: bool },
     /// Waits for [`Done::Written`] of `record`.
     Writing(Box<Record>),
+    /// Waits for [`Done::Written`] of the record of an ignored input, which
+    /// published nothing: the effects it carries are still pending.
+    Ignoring(Box<Record>),
     /// Waits for [`Done::Written`] of `record`, which restarted the wait for a
     /// re-sent command; then applies the work to it.
     Resending(Box<Record>),
@@ -520,6 +535,7 @@ impl<H: Handles> Core<H> {
             payload,
             traceparent,
             delivered,
+            stored_at,
             message,
         } = incoming;
         match self.decode(source, subject, payload) {
@@ -541,6 +557,7 @@ impl<H: Handles> Core<H> {
                         source,
                         delivered,
                         progressed: now,
+                        stored_at,
                     },
                 },
             ),
@@ -554,6 +571,7 @@ impl<H: Handles> Core<H> {
                         source,
                         delivered,
                         progressed: now,
+                        stored_at,
                     },
                 },
             ),
@@ -563,6 +581,7 @@ impl<H: Handles> Core<H> {
                     source,
                     delivered,
                     progressed: now,
+                    stored_at,
                 };
                 self.settle(origin, Verdict::Poison(poison), Answer::Phase, |done| {
                     done.0
@@ -732,6 +751,35 @@ impl<H: Handles> Core<H> {
                 Err(error) if error.kind() == IoErrorKind::Conflict => {
                     // Another instance was first: reload (from the leader, a replica
                     // may lag) and apply the same input to what it wrote.
+                    self.metrics.conflicts.inc();
+                    self.load(&saga_id, work, true);
+                    None
+                }
+                Err(error) => Some(self.fail(work, error)),
+            },
+            (Stage::Ignoring(record), Done::Written { result, .. }) => match result {
+                Ok(seq) => {
+                    let phase = record.saga.phase();
+                    self.conclude(
+                        work,
+                        Verdict::Done {
+                            phase,
+                            created: false,
+                        },
+                    );
+                    // Effects it carries were never seen acknowledged: the copy is not
+                    // kept, so the next input loads it and (the interrupted
+                    // transition's own input, its timer) publishes them.
+                    Some(if phase.is_finished() || !record.effects.is_empty() {
+                        Known::NotLoaded
+                    } else {
+                        Known::Loaded(Box::new(Stored {
+                            record: *record,
+                            seq,
+                        }))
+                    })
+                }
+                Err(error) if error.kind() == IoErrorKind::Conflict => {
                     self.metrics.conflicts.inc();
                     self.load(&saga_id, work, true);
                     None
@@ -1128,15 +1176,23 @@ impl<H: Handles> Core<H> {
             Err(Rejected::NotDue | Rejected::Finished) if input == Input::Wake => {
                 // An early or stale timer: re-arm for what is really due.
                 let mut stored = stored;
-                // Only a first delivery fired when the server meant it to.
-                let fired = match &work {
+                // Only a first delivery fired when the server meant it to, and
+                // arrived about when the server stored it.
+                let (armed, fired_at) = match &work {
                     Work::Input {
-                        origin: Origin::Message { delivered, .. },
+                        origin:
+                            Origin::Message {
+                                delivered,
+                                stored_at,
+                                ..
+                            },
                         ..
-                    } if *delivered == Some(1) => stored.record.timer_at,
-                    Work::Input { .. } | Work::Start { .. } => None,
+                    } if *delivered == Some(1) => (stored.record.timer_at, *stored_at),
+                    Work::Input { .. } | Work::Start { .. } => (None, None),
                 };
-                let next = saga.next_timer(&def).map(|due| rearm_at(due, fired, now));
+                let next = saga
+                    .next_timer(&def)
+                    .map(|due| rearm_at(due, armed, fired_at, now));
                 stored.record.timer_at = next;
                 match next {
                     Some(at) => {
@@ -1172,7 +1228,7 @@ impl<H: Handles> Core<H> {
                     clear_timer: false,
                     expected: stored.seq,
                 };
-                self.start_write(write, work, Known::Loaded(stored), Stage::Writing)
+                self.start_write(write, work, Known::Loaded(stored), Stage::Ignoring)
             }
             Err(Rejected::UnknownCommand(reason)) => {
                 self.conclude(work, Verdict::Poison(Poison::UnknownCommand(reason)));

@@ -56,6 +56,8 @@ pub(crate) struct Driver {
     timer_sweep: Duration,
     /// The consumers' ack wait.
     ack_wait: Duration,
+    /// Added to the system clock in every decision (see [`Settings`]).
+    clock_offset: chrono::TimeDelta,
 }
 
 impl std::fmt::Debug for Driver {
@@ -76,6 +78,8 @@ pub(crate) struct Settings {
     pub(crate) timer_sweep: Duration,
     /// The consumers' ack wait.
     pub(crate) ack_wait: Duration,
+    /// Added to the clock (`engine.clock-offset`, for skew tests).
+    pub(crate) clock_offset: chrono::TimeDelta,
 }
 
 impl Driver {
@@ -98,7 +102,13 @@ impl Driver {
             index,
             timer_sweep: settings.timer_sweep,
             ack_wait: settings.ack_wait,
+            clock_offset: settings.clock_offset,
         }
+    }
+
+    /// This instance's clock: the only one the core sees.
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now() + self.clock_offset
     }
 
     /// Runs until `token` is cancelled, then finishes the work in flight.
@@ -117,13 +127,13 @@ impl Driver {
                 biased;
                 Some(done) = self.inflight.next(), if !self.inflight.is_empty() => {
                     if let Some(done) = done {
-                        self.core.handle_io_done(Utc::now(), done);
+                        self.core.handle_io_done(self.now(), done);
                     }
                 }
-                _ = gauges.tick() => self.core.handle_tick(Utc::now()),
+                _ = gauges.tick() => self.core.handle_tick(self.now()),
                 _ = sweep.tick() => self.sweep_timers(),
                 Some((source, message)) = messages.recv() => self.handle_message(source, message),
-                Some(request) = requests.recv() => self.core.handle_input(Utc::now(), request),
+                Some(request) = requests.recv() => self.core.handle_input(self.now(), request),
                 () = token.cancelled() => break,
             }
             self.perform();
@@ -136,12 +146,12 @@ impl Driver {
         self.perform();
         while let Some(done) = self.inflight.next().await {
             if let Some(done) = done {
-                self.core.handle_io_done(Utc::now(), done);
+                self.core.handle_io_done(self.now(), done);
             }
             self.perform();
         }
         while let Ok(request) = requests.try_recv() {
-            self.core.handle_input(Utc::now(), request);
+            self.core.handle_input(self.now(), request);
         }
         self.perform();
     }
@@ -152,7 +162,7 @@ impl Driver {
         if !self.index.caught_up() {
             return;
         }
-        let now = Utc::now();
+        let now = self.now();
         let margin = chrono::Duration::from_std(self.timer_sweep).unwrap_or_default();
         let overdue = self.index.overdue(now - margin, SWEEP_LIMIT);
         if !overdue.is_empty() {
@@ -162,10 +172,14 @@ impl Driver {
 
     fn handle_message(&mut self, source: Source, message: jetstream::Message) {
         let message = Box::new(message);
-        let delivered = message
-            .info()
-            .ok()
+        let info = message.info().ok();
+        let delivered = info
+            .as_ref()
             .and_then(|info| u64::try_from(info.delivered).ok());
+        let stored_at = info.and_then(|info| {
+            let nanos = i64::try_from(info.published.unix_timestamp_nanos()).ok()?;
+            Some(DateTime::from_timestamp_nanos(nanos))
+        });
         let traceparent = message
             .headers
             .as_ref()
@@ -173,14 +187,16 @@ impl Driver {
             .map(|v| v.as_str().to_owned());
         let subject = message.subject.clone();
         let payload = message.payload.clone();
+        let now = self.now();
         self.core.handle_message(
-            Utc::now(),
+            now,
             Incoming {
                 source,
                 subject: &subject,
                 payload: &payload,
                 traceparent,
                 delivered,
+                stored_at,
                 message,
             },
         );

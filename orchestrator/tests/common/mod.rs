@@ -81,6 +81,25 @@ pub async fn orchestrator(url: &str, definitions: Option<&Path>) -> Running {
         .expect("orchestrator starts")
 }
 
+/// An orchestrator with the test config changed by `tune`.
+pub async fn orchestrator_with(
+    url: &str,
+    definitions: Option<&Path>,
+    tune: impl FnOnce(&mut Config),
+) -> Running {
+    let mut config = config(url, definitions);
+    tune(&mut config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Service::start_with_listener(config, listener)
+        .await
+        .expect("orchestrator starts")
+}
+
+/// A definitions directory with [`FAST_ORDER`] and its input schema.
+pub fn fast_order_dir() -> tempfile::TempDir {
+    definitions_dir(&[("fast-order.toml", FAST_ORDER), order_schema_file()])
+}
+
 pub async fn js(server: &NatsServer) -> jetstream::Context {
     let client = async_nats::connect(server.url()).await.unwrap();
     jetstream::new(client)

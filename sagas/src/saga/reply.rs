@@ -77,6 +77,28 @@ impl Saga {
                     }
                 })
             }
+            State::Failed {
+                step,
+                error,
+                cause,
+                forward: false,
+            } if *step == index
+                && error.code == super::wake::TIMEOUT
+                && id.direction == Direction::Compensate
+                && id.attempt == self.steps[index].compensation_attempts
+                && matches!(outcome, Outcome::Ok { .. }) =>
+            {
+                // A late success of the attempt whose timeout parked the saga: the
+                // compensation did happen, so the saga goes on undoing (or is
+                // compensated) as if the reply had come in time. (An attempt that
+                // was answered with a failure has had its answer.)
+                let cause = cause.clone();
+                let record = &mut self.steps[index];
+                record.status = StepStatus::Compensated;
+                record.finished_at = Some(now);
+                self.compensate_from(def, index, cause, now, actions);
+                Ok(change(Cause::ReplyOk, None))
+            }
             State::Completed | State::Compensated { .. } | State::Failed { .. } => {
                 Err(Rejected::Stale)
             }

@@ -124,10 +124,13 @@ impl Saga {
     }
 }
 
+/// The error code of an attempt that got no reply in time.
+pub(super) const TIMEOUT: &str = "timeout";
+
 /// The failure of an attempt of step `index` that got no reply in time.
 fn timeout(def: &Definition, index: usize) -> Failure {
     Failure::new(
-        "timeout",
+        TIMEOUT,
         format!(
             "no reply within {}",
             format_duration(def.steps[index].timeout)
