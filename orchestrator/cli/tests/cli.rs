@@ -26,6 +26,19 @@ fn jetsaga(args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// Runs `jetsaga ARGS` off the async threads (the system under test runs on them).
+async fn jetsaga_blocking(args: &[&str]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        Command::new(cargo_bin("jetsaga"))
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 #[test]
 fn validate_reports_ok_or_every_problem() {
     let shipped = concat!(
@@ -177,17 +190,7 @@ async fn bench_reports_json_and_fails_on_unfinished_sagas() {
             "bench", "--nats", &url, "--http", &http, "--via", via, "--json",
         ];
         args.extend(load);
-        let out = tokio::task::spawn_blocking({
-            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-            move || {
-                Command::new(cargo_bin("jetsaga"))
-                    .args(&args)
-                    .output()
-                    .unwrap()
-            }
-        })
-        .await
-        .unwrap();
+        let out = jetsaga_blocking(&args).await;
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert_eq!(
             out.status.code(),
@@ -211,25 +214,19 @@ async fn bench_reports_json_and_fails_on_unfinished_sagas() {
 
     // Payment goes silent: the sagas cannot finish within the bench's timeout.
     payment.set(Arc::new(|_c: &protocol::Command| vec![]));
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(cargo_bin("jetsaga"))
-            .args([
-                "bench",
-                "--nats",
-                &url,
-                "--sagas",
-                "5",
-                "--concurrency",
-                "5",
-                "--timeout",
-                "1",
-                "--json",
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = jetsaga_blocking(&[
+        "bench",
+        "--nats",
+        &url,
+        "--sagas",
+        "5",
+        "--concurrency",
+        "5",
+        "--timeout",
+        "1",
+        "--json",
+    ])
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(
@@ -249,25 +246,19 @@ async fn bench_with_builtin_participants_needs_no_participant() {
     let server = NatsServer::start();
     let running = orchestrator(&server.url(), None).await;
     let url = server.url();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(cargo_bin("jetsaga"))
-            .args([
-                "bench",
-                "--nats",
-                &url,
-                "--participants",
-                "builtin",
-                "--sagas",
-                "300",
-                "--concurrency",
-                "50",
-                "--json",
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = jetsaga_blocking(&[
+        "bench",
+        "--nats",
+        &url,
+        "--participants",
+        "builtin",
+        "--sagas",
+        "300",
+        "--concurrency",
+        "50",
+        "--json",
+    ])
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -283,23 +274,17 @@ async fn bench_with_builtin_participants_needs_no_participant() {
 
     // Without them (and without any participant) nothing finishes: the built-in ones did the work.
     let url = server.url();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(cargo_bin("jetsaga"))
-            .args([
-                "bench",
-                "--nats",
-                &url,
-                "--sagas",
-                "3",
-                "--timeout",
-                "2",
-                "--json",
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = jetsaga_blocking(&[
+        "bench",
+        "--nats",
+        &url,
+        "--sagas",
+        "3",
+        "--timeout",
+        "2",
+        "--json",
+    ])
+    .await;
     assert_eq!(out.status.code(), Some(1));
     running.shutdown().await;
 }
