@@ -66,7 +66,7 @@ api="http://127.0.0.1:$http_port"
 operate_token="api-fuzz-operate-$(python3 -c 'import secrets; print(secrets.token_hex(12))')"
 read_token="api-fuzz-read-$(python3 -c 'import secrets; print(secrets.token_hex(12))')"
 
-"$nats_bin" -js -a 127.0.0.1 -p "$nats_port" -m "$mon_port" -sd "$work/nats" >"$work/nats.log" 2>&1 &
+"$nats_bin" -c "$(nats_conf "$work" "$nats_port" "$mon_port")" >"$work/nats.log" 2>&1 &
 pids+=($!)
 wait_http "http://127.0.0.1:$mon_port/healthz" nats-server
 

@@ -60,7 +60,7 @@ nats_port=$(free_port); mon_port=$(free_port); http_port=$(free_port); prom_port
 inv_port=$(free_port); pay_port=$(free_port); note_port=$(free_port)
 nats_url="nats://127.0.0.1:$nats_port"
 
-"$nats_bin" -js -a 127.0.0.1 -p "$nats_port" -m "$mon_port" -sd "$work/nats" >"$work/nats.log" 2>&1 &
+"$nats_bin" -c "$(nats_conf "$work" "$nats_port" "$mon_port")" >"$work/nats.log" 2>&1 &
 pids+=($!)
 wait_http "http://127.0.0.1:$mon_port/healthz" nats-server
 

@@ -15,3 +15,19 @@ wait_http() { # url what
   echo "${tool}: $2 did not come up ($1)" >&2
   return 1
 }
+
+# Writes DIR/nats.conf for a JetStream server on loopback PORT (monitoring on MON_PORT, store in
+# DIR/nats) and prints its path. JetStream storage is set to 20GB, as in deploy/nats/nats.conf:
+# every jetsaga stream reserves its byte bound (streams.max-bytes, 2 GiB by default), and the
+# server's own default (75% of the disk free when it starts) may not hold them all.
+nats_conf() { # dir port mon_port
+  cat >"$1/nats.conf" <<CONF
+listen: 127.0.0.1:$2
+http: 127.0.0.1:$3
+jetstream {
+  store_dir: "$1/nats"
+  max_file_store: 20GB
+}
+CONF
+  echo "$1/nats.conf"
+}

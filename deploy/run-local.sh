@@ -97,6 +97,8 @@ listen: 127.0.0.1:$nats_port
 http: 127.0.0.1:$monitor_port
 jetstream {
   store_dir: "$state/nats-data"
+  # Room for every stream's byte bound (streams.max-bytes), whatever the disk has free.
+  max_file_store: 20GB
 $sync_line
 }
 CONF

@@ -117,6 +117,8 @@ pub enum ErrorKind {
     NoJetStream,
     /// An existing stream or bucket has other settings.
     Mismatch,
+    /// The server cannot reserve a stream's byte bound.
+    NoStorage,
     /// A JetStream request failed.
     Api,
 }
@@ -141,6 +143,22 @@ pub enum Error {
         /// What jetsaga needs.
         needed: String,
     },
+    /// The server's JetStream storage cannot hold one more stream of `streams.max-bytes`.
+    #[error(
+        "stream {stream} needs {max_bytes} of JetStream storage reserved (streams.max-bytes) and \
+         the server has no room for it: raise nats-server's jetstream max_file_store \
+         (max_memory_store with memory storage; by default it is 75% of the disk that is free \
+         when the server starts) or lower streams.max-bytes"
+    )]
+    NoStorage {
+        /// The stream.
+        stream: String,
+        /// Its byte bound.
+        max_bytes: bytesize::ByteSize,
+        /// The server's answer.
+        #[source]
+        source: async_nats::Error,
+    },
     /// A JetStream API call failed.
     #[error("{what}: {source}")]
     Api {
@@ -158,6 +176,7 @@ impl Error {
         match self {
             Self::NoJetStream(_) => ErrorKind::NoJetStream,
             Self::Mismatch { .. } => ErrorKind::Mismatch,
+            Self::NoStorage { .. } => ErrorKind::NoStorage,
             Self::Api { .. } => ErrorKind::Api,
         }
     }
@@ -259,6 +278,15 @@ async fn ensure_config(
             // Another process may have created it between the look-up and the create.
             Err(create) => match js.get_stream(&wanted.name).await {
                 Ok(stream) => stream,
+                Err(_) if is_out_of_storage(&create) => {
+                    return Err(Error::NoStorage {
+                        stream: wanted.name.clone(),
+                        max_bytes: bytesize::ByteSize::b(
+                            u64::try_from(wanted.max_bytes).unwrap_or(0),
+                        ),
+                        source: create.into(),
+                    });
+                }
                 Err(_) => return Err(api(format!("create stream {}", wanted.name))(create)),
             },
         },
@@ -272,6 +300,11 @@ async fn ensure_config(
         .clone();
     verify(&found, &wanted)?;
     Ok(existing)
+}
+
+fn is_out_of_storage(e: &jetstream::context::CreateStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(ref j)
+        if j.error_code() == jetstream::ErrorCode::STORAGE_RESOURCES_EXCEEDED)
 }
 
 fn is_not_found(e: &jetstream::context::GetStreamError) -> bool {

@@ -97,3 +97,32 @@ async fn ensure_creates_then_accepts_then_refuses_a_mismatch() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_server_without_room_for_the_byte_bounds_is_named_with_the_setting_to_change() {
+    // 3 GB of JetStream storage holds one stream of the default 2 GiB bound, not two.
+    let server = NatsServer::start_with(jetsaga_testkit::Options {
+        max_store: Some("3GB".to_owned()),
+        ..Default::default()
+    });
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client);
+    let err = streams::ensure_all(&js, &specs::ALL, &Streams::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NoStorage, "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("streams.max-bytes") && message.contains("max_file_store"),
+        "{message}"
+    );
+    // With a bound that fits, the same server takes every stream.
+    for spec in specs::ALL {
+        let _ = js.delete_stream(spec.name).await;
+    }
+    let small = Streams {
+        max_bytes: bytesize::ByteSize::mib(256),
+        ..Streams::default()
+    };
+    streams::ensure_all(&js, &specs::ALL, &small).await.unwrap();
+}

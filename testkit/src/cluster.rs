@@ -158,6 +158,7 @@ impl Cluster {
             let options = Options {
                 sync_always: base.sync_always,
                 extra_config,
+                max_store: base.max_store.clone(),
             };
             nodes.push(NatsServer::configured(&options, *client_port)?);
         }

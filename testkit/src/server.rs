@@ -69,6 +69,9 @@ pub struct Options {
     /// Raw nats-server configuration appended to the generated file (e.g. `server_name: a` or a
     /// `cluster { … }` block).
     pub extra_config: String,
+    /// The `max_file_store` (and `max_memory_store`) of the `jetstream` block, e.g. `"16GB"`
+    /// (`None`: 16GB, room for every stream's byte bound whatever the disk has free).
+    pub max_store: Option<String>,
 }
 
 /// A running `nats-server -js` child process owned by the test.
@@ -405,8 +408,9 @@ impl NatsServer {
 
     fn write_config(&self, options: &Options) -> Result<(), Error> {
         let mut jetstream = format!(
-            "  store_dir: {store:?}\n  max_memory_store: 16GB\n  max_file_store: 16GB\n",
+            "  store_dir: {store:?}\n  max_memory_store: {max}\n  max_file_store: {max}\n",
             store = self.store_dir.display().to_string(),
+            max = options.max_store.as_deref().unwrap_or("16GB"),
         );
         if options.sync_always {
             jetstream.push_str("  sync_interval: always\n");

@@ -109,6 +109,7 @@ async fn data_survives_restart_and_crash_on_the_same_store() -> anyhow::Result<(
     let mut server = NatsServer::start_with(Options {
         sync_always: true,
         extra_config: "server_name: restartable\n".to_owned(),
+        ..Default::default()
     });
     let config = std::fs::read_to_string(server.config_file())?;
     ensure!(config.contains("sync_interval: always"), "config: {config}");

@@ -71,6 +71,7 @@ impl Nats {
         let options = jetsaga_testkit::Options {
             sync_always: true,
             extra_config: String::new(),
+            max_store: None,
         };
         let cluster = Cluster::try_start_with(NODES, &options)
             .map_err(|e| Error::Io(format!("nats cluster: {e}")))?;
