@@ -86,6 +86,9 @@ pub enum Error {
     /// The journal could not be opened.
     #[error(transparent)]
     Store(#[from] store::Error),
+    /// The replies stream could not be bound.
+    #[error("cannot open the replies stream")]
+    Replies(#[source] async_nats::jetstream::context::GetStreamError),
     /// The HTTP listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -235,18 +238,15 @@ impl Service {
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
 
-        let (message_tx, message_rx) = mpsc::channel(config.engine.max_in_flight);
+        // One channel per consumer, so the driver can take replies before timer
+        // fires and both before new starts (see `driver::executor::Intake`).
         let batch = config.engine.max_in_flight.clamp(1, 1000);
+        let mut intake = driver::executor::Intake::default();
         for (source, consumer) in consumers {
-            tracker.spawn(pump(
-                consumer,
-                source,
-                message_tx.clone(),
-                token.clone(),
-                batch,
-            ));
+            let (tx, rx) = mpsc::channel(config.engine.max_in_flight);
+            intake.set(source, rx);
+            tracker.spawn(pump(consumer, tx, token.clone(), batch));
         }
-        drop(message_tx);
         tracker.spawn(dead::watch_max_deliveries(
             advisories,
             js.clone(),
@@ -273,9 +273,16 @@ impl Service {
         // Saga spans only when traces are exported: otherwise none is built.
         let trace = (!config.telemetry.otlp_endpoint.is_empty())
             .then(|| trace::Tracer::global(config.telemetry.sampling_ratio));
+        let replies = js
+            .get_stream(jetsaga_sagas::streams::REPLIES.name)
+            .await
+            .map_err(Error::Replies)?;
         let driver = Driver::new(
-            js.clone(),
-            store.clone(),
+            driver::executor::Jetstream {
+                js: js.clone(),
+                store: store.clone(),
+                replies,
+            },
             metrics.clone(),
             registry.clone(),
             trace,
@@ -290,7 +297,7 @@ impl Service {
         let (driver_done_tx, driver_done) = oneshot::channel();
         let driver_token = token.clone();
         tracker.spawn(async move {
-            driver.run(message_rx, request_rx, driver_token).await;
+            driver.run(intake, request_rx, driver_token).await;
             let _ = driver_done_tx.send(());
         });
 
@@ -562,8 +569,7 @@ pub enum NotReady {
 /// the channel is the permit, so the driver's queue bounds what is in flight.
 async fn pump(
     consumer: jetstream::consumer::PullConsumer,
-    source: Source,
-    tx: mpsc::Sender<(Source, jetstream::Message)>,
+    tx: mpsc::Sender<jetstream::Message>,
     token: CancellationToken,
     batch: usize,
 ) {
@@ -578,7 +584,7 @@ async fn pump(
         // Closed when the driver stopped: the loop ends without taking another message.
         || tx.clone().reserve_owned().map(Result::ok),
         |message, permit| {
-            permit.send((source, message));
+            permit.send(message);
         },
     )
     .await;

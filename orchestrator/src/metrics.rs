@@ -46,6 +46,8 @@ pub const DUPLICATES: &str = "jetsaga_duplicate_replies_ignored_total";
 pub const DEAD_LETTERS: &str = "jetsaga_dead_letters_total";
 /// Optimistic-concurrency conflicts on the journal (another writer was first).
 pub const CONFLICTS: &str = "jetsaga_state_conflicts_total";
+/// Step timeouts that found their reply already stored and applied it instead.
+pub const STORED_REPLIES: &str = "jetsaga_timeouts_answered_by_stored_reply_total";
 /// Timer writes requested, by operation (`set`, `clear`).
 pub const TIMER_WRITES: &str = "jetsaga_timer_writes_total";
 /// 1 while connected to NATS.
@@ -118,6 +120,8 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     /// See [`CONFLICTS`].
     pub conflicts: IntCounter,
+    /// See [`STORED_REPLIES`].
+    pub stored_replies: IntCounter,
     /// See [`TIMER_WRITES`].
     pub timer_writes: IntCounterVec,
     /// See [`NATS_CONNECTED`].
@@ -255,6 +259,10 @@ impl Metrics {
             conflicts: single_counter(
                 CONFLICTS,
                 "Optimistic-concurrency conflicts on the saga journal.",
+            )?,
+            stored_replies: single_counter(
+                STORED_REPLIES,
+                "Step timeouts that found their reply already stored and applied it instead.",
             )?,
             timer_writes: counter(TIMER_WRITES, "Timer writes requested.", &[OP])?,
             nats_connected: single_gauge(NATS_CONNECTED, "1 while connected to NATS.")?,

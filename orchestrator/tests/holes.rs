@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use common::*;
+use futures::StreamExt;
 use jetsaga_orchestrator::provision;
 use jetsaga_sagas::protocol::{self, Body, Command, Direction};
 use jetsaga_sagas::{Cause, Phase, streams};
@@ -108,6 +109,18 @@ async fn wait_seen(
     seen(responder, saga_id, step, direction).unwrap()
 }
 
+/// Publishes an ok reply to `command`, as its participant would.
+async fn answer_ok(js: &jetstream::Context, command: &Command) {
+    publish_reply(
+        js,
+        command,
+        protocol::Outcome::Ok {
+            result: serde_json::json!({}),
+        },
+    )
+    .await;
+}
+
 /// Answers everything ok but the actions named, which get no answer.
 fn silent_on(actions: &'static [&'static str]) -> Behaviour {
     Arc::new(move |c: &Command| {
@@ -142,25 +155,11 @@ async fn an_event_lost_behind_an_ignored_reply_is_still_sent() {
     let reserve = seen(&inventory, &saga_id, "reserve-stock", Direction::Forward).unwrap();
 
     move_subjects(&js, &streams::EVENTS, true).await;
-    publish_reply(
-        &js,
-        &commit,
-        protocol::Outcome::Ok {
-            result: serde_json::json!({}),
-        },
-    )
-    .await;
+    answer_ok(&js, &commit).await;
     wait_phase(&handle, &saga_id, Phase::Completed).await;
     // A late duplicate of the reserve's reply, first delivered while the
     // completing reply waits for its redelivery.
-    publish_reply(
-        &js,
-        &reserve,
-        protocol::Outcome::Ok {
-            result: serde_json::json!({}),
-        },
-    )
-    .await;
+    answer_ok(&js, &reserve).await;
     last_cause(&handle, &saga_id, Cause::Ignored).await;
     assert_eq!(stored_events(&js, &saga_id, "order.confirmed").await, 0);
     move_subjects(&js, &streams::EVENTS, false).await;
@@ -196,14 +195,7 @@ async fn a_command_lost_behind_an_ignored_reply_is_still_sent() {
     let reserve = wait_seen(&inventory, &saga_id, "reserve-stock", Direction::Forward).await;
 
     move_subjects(&js, &streams::COMMANDS, true).await;
-    publish_reply(
-        &js,
-        &reserve,
-        protocol::Outcome::Ok {
-            result: serde_json::json!({}),
-        },
-    )
-    .await;
+    answer_ok(&js, &reserve).await;
     wait_until("the reserve's success is journaled", WAIT, || async {
         handle
             .saga(&saga_id)
@@ -213,14 +205,7 @@ async fn a_command_lost_behind_an_ignored_reply_is_still_sent() {
             .is_some_and(|s| s.steps[1].attempts == 1)
     })
     .await;
-    publish_reply(
-        &js,
-        &reserve,
-        protocol::Outcome::Ok {
-            result: serde_json::json!({}),
-        },
-    )
-    .await;
+    answer_ok(&js, &reserve).await;
     last_cause(&handle, &saga_id, Cause::Ignored).await;
     assert!(seen(&payment, &saga_id, "take-payment", Direction::Forward).is_none());
     move_subjects(&js, &streams::COMMANDS, false).await;
@@ -473,14 +458,7 @@ async fn a_late_success_of_the_last_compensation_compensates_a_failed_saga() {
         .find(|c| c.saga_id == saga_id && c.command_id.ends_with(":reserve-stock:undo:2"))
         .expect("the last release was sent");
 
-    publish_reply(
-        &js,
-        &last,
-        protocol::Outcome::Ok {
-            result: serde_json::json!({}),
-        },
-    )
-    .await;
+    answer_ok(&js, &last).await;
     wait_phase(&handle, &saga_id, Phase::Compensated).await;
     let journal = handle.journal(&saga_id).await.unwrap();
     let entry = journal.last().unwrap();
@@ -497,4 +475,102 @@ async fn a_late_success_of_the_last_compensation_compensates_a_failed_saga() {
     settled(&js, &streams::REPLIES, provision::REPLIES_CONSUMER).await;
     assert_eq!(stored_events(&js, &saga_id, "order.cancelled").await, 1);
     running.shutdown().await;
+}
+
+/// A reply held by an instance that is stopped (it was delivered there and is
+/// redelivered only after the ack wait) does not lose to the step timeout that
+/// fires meanwhile at another instance: the timeout finds the reply stored and
+/// applies it, and the saga completes on its first reserve attempt. Without the
+/// look-up the reserve (one attempt allowed) timed out and the saga compensated
+/// although inventory had answered in time. The reserve the second instance
+/// re-publishes on its wake is a duplicate for JetStream, so it writes no
+/// `resent` record (that pushed the timeout back on every hand-over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_timeout_applies_a_reply_held_by_a_stopped_instance() {
+    let server = NatsServer::start();
+    let dir = fast_order_dir();
+    let js = js(&server).await;
+    let first = orchestrator(&server.url(), Some(dir.path())).await;
+    let inventory = Responder::start(&js, "inventory", silent_on(&["reserve"])).await;
+    let _payment = Responder::start(&js, "payment", by_card()).await;
+    let saga_id = first
+        .handle()
+        .start("fast-order", "held-reply", order("tok_ok"))
+        .await
+        .unwrap()
+        .saga_id;
+    let reserve = wait_seen(&inventory, &saga_id, "reserve-stock", Direction::Forward).await;
+    first.shutdown().await;
+
+    // Inventory answers in time; the reply goes to an instance that stops
+    // right after taking it (here: the test holds it, marking it in progress).
+    answer_ok(&js, &reserve).await;
+    let replies: jetstream::consumer::PullConsumer = js
+        .get_stream(streams::REPLIES.name)
+        .await
+        .unwrap()
+        .get_consumer(provision::REPLIES_CONSUMER)
+        .await
+        .unwrap();
+    let held = replies
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(10))
+        .messages()
+        .await
+        .unwrap()
+        .next()
+        .await
+        .expect("the reply is delivered")
+        .unwrap();
+    let keep = tokio_util::sync::CancellationToken::new();
+    let holder = {
+        let keep = keep.clone();
+        tokio::spawn(async move {
+            while !keep.is_cancelled() {
+                held.ack_with(jetstream::AckKind::Progress).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            held
+        })
+    };
+    let timers = js.get_stream(streams::TIMERS.name).await.unwrap();
+    let fire = protocol::subject::timer_fire(&saga_id);
+    wait_until("the reserve's timeout has fired", WAIT, || async {
+        timers.get_last_raw_message_by_subject(&fire).await.is_ok()
+    })
+    .await;
+
+    let second = orchestrator(&server.url(), Some(dir.path())).await;
+    let handle = second.handle().clone();
+    wait_all_terminal(&handle, std::slice::from_ref(&saga_id)).await;
+    let saga = common::saga(&handle, &saga_id).await;
+    let causes: Vec<_> = handle
+        .journal(&saga_id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.cause)
+        .collect();
+    assert_eq!(saga.phase(), Phase::Completed, "{causes:?}");
+    assert!(!causes.contains(&Cause::StepTimeout), "{causes:?}");
+    // The second instance's wake re-published the reserve: JetStream had it,
+    // so its wait was not restarted.
+    assert!(!causes.contains(&Cause::Resent), "{causes:?}");
+    assert_eq!(saga.steps[0].attempts, 1);
+
+    // The held copy comes back as a duplicate and changes nothing.
+    keep.cancel();
+    holder
+        .await
+        .unwrap()
+        .ack_with(jetstream::AckKind::Nak(None))
+        .await
+        .unwrap();
+    last_cause(&handle, &saga_id, Cause::Ignored).await;
+    assert_eq!(
+        common::saga(&handle, &saga_id).await.phase(),
+        Phase::Completed
+    );
+    second.shutdown().await;
 }

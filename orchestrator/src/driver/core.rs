@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use jetsaga_sagas::protocol::{self, Body};
-use jetsaga_sagas::{Action, Definition, Input, Phase, Rejected, Saga, Transition};
+use jetsaga_sagas::{Action, Cause, Definition, Input, Phase, Rejected, Saga, Transition};
 
 use super::plan::{self, round_up};
 use super::{ApiError, Error, IDLE_EVICTION, IoErrorKind, Source, Started};
@@ -108,6 +108,17 @@ impl<H: Handles> Work<H> {
         }
     }
 
+    /// Whether it is a timer's wake (a fire, or the sweep's).
+    fn is_wake(&self) -> bool {
+        matches!(
+            self,
+            Work::Input {
+                input: Input::Wake,
+                ..
+            }
+        )
+    }
+
     /// Whether this input, applied to `stored`, can be the first sign of a
     /// transition that was stored but whose commands were never published (its
     /// process died in between). Such a transition's own input is redelivered, and
@@ -168,6 +179,11 @@ pub(crate) enum Io<H: Handles> {
     },
     /// Write one transition; answered by [`Done::Written`].
     Write { saga_id: String, write: Write },
+    /// Read the last message on `subject` of the replies stream: the reply to a
+    /// command whose attempt is about to time out may be stored already (the
+    /// instance it was delivered to is slow or stopped); answered by
+    /// [`Done::ReplyFound`].
+    FindReply { saga_id: String, subject: String },
     /// Arm the saga's timer alone (a wake came early); answered by [`Done::TimerSet`].
     SetTimer { saga_id: String, at: DateTime<Utc> },
     /// Ack or nak a message.
@@ -236,9 +252,11 @@ pub(crate) enum Done {
         saga_id: String,
         result: Result<Option<Box<Stored>>, Error>,
     },
+    /// With the message ids JetStream already had (de-duplicated: they
+    /// went out before).
     Published {
         saga_id: String,
-        result: Result<(), Error>,
+        result: Result<Vec<String>, Error>,
     },
     /// The journal sequence of the appended record.
     Written {
@@ -249,6 +267,11 @@ pub(crate) enum Done {
         saga_id: String,
         result: Result<(), Error>,
     },
+    /// The payload of the stored reply, if there is one.
+    ReplyFound {
+        saga_id: String,
+        result: Result<Option<Bytes>, Error>,
+    },
 }
 
 impl Done {
@@ -257,7 +280,8 @@ impl Done {
             Done::Loaded { saga_id, .. }
             | Done::Published { saga_id, .. }
             | Done::Written { saga_id, .. }
-            | Done::TimerSet { saga_id, .. } => saga_id,
+            | Done::TimerSet { saga_id, .. }
+            | Done::ReplyFound { saga_id, .. } => saga_id,
         }
     }
 }
@@ -449,6 +473,21 @@ enum Stage {
     Resending(Box<Record>),
     /// Waits for [`Done::TimerSet`]; `stored` already has the new timer.
     Rearming(Box<Stored>),
+    /// Waits for [`Done::ReplyFound`]: the wake would time out `command_id`
+    /// of `stored` unless its reply is stored already.
+    FindingReply {
+        stored: Box<Stored>,
+        command_id: String,
+    },
+}
+
+/// Whether a wake that would time out an attempt first looks for its reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timeout {
+    /// Look in the replies stream first.
+    LookFirst,
+    /// Looked already (or there is nothing to look for): time out.
+    Decide,
 }
 
 #[derive(Debug)]
@@ -717,7 +756,7 @@ impl<H: Handles> Core<H> {
             },
             (Stage::Republishing { mut stored, leader }, Done::Published { result, .. }) => {
                 match result {
-                    Ok(()) => match self.resent(now, &work, &stored) {
+                    Ok(duplicates) => match self.resent(now, &work, &stored, &duplicates) {
                         Some(write) => {
                             stored.record.effects.clear();
                             self.start_write(write, work, Known::Loaded(stored), Stage::Resending)
@@ -810,6 +849,9 @@ impl<H: Handles> Core<H> {
                 Ok(()) => Some(self.unchanged(work, stored)),
                 Err(error) => Some(self.fail(work, error)),
             },
+            (Stage::FindingReply { stored, command_id }, Done::ReplyFound { result, .. }) => {
+                self.apply_found(now, work, stored, &command_id, result)
+            }
             (stage, done) => {
                 tracing::error!(
                     saga_id,
@@ -1131,11 +1173,13 @@ impl<H: Handles> Core<H> {
             }
             (Work::Input { input, .. }, Some(stored)) => {
                 let input = input.clone();
-                self.apply_input(now, work, input, stored, cached)
+                self.apply_input(now, work, input, stored, cached, Timeout::LookFirst)
             }
         }
     }
 
+    /// Applies `input` (the work's own, or a reply found for its wake) to a
+    /// loaded saga.
     fn apply_input(
         &mut self,
         now: DateTime<Utc>,
@@ -1143,6 +1187,7 @@ impl<H: Handles> Core<H> {
         input: Input,
         stored: Box<Stored>,
         cached: bool,
+        timeout: Timeout,
     ) -> Option<Known> {
         let saga_type = &stored.record.saga.saga_type;
         let version = stored.record.saga.version;
@@ -1157,11 +1202,38 @@ impl<H: Handles> Core<H> {
         };
         let mut saga = stored.record.saga.clone();
         let mut timer_at = stored.record.timer_at;
-        if input == Input::Wake {
+        if work.is_wake() {
             // The timer that fired is gone: whatever comes next must arm a new one.
             timer_at = None;
         }
         match saga.apply(&def, input.clone(), now) {
+            Ok(transition)
+                if timeout == Timeout::LookFirst
+                    && transition.entry.cause == Cause::StepTimeout =>
+            {
+                // The reply may be stored already, held by an instance that is slow or
+                // stopped (it is redelivered only after the ack wait): a participant that
+                // answered in time should not see its work timed out and retried.
+                let found = transition
+                    .entry
+                    .command_id
+                    .as_deref()
+                    .and_then(|command_id| {
+                        let parsed = protocol::CommandId::parse(command_id).ok()?;
+                        let step = def.steps.iter().find(|s| s.name == parsed.step)?;
+                        Some((command_id.to_owned(), step.participant.clone()))
+                    });
+                match found {
+                    Some((command_id, participant)) => {
+                        let saga_id = work.saga_id().to_owned();
+                        let subject = protocol::subject::reply(&participant, &command_id);
+                        self.check_out(&saga_id, work, Stage::FindingReply { stored, command_id });
+                        self.io.push_back(Io::FindReply { saga_id, subject });
+                        None
+                    }
+                    None => self.apply_input(now, work, input, stored, cached, Timeout::Decide),
+                }
+            }
             Ok(transition) => {
                 if let Some(trace) = &mut self.trace {
                     trace.decided(&def, Some(&stored.record.saga), &saga, &transition.entry);
@@ -1293,6 +1365,51 @@ impl<H: Handles> Core<H> {
         self.start_write(write, work, Known::NotLoaded, Stage::Writing)
     }
 
+    /// Goes on with a wake that would time out `command_id` once the replies
+    /// stream was asked for its reply: applies the reply if it is there and
+    /// still counts, otherwise times the attempt out. A failed look-up only
+    /// means nothing was found.
+    fn apply_found(
+        &mut self,
+        now: DateTime<Utc>,
+        work: Work<H>,
+        stored: Box<Stored>,
+        command_id: &str,
+        found: Result<Option<Bytes>, Error>,
+    ) -> Option<Known> {
+        let reply = match found {
+            Ok(found) => found.and_then(|payload| protocol::Reply::decode(&payload).ok()),
+            Err(error) => {
+                tracing::debug!(saga_id = work.saga_id(), %error, "could not look for a stored reply");
+                None
+            }
+        };
+        let input = reply
+            .filter(|r| r.command_id == command_id && r.saga_id == stored.record.saga.id)
+            .map(|r| Input::Reply {
+                command_id: r.command_id,
+                outcome: r.outcome,
+            })
+            .filter(|input| {
+                let saga = &stored.record.saga;
+                self.registry
+                    .get(&saga.saga_type, saga.version)
+                    .is_some_and(|def| saga.clone().apply(def, input.clone(), now).is_ok())
+            });
+        match input {
+            Some(input) => {
+                tracing::info!(
+                    saga_id = work.saga_id(),
+                    command_id,
+                    "a timeout found its reply stored: applied instead"
+                );
+                self.metrics.stored_replies.inc();
+                self.apply_input(now, work, input, stored, false, Timeout::Decide)
+            }
+            None => self.apply_input(now, work, Input::Wake, stored, false, Timeout::Decide),
+        }
+    }
+
     /// Whether `work` is a wake with nothing due for `stored`.
     fn wake_not_due(&self, now: DateTime<Utc>, work: &Work<H>, stored: &Stored) -> bool {
         let saga = &stored.record.saga;
@@ -1315,9 +1432,17 @@ impl<H: Handles> Core<H> {
 
     /// The write that restarts the wait for a command `stored` re-sent (it may
     /// never have gone out before: a crash between the append and the publish),
-    /// so a recovery costs no attempt; `None` if the saga waits for none of them.
-    /// Its record has no pending effects: they were just acknowledged.
-    fn resent(&mut self, now: DateTime<Utc>, work: &Work<H>, stored: &Stored) -> Option<Pending> {
+    /// so a recovery costs no attempt; `None` if the saga waits for none of them,
+    /// or JetStream had the command already (`duplicates`: it went out when it
+    /// was recorded, and its wait runs from then). Its record has no pending
+    /// effects: they were just acknowledged.
+    fn resent(
+        &mut self,
+        now: DateTime<Utc>,
+        work: &Work<H>,
+        stored: &Stored,
+        duplicates: &[String],
+    ) -> Option<Pending> {
         let mut saga = stored.record.saga.clone();
         let def = self.registry.get(&saga.saga_type, saga.version)?.clone();
         let transition = stored
@@ -1325,6 +1450,7 @@ impl<H: Handles> Core<H> {
             .effects
             .iter()
             .find_map(|effect| match effect {
+                Effect::Command { id } if duplicates.contains(id) => None,
                 Effect::Command { id } => saga.resent(&def, id, now),
                 Effect::Event { .. } => None,
             })?;

@@ -44,11 +44,53 @@ impl Handles for Nats {
 /// A request from a [`crate::Handle`].
 pub(crate) type Request = super::core::Work<Nats>;
 
+/// What the consumers deliver, one channel each, taken in this order of
+/// priority: replies first (they finish work already under way, and one left
+/// waiting turns into a timeout), then timer fires, then operator requests, then
+/// new starts, which wait in their stream while the rest keeps the instance busy.
+#[derive(Debug, Default)]
+pub(crate) struct Intake {
+    replies: Option<mpsc::Receiver<jetstream::Message>>,
+    timers: Option<mpsc::Receiver<jetstream::Message>>,
+    starts: Option<mpsc::Receiver<jetstream::Message>>,
+}
+
+impl Intake {
+    /// Where `source`'s messages arrive.
+    pub(crate) fn set(&mut self, source: Source, rx: mpsc::Receiver<jetstream::Message>) {
+        let slot = match source {
+            Source::Replies => &mut self.replies,
+            Source::Timers => &mut self.timers,
+            Source::Starts => &mut self.starts,
+        };
+        *slot = Some(rx);
+    }
+
+    fn close(&mut self) {
+        for rx in [&mut self.replies, &mut self.timers, &mut self.starts]
+            .into_iter()
+            .flatten()
+        {
+            rx.close();
+        }
+    }
+}
+
+/// The next message of a channel; never, for a channel that is not there.
+async fn recv(rx: &mut Option<mpsc::Receiver<jetstream::Message>>) -> Option<jetstream::Message> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The driver task's state.
 pub(crate) struct Driver {
     core: Core<Nats>,
     js: jetstream::Context,
     store: Store,
+    /// Where participants' replies are stored (one subject per command).
+    replies: jetstream::stream::Stream,
     inflight: FuturesUnordered<BoxFuture<'static, Option<Done>>>,
     /// Where the timer sweep finds overdue sagas.
     index: Index,
@@ -69,6 +111,17 @@ impl std::fmt::Debug for Driver {
     }
 }
 
+/// What the driver reads and writes.
+#[derive(Debug)]
+pub(crate) struct Jetstream {
+    /// For commands, events and timers.
+    pub(crate) js: jetstream::Context,
+    /// The journal.
+    pub(crate) store: Store,
+    /// The replies stream, where a timeout looks for a reply already stored.
+    pub(crate) replies: jetstream::stream::Stream,
+}
+
 /// The driver's timing settings.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Settings {
@@ -84,8 +137,7 @@ pub(crate) struct Settings {
 
 impl Driver {
     pub(crate) fn new(
-        js: jetstream::Context,
-        store: Store,
+        jetstream: Jetstream,
         metrics: Metrics,
         registry: std::sync::Arc<crate::definitions::Registry>,
         trace: Option<crate::trace::Tracer>,
@@ -96,8 +148,9 @@ impl Driver {
             core: Core::new(registry, metrics, settings.finished_retention)
                 .with_tracer(trace)
                 .with_ack_wait(settings.ack_wait),
-            js,
-            store,
+            js: jetstream.js,
+            store: jetstream.store,
+            replies: jetstream.replies,
             inflight: FuturesUnordered::new(),
             index,
             timer_sweep: settings.timer_sweep,
@@ -114,7 +167,7 @@ impl Driver {
     /// Runs until `token` is cancelled, then finishes the work in flight.
     pub(crate) async fn run(
         mut self,
-        mut messages: mpsc::Receiver<(Source, jetstream::Message)>,
+        mut intake: Intake,
         mut requests: mpsc::Receiver<Request>,
         token: CancellationToken,
     ) {
@@ -132,8 +185,10 @@ impl Driver {
                 }
                 _ = gauges.tick() => self.core.handle_tick(self.now()),
                 _ = sweep.tick() => self.sweep_timers(),
-                Some((source, message)) = messages.recv() => self.handle_message(source, message),
+                Some(message) = recv(&mut intake.replies) => self.handle_message(Source::Replies, message),
+                Some(message) = recv(&mut intake.timers) => self.handle_message(Source::Timers, message),
                 Some(request) = requests.recv() => self.core.handle_input(self.now(), request),
+                Some(message) = recv(&mut intake.starts) => self.handle_message(Source::Starts, message),
                 () = token.cancelled() => break,
             }
             self.perform();
@@ -141,7 +196,7 @@ impl Driver {
         // Stop taking new work; what is queued behind busy sagas is left unacked and
         // JetStream redelivers it (to this or another instance).
         requests.close();
-        messages.close();
+        intake.close();
         self.core.handle_shutdown();
         self.perform();
         while let Some(done) = self.inflight.next().await {
@@ -226,6 +281,13 @@ impl Driver {
                     self.spawn(async move {
                         let result = perform_write(&js, &store, &saga_id, write).await;
                         Done::Written { saga_id, result }
+                    });
+                }
+                Io::FindReply { saga_id, subject } => {
+                    let replies = self.replies.clone();
+                    self.spawn(async move {
+                        let result = find_reply(&replies, subject).await;
+                        Done::ReplyFound { saga_id, result }
                     });
                 }
                 Io::SetTimer { saga_id, at } => {
@@ -327,13 +389,14 @@ async fn perform_write(
     Ok(seq)
 }
 
-/// Publishes commands and events and waits for JetStream to store them all.
-/// `resent` marks a recovery re-publish, so participants check their records.
+/// Publishes commands and events and waits for JetStream to store them all;
+/// returns the message ids it had already (de-duplicated). `resent` marks a
+/// recovery re-publish, so participants check their records.
 async fn publish_effects(
     js: &jetstream::Context,
     effects: &[Outbound],
     resent: bool,
-) -> Result<(), Error> {
+) -> Result<Vec<String>, Error> {
     let mut acks = Vec::with_capacity(effects.len());
     for effect in effects {
         let mut headers = HeaderMap::new();
@@ -352,12 +415,27 @@ async fn publish_effects(
             .publish_with_headers(effect.subject.clone(), headers, effect.body.clone())
             .await
             .map_err(failed)?;
-        acks.push((ack, failed));
+        acks.push((ack, failed, effect));
     }
-    for (ack, failed) in acks {
-        ack.await.map_err(failed)?;
+    let mut duplicates = Vec::new();
+    for (ack, failed, effect) in acks {
+        if ack.await.map_err(failed)?.duplicate {
+            duplicates.push(effect.msg_id.clone());
+        }
     }
-    Ok(())
+    Ok(duplicates)
+}
+
+/// The payload of the last message on `subject` of the replies stream, if any.
+async fn find_reply(
+    replies: &jetstream::stream::Stream,
+    subject: String,
+) -> Result<Option<Bytes>, Error> {
+    match replies.direct_get_last_for_subject(&subject).await {
+        Ok(message) => Ok(Some(message.payload)),
+        Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::FindReply { subject, source }),
+    }
 }
 
 /// Schedules the saga's single timer at `at`, replacing any armed one.

@@ -169,6 +169,15 @@ pub enum Error {
         #[source]
         source: PublishError,
     },
+    /// The replies stream could not be asked for a stored reply.
+    #[error("cannot look for the reply on {subject}")]
+    FindReply {
+        /// The reply's subject.
+        subject: String,
+        /// Why.
+        #[source]
+        source: async_nats::jetstream::stream::DirectGetError,
+    },
     /// A bug: the driver's bookkeeping went wrong.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -199,6 +208,10 @@ impl Error {
                 store::ErrorKind::TooLarge => IoErrorKind::TooLarge,
             },
             Error::Publish { source, .. } | Error::Timer { source, .. } => publish(source),
+            Error::FindReply { source, .. } => match source.kind() {
+                async_nats::jetstream::stream::DirectGetErrorKind::TimedOut => IoErrorKind::Timeout,
+                _ => IoErrorKind::Unavailable,
+            },
             Error::NotLoaded { .. } => IoErrorKind::NotLoaded,
             Error::Internal(_) => IoErrorKind::Unavailable,
         }

@@ -572,7 +572,7 @@ fn a_redelivered_input_republishes_the_recorded_effects_first() {
         at(2),
         Done::Published {
             saga_id: id.clone(),
-            result: Ok(()),
+            result: Ok(Vec::new()),
         },
     );
     assert_write(&drain(&mut core)[0], &id, 4);
@@ -603,7 +603,7 @@ fn an_early_wake_rearms_and_a_late_reply_is_journaled_only() {
         at(1),
         Done::Published {
             saga_id: id.clone(),
-            result: Ok(()),
+            result: Ok(Vec::new()),
         },
     );
     // The command it re-sent waits its full timeout from now on (journaled).
@@ -878,7 +878,7 @@ fn a_recovered_command_gets_its_full_timeout() {
         now,
         Done::Published {
             saga_id: id.clone(),
-            result: Ok(()),
+            result: Ok(Vec::new()),
         },
     );
     let io = drain(&mut core);
@@ -924,13 +924,117 @@ fn a_recovered_command_gets_its_full_timeout() {
         later,
         Done::Published {
             saga_id: id.clone(),
-            result: Ok(()),
+            result: Ok(Vec::new()),
         },
     );
+    // No reply is stored for the attempt: it times out.
+    let subject = assert_find_reply(&drain(&mut core)[0], &id);
+    assert_eq!(
+        subject,
+        protocol::subject::reply("inventory", &format!("{id}:reserve-stock:do:1"))
+    );
+    found(&mut core, later, &id, Ok(None));
     let io = drain(&mut core);
     let write = assert_write(&io[0], &id, 5);
     let timed_out = Record::decode(&write.append.body).unwrap();
     assert_eq!(timed_out.entry.cause, Cause::StepTimeout);
+}
+
+#[track_caller]
+fn assert_find_reply(io: &Io<Test>, want_id: &str) -> String {
+    match io {
+        Io::FindReply { saga_id, subject } => {
+            assert_eq!(saga_id, want_id);
+            subject.clone()
+        }
+        other => panic!("expected a look-up of a stored reply for {want_id}, got {other:?}"),
+    }
+}
+
+fn found(
+    core: &mut Core<Test>,
+    now: DateTime<Utc>,
+    saga_id: &str,
+    result: Result<Option<Vec<u8>>, Error>,
+) {
+    let saga_id = saga_id.to_owned();
+    let result = result.map(|found| found.map(Bytes::from));
+    core.handle_io_done(now, Done::ReplyFound { saga_id, result });
+}
+
+/// The step timeout of `stored`'s saga fires (message `id`) and the wake gets
+/// as far as the look-up of the attempt's stored reply.
+fn timeout_looks_for_the_reply(core: &mut Core<Test>, stored: Stored, id: u32) -> DateTime<Utc> {
+    let saga_id = stored.record.saga.id.clone();
+    let now = stored.record.timer_at.unwrap() + Ms::milliseconds(1);
+    let subject = protocol::subject::timer_fire(&saga_id);
+    message(core, now, Source::Timers, &subject, b"", 1, id);
+    assert_load(&drain(core)[0], &saga_id, false);
+    loaded(core, now, &saga_id, Ok(Some(stored)));
+    // A wake may follow an interrupted transition: its (here no) effects go out again.
+    assert!(matches!(&drain(core)[..], [Io::Publish { messages, .. }] if messages.is_empty()));
+    core.handle_io_done(
+        now,
+        Done::Published {
+            saga_id: saga_id.clone(),
+            result: Ok(Vec::new()),
+        },
+    );
+    assert_find_reply(&drain(core)[0], &saga_id);
+    now
+}
+
+/// A reply that is stored but not yet taken from the consumer (the instance it
+/// was delivered to is slow or stopped) wins over the step timeout that fires
+/// meanwhile: the saga moves on as if it had arrived, no attempt is spent. A
+/// look-up that finds nothing, another command's reply, or fails, times out.
+#[test]
+fn a_step_timeout_applies_the_reply_already_stored_instead() {
+    let mut core = core();
+    let mut saga = stored("late-but-stored", 4);
+    saga.record.effects.clear();
+    let id = saga.record.saga.id.clone();
+    let now = timeout_looks_for_the_reply(&mut core, saga.clone(), 1);
+    found(
+        &mut core,
+        now,
+        &id,
+        Ok(Some(reply_ok(&id, "reserve-stock"))),
+    );
+    let io = drain(&mut core);
+    let write = assert_write(&io[0], &id, 4);
+    let record = Record::decode(&write.append.body).unwrap();
+    assert_eq!(record.entry.cause, Cause::ReplyOk, "{:?}", record.entry);
+    assert_eq!(record.saga.steps[0].attempts, 1);
+    assert_eq!(record.saga.current_step(), Some("take-payment"));
+    assert_eq!(write.publish.len(), 1, "the payment command goes out");
+    assert!(
+        write.set_timer.is_some(),
+        "the timer that fired is gone: the next wait arms one"
+    );
+    written(&mut core, now, &id, Ok(5));
+    assert_settled(&drain(&mut core)[0], 1, Settle::Ack);
+
+    for (n, lookup) in [
+        Ok(None),
+        Ok(Some(reply_ok(
+            &protocol::saga_id(TYPE, "other"),
+            "reserve-stock",
+        ))),
+        Err(timed_out()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut core = self::core();
+        let message = u32::try_from(n).unwrap() + 2;
+        let now = timeout_looks_for_the_reply(&mut core, saga.clone(), message);
+        found(&mut core, now, &id, lookup);
+        let io = drain(&mut core);
+        let write = assert_write(&io[0], &id, 4);
+        let record = Record::decode(&write.append.body).unwrap();
+        assert_eq!(record.entry.cause, Cause::StepTimeout, "case {n}");
+    }
 }
 
 /// Hole 11: the server's clock runs ahead, so a timer fires before it is due by
@@ -963,7 +1067,7 @@ fn an_early_wake_never_rearms_into_a_hot_loop() {
             now,
             Done::Published {
                 saga_id: saga_id.clone(),
-                result: Ok(()),
+                result: Ok(Vec::new()),
             },
         );
         // Not due on a replica's copy: the leader's decides.
@@ -1156,9 +1260,11 @@ fn the_sweep_wakes_a_saga_whose_timer_is_overdue() {
         now,
         Done::Published {
             saga_id: id.clone(),
-            result: Ok(()),
+            result: Ok(Vec::new()),
         },
     );
+    assert_find_reply(&drain(&mut core)[0], &id);
+    found(&mut core, now, &id, Ok(None));
     let io = drain(&mut core);
     assert_eq!(io.len(), 1, "{io:?}");
     let write = assert_write(&io[0], &id, 4);
@@ -1347,7 +1453,7 @@ fn decisions_that_write_nothing_are_not_taken_from_a_replica() {
         at(5),
         Done::Published {
             saga_id: other_id.clone(),
-            result: Ok(()),
+            result: Ok(Vec::new()),
         },
     );
     let io = drain(&mut core);
@@ -1363,4 +1469,40 @@ fn decisions_that_write_nothing_are_not_taken_from_a_replica() {
         ),
         "{io:?}"
     );
+}
+
+/// A wake that re-publishes a loaded record's command (it may never have gone
+/// out) restarts the command's wait only if JetStream stored it as new: a
+/// duplicate went out when it was recorded, so its timeout stands, and no
+/// `resent` record is written (every hand-over between instances wrote one,
+/// each pushing the timeout back).
+#[test]
+fn a_republished_command_that_went_out_before_keeps_its_timeout() {
+    let mut core = core();
+    let saga = stored("went-out", 4);
+    let id = saga.record.saga.id.clone();
+    let command = format!("{id}:reserve-stock:do:1");
+    let now = saga.record.timer_at.unwrap() + Ms::milliseconds(1);
+    let subject = protocol::subject::timer_fire(&id);
+    message(&mut core, now, Source::Timers, &subject, b"", 1, 1);
+    assert_load(&drain(&mut core)[0], &id, false);
+    loaded(&mut core, now, &id, Ok(Some(saga)));
+    match &drain(&mut core)[..] {
+        [Io::Publish { messages, .. }] => assert_eq!(messages[0].msg_id, command),
+        other => panic!("expected a re-publish, got {other:?}"),
+    }
+    core.handle_io_done(
+        now,
+        Done::Published {
+            saga_id: id.clone(),
+            result: Ok(vec![command]),
+        },
+    );
+    // No renewed wait: the timeout is due, and looks for the reply first.
+    assert_find_reply(&drain(&mut core)[0], &id);
+    found(&mut core, now, &id, Ok(None));
+    let io = drain(&mut core);
+    let write = assert_write(&io[0], &id, 4);
+    let record = Record::decode(&write.append.body).unwrap();
+    assert_eq!(record.entry.cause, Cause::StepTimeout, "{:?}", record.entry);
 }
