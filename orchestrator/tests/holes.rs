@@ -574,3 +574,47 @@ async fn a_step_timeout_applies_a_reply_held_by_a_stopped_instance() {
     );
     second.shutdown().await;
 }
+
+/// The completion event must not be lost when the completing reply's
+/// redeliveries take longer than JetStream's dedup window (2 min) — as under
+/// repeated node loss. The completing transition is stored but its
+/// `order.confirmed` cannot be published (the events stream is away); the
+/// reply is nak'd and its instance stops. The next instance gets the
+/// redelivery with its clock 3 min on (so the window has passed, without a
+/// test that waits for it): the event is published once. Before, past the
+/// window the event was taken as sent, and the saga stayed completed without
+/// it (two of six cluster chaos runs had one such saga).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_event_lost_past_the_dedup_window_is_still_sent() {
+    let server = NatsServer::start();
+    let dir = fast_order_dir();
+    let js = js(&server).await;
+    let first = orchestrator(&server.url(), Some(dir.path())).await;
+    let handle = first.handle().clone();
+    let inventory = Responder::start(&js, "inventory", silent_on(&["commit"])).await;
+    let _payment = Responder::start(&js, "payment", by_card()).await;
+    let saga_id = handle
+        .start("fast-order", "event-past-window", order("tok_ok"))
+        .await
+        .unwrap()
+        .saga_id;
+    let commit = wait_seen(&inventory, &saga_id, "confirm-order", Direction::Forward).await;
+    move_subjects(&js, &streams::EVENTS, true).await;
+    answer_ok(&js, &commit).await;
+    wait_phase(&handle, &saga_id, Phase::Completed).await;
+    first.shutdown().await;
+    move_subjects(&js, &streams::EVENTS, false).await;
+    assert_eq!(stored_events(&js, &saga_id, "order.confirmed").await, 0);
+
+    let second = orchestrator_with(&server.url(), Some(dir.path()), |c| {
+        c.engine.clock_offset = chrono::TimeDelta::minutes(3);
+    })
+    .await;
+    wait_until("order.confirmed is stored", WAIT, || async {
+        stored_events(&js, &saga_id, "order.confirmed").await > 0
+    })
+    .await;
+    settled(&js, &streams::REPLIES, provision::REPLIES_CONSUMER).await;
+    assert_eq!(stored_events(&js, &saga_id, "order.confirmed").await, 1);
+    second.shutdown().await;
+}

@@ -108,6 +108,25 @@ impl<H: Handles> Work<H> {
         }
     }
 
+    /// Whether it is a redelivery of the reply whose transition finished the
+    /// saga (the last one that was not an ignored input).
+    fn redelivers_what_finished(&self, stored: &Stored) -> bool {
+        let Work::Input {
+            input: Input::Reply { command_id, .. },
+            origin: Origin::Message { delivered, .. },
+            ..
+        } = self
+        else {
+            return false;
+        };
+        let record = &stored.record;
+        let finishing = std::iter::once(&record.entry)
+            .chain(record.earlier.iter().rev())
+            .find(|entry| entry.cause != Cause::Ignored);
+        delivered.is_some_and(|n| n > 1)
+            && finishing.is_some_and(|entry| entry.command_id.as_deref() == Some(command_id))
+    }
+
     /// Whether it is a timer's wake (a fire, or the sweep's).
     fn is_wake(&self) -> bool {
         matches!(
@@ -127,18 +146,20 @@ impl<H: Handles> Work<H> {
     /// either: the transition that finished it was caused by another input, which
     /// is redelivered itself (a start of a known saga changes nothing).
     ///
-    /// A finished saga's events are re-published only inside JetStream's
+    /// A finished saga's events are re-published freely only inside JetStream's
     /// de-duplication window after its last record: there a copy is dropped by
-    /// the server, and an interrupted transition's input comes back within
-    /// seconds (nak backoff, ack wait). Past it a re-publish would be stored
-    /// twice, so a late reply or timer fire of a finished saga sends nothing: its
-    /// events are taken as sent.
+    /// the server. Past it a re-publish would be stored twice, so a late reply
+    /// or timer fire of a finished saga sends nothing — except a redelivery of
+    /// the reply that finished it: that transition's input was never seen acked,
+    /// so its events may never have gone out (its publish failed and the
+    /// redeliveries took longer than the window: repeated failures under node
+    /// loss), and a lost event is worse than a second copy.
     fn may_follow_an_interrupted_transition(&self, stored: &Stored, now: DateTime<Utc>) -> bool {
         let finished = stored.record.saga.phase().is_finished();
         let dedup = chrono::TimeDelta::from_std(jetsaga_sagas::streams::DEDUP)
             .unwrap_or(chrono::TimeDelta::MAX);
         if finished && now - stored.record.entry.at >= dedup {
-            return false;
+            return self.redelivers_what_finished(stored);
         }
         match self {
             Work::Start { .. } => !finished,

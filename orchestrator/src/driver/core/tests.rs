@@ -1400,6 +1400,64 @@ fn a_finished_saga_republishes_its_event_only_inside_the_dedup_window() {
     }
 }
 
+/// Found in the cluster chaos runs: a completed saga with no `order.confirmed`.
+/// The transition that completed it was stored but its event publish failed;
+/// the completing reply's redeliveries failed too (node kills, leader
+/// elections) until the dedup window had passed, and then the event was taken
+/// as sent. Past the window, a redelivery of the reply that finished the saga
+/// still re-publishes its events — also behind an ignored input's record; a
+/// first delivery of it (a duplicate the participant sent) does not.
+#[test]
+fn the_redelivered_reply_that_finished_a_saga_republishes_its_event_past_the_window() {
+    let dedup = chrono::Duration::from_std(jetsaga_sagas::streams::DEDUP).unwrap();
+    let done = completed("late-event", 9);
+    let id = done.record.saga.id.clone();
+    let finishing = done.record.entry.command_id.clone().unwrap();
+    let late_ignored = {
+        let saga = done.record.saga.clone();
+        let input = Input::Reply {
+            command_id: format!("{id}:reserve-stock:do:1"),
+            outcome: Outcome::Ok { result: json!({}) },
+        };
+        let entry = saga.ignored_entry(&input, &Rejected::Finished, done.record.entry.at);
+        let record = Record::next(
+            Some(&done.record),
+            entry,
+            saga,
+            done.record.effects.clone(),
+            None,
+        );
+        Stored { record, seq: 10 }
+    };
+    for (stored, delivered, republished) in [
+        (&done, 2, true),
+        (&done, 1, false),
+        (&late_ignored, 3, true),
+    ] {
+        let mut core = core();
+        let now = stored.record.entry.at + dedup + Ms::seconds(5);
+        let reply = Reply {
+            protocol: VERSION,
+            command_id: finishing.clone(),
+            saga_id: id.clone(),
+            outcome: Outcome::Ok { result: json!({}) },
+        }
+        .encode();
+        let subject = protocol::subject::reply("inventory", &finishing);
+        message(&mut core, now, Source::Replies, &subject, &reply, delivered, 1);
+        assert_load(&drain(&mut core)[0], &id, false);
+        loaded(&mut core, now, &id, Ok(Some(stored.clone())));
+        let io = drain(&mut core);
+        let event = io.iter().any(|io| match io {
+            Io::Publish { messages, .. } => messages
+                .iter()
+                .any(|m| m.subject == protocol::subject::event("order.confirmed")),
+            _ => false,
+        });
+        assert_eq!(event, republished, "delivery {delivered}: {io:?}");
+    }
+}
+
 /// Issue 10 hole 6: under R3 a load is a direct get that a lagging replica may serve. A
 /// reply for a saga the replica does not know yet (it was started a moment ago, or the
 /// replica's node has just restarted) must not be dead-lettered from that answer, nor an
