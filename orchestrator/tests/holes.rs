@@ -583,7 +583,11 @@ async fn a_step_timeout_applies_a_reply_held_by_a_stopped_instance() {
 /// redelivery with its clock 3 min on (so the window has passed, without a
 /// test that waits for it): the event is published once. Before, past the
 /// window the event was taken as sent, and the saga stayed completed without
-/// it (two of six cluster chaos runs had one such saga).
+/// it. Two faults were in the way, both needed fixing: past the window only
+/// the redelivered completing reply may re-publish (a timer fire or a late
+/// duplicate may not), and here the confirm step's timer fires first (the
+/// transition never cleared it), loads the record for the wake, and the reply
+/// queued behind it was applied to that copy without the re-publish check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_event_lost_past_the_dedup_window_is_still_sent() {
     let server = NatsServer::start();

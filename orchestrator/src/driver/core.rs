@@ -750,28 +750,7 @@ impl<H: Handles> Core<H> {
                 // input: only the leader can say a saga does not exist. A start
                 // needs no second read (it writes under compare-and-set).
                 Ok(None) if !leader && matches!(work, Work::Input { .. }) => self.recheck(work),
-                Ok(Some(stored))
-                    if !recheck && work.may_follow_an_interrupted_transition(&stored, now) =>
-                {
-                    // A record loaded from the journal may belong to a transition whose
-                    // effects were interrupted (a crash between persisting and
-                    // publishing): publishing them again is harmless (de-duplicated by
-                    // message id and, past the window, by the participants' command ids).
-                    let saga = &stored.record.saga;
-                    match self.registry.get(&saga.saga_type, saga.version) {
-                        Some(def) => {
-                            let messages = rebuild(&stored.record, def);
-                            self.check_out(&saga_id, work, Stage::Republishing { stored, leader });
-                            self.io.push_back(Io::Publish {
-                                saga_id: saga_id.clone(),
-                                messages,
-                            });
-                            None
-                        }
-                        // Applying it fails the same way, and says why.
-                        None => self.apply(now, work, Some(stored), !leader),
-                    }
-                }
+                Ok(Some(stored)) if !recheck => self.recover_or_apply(now, work, stored, leader),
                 Ok(found) => self.apply(now, work, found, !leader),
                 Err(error) => Some(self.fail(work, error)),
             },
@@ -1061,7 +1040,44 @@ impl<H: Handles> Core<H> {
                 None
             }
             Known::Missing => self.apply(now, work, None, false),
+            // Loaded for earlier work that did not re-publish its pending effects
+            // (they are cleared once seen acknowledged): this input may be the one
+            // that must (queued behind a timer fire, the redelivered input of the
+            // interrupted transition).
+            Known::Loaded(stored) if !stored.record.effects.is_empty() => {
+                self.recover_or_apply(now, work, stored, false)
+            }
             Known::Loaded(stored) => self.apply(now, work, Some(stored), true),
+        }
+    }
+
+    /// Applies work to a record read from the journal (`leader`: from the
+    /// stream leader), first publishing its effects again if the work may
+    /// follow an interrupted transition: a crash or a failed publish between
+    /// persisting and publishing. Publishing them again is harmless
+    /// (de-duplicated by message id and, past the window, by the participants'
+    /// command ids).
+    fn recover_or_apply(
+        &mut self,
+        now: DateTime<Utc>,
+        work: Work<H>,
+        stored: Box<Stored>,
+        leader: bool,
+    ) -> Option<Known> {
+        if !work.may_follow_an_interrupted_transition(&stored, now) {
+            return self.apply(now, work, Some(stored), !leader);
+        }
+        let saga = &stored.record.saga;
+        match self.registry.get(&saga.saga_type, saga.version) {
+            Some(def) => {
+                let messages = rebuild(&stored.record, def);
+                let saga_id = work.saga_id().to_owned();
+                self.check_out(&saga_id, work, Stage::Republishing { stored, leader });
+                self.io.push_back(Io::Publish { saga_id, messages });
+                None
+            }
+            // Applying it fails the same way, and says why.
+            None => self.apply(now, work, Some(stored), !leader),
         }
     }
 

@@ -1444,7 +1444,15 @@ fn the_redelivered_reply_that_finished_a_saga_republishes_its_event_past_the_win
         }
         .encode();
         let subject = protocol::subject::reply("inventory", &finishing);
-        message(&mut core, now, Source::Replies, &subject, &reply, delivered, 1);
+        message(
+            &mut core,
+            now,
+            Source::Replies,
+            &subject,
+            &reply,
+            delivered,
+            1,
+        );
         assert_load(&drain(&mut core)[0], &id, false);
         loaded(&mut core, now, &id, Ok(Some(stored.clone())));
         let io = drain(&mut core);
