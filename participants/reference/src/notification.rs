@@ -46,8 +46,10 @@ pub struct Settings {
     pub consumer: String,
     /// Events handled at the same time.
     pub concurrency: usize,
-    /// Deliveries of an event that keeps failing transiently; on the last one it is
-    /// dead-lettered to `saga.dead.participant.notification`.
+    /// Deliveries of an event that keeps failing transiently (its email record cannot be
+    /// written: the bucket is unavailable) before it is dead-lettered to
+    /// `saga.dead.participant.notification`; `-1` (the default): never — it is redelivered
+    /// with a backoff that doubles from 200 ms to 30 s for as long as the outage lasts.
     pub max_deliver: i64,
     /// Redelivery after this long without an ack.
     #[serde(with = "config::duration")]
@@ -65,7 +67,7 @@ impl Default for Settings {
             bucket: "jetsaga_notification".to_owned(),
             consumer: NAME.to_owned(),
             concurrency: 32,
-            max_deliver: 20,
+            max_deliver: -1,
             ack_wait: jetsaga_participant::DEFAULT_ACK_WAIT,
             record_ttl: Duration::from_secs(24 * 3600),
         }
@@ -130,10 +132,10 @@ impl config::Validate for Config {
                 "must be between 1 and 4096",
             ));
         }
-        if s.max_deliver < 1 {
+        if s.max_deliver < 1 && s.max_deliver != -1 {
             return Err(config::Error::field(
                 "notification.max-deliver",
-                "must be at least 1",
+                "must be -1 (never dead-letter a transient failure) or at least 1",
             ));
         }
         service::validate_record_ttl("notification.record-ttl", s.record_ttl, Duration::ZERO)?;
@@ -360,15 +362,28 @@ impl Handler for Notifier {
     }
 }
 
+/// The first redelivery delay of an event that failed transiently.
+const RETRY_BASE: Duration = Duration::from_millis(200);
+/// The longest.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// How long an event that failed on its `delivered`-th delivery waits: doubling from
+/// [`RETRY_BASE`] up to [`RETRY_MAX`].
+fn redelivery_delay(delivered: i64) -> Duration {
+    let doublings = u32::try_from(delivered.saturating_sub(1).clamp(0, 16)).unwrap_or(16);
+    RETRY_BASE.saturating_mul(1 << doublings).min(RETRY_MAX)
+}
+
 impl Notifier {
-    /// A transient failure: redelivered after a pause, except on the consumer's last delivery,
-    /// where the event is dead-lettered (with `reason`) rather than dropped by JetStream with
-    /// only an advisory nobody may be listening to.
+    /// A transient failure: redelivered after a backoff that grows with the delivery count,
+    /// except on the consumer's last delivery (with `max-deliver` set), where the event is
+    /// dead-lettered (with `reason`) rather than dropped by JetStream with only an advisory
+    /// nobody may be listening to.
     async fn transient(&self, msg: &Message, reason: &str) -> AckKind {
         let delivered = msg.info().map_or(1, |i| i.delivered);
-        if delivered < self.max_deliver {
+        if self.max_deliver < 0 || delivered < self.max_deliver {
             warn!(%reason, delivered, "cannot handle the event; will be redelivered");
-            return AckKind::Nak(Some(Duration::from_millis(200)));
+            return AckKind::Nak(Some(redelivery_delay(delivered)));
         }
         let reason = format!("{reason} (after {delivered} deliveries)");
         error!(%reason, subject = %msg.subject, "giving up on the event: dead-lettering it");

@@ -279,3 +279,71 @@ async fn notification_dead_letters_an_event_failing_on_its_last_delivery() {
         .unwrap()
         .unwrap();
 }
+
+/// Found by the cluster chaos runs: during node loss the email bucket answered "no stream
+/// found" for a few seconds, and 16 order events were dead-lettered after 20 deliveries
+/// 200 ms apart — 16 orders without an email. An outage of the bucket (here its subjects
+/// moved aside for 8 s) now only delays the email: the event is redelivered with a growing
+/// backoff and nothing is dead-lettered.
+#[tokio::test]
+async fn notification_keeps_an_event_through_an_outage_of_its_bucket() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let mut config = notification::Config::default();
+    config.nats.url = server.url();
+    config.metrics.listen = String::new();
+    let token = CancellationToken::new();
+    let running = tokio::spawn(notification::run(config, token.clone().cancelled_owned()));
+    wait_until("the notification consumer exists", WAIT, || async {
+        let Ok(stream) = js.get_stream("JETSAGA_EVENTS").await else {
+            return false;
+        };
+        stream.consumer_info("notification").await.is_ok()
+    })
+    .await;
+
+    let mut bucket = js.get_stream("KV_jetsaga_notification").await.unwrap();
+    let mut moved = bucket.info().await.unwrap().config.clone();
+    let subjects = moved.subjects.clone();
+    moved.subjects = subjects.iter().map(|s| format!("moved.{s}")).collect();
+    js.update_stream(moved.clone()).await.unwrap();
+    let event = Event {
+        protocol: protocol::VERSION,
+        event: "order.confirmed".to_owned(),
+        saga_id: "n-outage".to_owned(),
+        saga_type: "order-creation".to_owned(),
+        key: "n-outage".to_owned(),
+        input: order(&[("sku-1", 1)], 100, "tok_ok"),
+        occurred_at: chrono::Utc::now(),
+    };
+    js.publish("saga.event.order.confirmed", event.encode().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    moved.subjects = subjects;
+    js.update_stream(moved).await.unwrap();
+
+    let store = js.get_key_value("jetsaga_notification").await.unwrap();
+    wait_until("the email is recorded", WAIT, || async {
+        notification::email(&store, "n-outage")
+            .await
+            .is_ok_and(|e| e.is_some())
+    })
+    .await;
+    let dead = js.get_stream("JETSAGA_DEAD_LETTERS").await.unwrap();
+    assert!(
+        dead.get_last_raw_message_by_subject("saga.dead.participant.notification")
+            .await
+            .is_err(),
+        "nothing is dead-lettered"
+    );
+    token.cancel();
+    tokio::time::timeout(WAIT, running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
