@@ -603,13 +603,17 @@ impl Inner {
 
 /// Keeps `index` current from the journal until cancelled: replays the stream,
 /// marks the index caught up, then follows new records; sweeps expired entries
-/// every second.
+/// every second. A consumer that fails, or stalls (no record for
+/// [`STALL_AFTER`] while the journal has newer ones: an ordered consumer can
+/// hang after its node is lost), is created again from the record after the
+/// last one applied.
 pub async fn run(js: jetstream::Context, index: Index, token: CancellationToken) {
+    let mut applied = 0;
     loop {
-        match follow(&js, &index, &token).await {
+        match follow(&js, &index, &token, &mut applied).await {
             Ok(()) => return,
             Err(e) => {
-                tracing::warn!(error = %e, "saga listing: following the journal failed; retrying");
+                tracing::warn!(error = %e, applied, "saga listing: following the journal failed; resuming after the last record applied");
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     () = token.cancelled() => return,
@@ -619,26 +623,44 @@ pub async fn run(js: jetstream::Context, index: Index, token: CancellationToken)
     }
 }
 
+/// How long the listing's consumer may deliver nothing while the journal has
+/// records it has not delivered before it counts as stalled.
+pub(crate) const STALL_AFTER: Duration = Duration::from_secs(10);
+
+/// Whether a consumer that delivered `applied` last, and nothing for `idle`,
+/// is stalled behind a journal whose last record is `last`.
+pub(crate) fn stalled(applied: u64, last: u64, idle: Duration) -> bool {
+    idle >= STALL_AFTER && last > applied
+}
+
 async fn follow(
     js: &jetstream::Context,
     index: &Index,
     token: &CancellationToken,
+    applied: &mut u64,
 ) -> Result<(), async_nats::Error> {
     let mut stream = js.get_stream(jetsaga_sagas::streams::JOURNAL.name).await?;
     let last = stream.info().await?.state.last_sequence;
-    if last == 0 {
+    if last == 0 || last <= *applied {
         index.set_caught_up();
     }
+    let deliver_policy = match *applied {
+        0 => jetstream::consumer::DeliverPolicy::All,
+        seq => jetstream::consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: seq + 1,
+        },
+    };
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
             filter_subject: jetsaga_sagas::protocol::subject::journal(">"),
             headers_only: true,
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            deliver_policy,
             ..Default::default()
         })
         .await?;
     let mut messages = consumer.messages().await?;
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    let mut progressed = tokio::time::Instant::now();
     loop {
         tokio::select! {
             next = messages.next() => {
@@ -658,12 +680,26 @@ async fn follow(
                     },
                     None => tracing::debug!(seq, "saga listing: record without headers skipped"),
                 }
+                *applied = (*applied).max(seq);
+                progressed = tokio::time::Instant::now();
                 if pending == 0 || seq >= last {
                     index.set_caught_up();
                 }
             }
             _ = sweep.tick() => {
                 index.sweep(Utc::now());
+                let idle = progressed.elapsed();
+                if idle >= STALL_AFTER {
+                    let last = stream.info().await?.state.last_sequence;
+                    if stalled(*applied, last, idle) {
+                        return Err(format!(
+                            "no journal record for {}s while the journal is at {last}, the listing at {applied}",
+                            idle.as_secs()
+                        )
+                        .into());
+                    }
+                    progressed = tokio::time::Instant::now();
+                }
             }
             () = token.cancelled() => return Ok(()),
         }

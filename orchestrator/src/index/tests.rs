@@ -1,11 +1,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use jetsaga_sagas::Phase;
 
-use super::{Filter, Index, Update, header};
+use super::{Filter, Index, STALL_AFTER, Update, header, stalled};
 use crate::definitions::Registry;
 
 fn t(seconds: i64) -> DateTime<Utc> {
@@ -317,4 +318,16 @@ fn overdue_lists_live_sagas_whose_timer_passed() {
     index.apply(&with_timer(7, 1, Phase::Running, Some(30)));
     index.apply(&with_timer(8, 4, Phase::Running, Some(30)));
     assert_eq!(overdue_ids(10), vec![id(2)]);
+}
+
+/// The listing's consumer counts as stalled only when it has been idle long
+/// enough while the journal holds records it has not delivered.
+#[test]
+fn a_consumer_idle_behind_the_journal_is_stalled() {
+    let long = STALL_AFTER;
+    let short = STALL_AFTER - Duration::from_millis(1);
+    assert!(stalled(10, 11, long), "behind and idle");
+    assert!(!stalled(10, 11, short), "behind, but not idle for long");
+    assert!(!stalled(11, 11, long * 10), "idle, but nothing to deliver");
+    assert!(!stalled(0, 0, long), "an empty journal");
 }
