@@ -36,17 +36,16 @@ if [[ ! -x "$bin/jetsaga" ]]; then
   cargo build --quiet -p jetsaga-cli
 fi
 
+tool=api-fuzz
+# shellcheck source=deploy/lib.sh
+source "$root/deploy/lib.sh"
+
 work="$(mktemp -d -t jetsaga-api-fuzz-XXXXXX)"
 pids=()
 cleanup() {
   local status=$?
   trap - EXIT INT TERM
-  for (( i=${#pids[@]}-1; i>=0; i-- )); do
-    kill -TERM "${pids[$i]}" 2>/dev/null || true
-  done
-  for (( i=${#pids[@]}-1; i>=0; i-- )); do
-    wait "${pids[$i]}" 2>/dev/null || true
-  done
+  stop_children
   if (( status != 0 )); then
     echo "api-fuzz: FAILED; last orchestrator log lines:" >&2
     tail -n 20 "$work/orchestrator.log" >&2 2>/dev/null || true
@@ -55,10 +54,6 @@ cleanup() {
   exit "$status"
 }
 trap cleanup EXIT INT TERM
-
-tool=api-fuzz
-# shellcheck source=deploy/lib.sh
-source "$root/deploy/lib.sh"
 
 nats_port=$(free_port); mon_port=$(free_port); http_port=$(free_port)
 nats_url="nats://127.0.0.1:$nats_port"

@@ -32,17 +32,16 @@ for b in jetsaga jetsaga-inventory jetsaga-payment jetsaga-notification; do
   fi
 done
 
+tool=check-dashboards
+# shellcheck source=deploy/lib.sh
+source "$root/deploy/lib.sh"
+
 work="$(mktemp -d -t jetsaga-dashboards-XXXXXX)"
 pids=()
 cleanup() {
   local status=$?
   trap - EXIT INT TERM
-  for (( i=${#pids[@]}-1; i>=0; i-- )); do
-    kill -TERM "${pids[$i]}" 2>/dev/null || true
-  done
-  for (( i=${#pids[@]}-1; i>=0; i-- )); do
-    wait "${pids[$i]}" 2>/dev/null || true
-  done
+  stop_children
   if (( status != 0 )); then
     echo "check-dashboards: FAILED; last log lines:" >&2
     tail -n 5 "$work"/*.log >&2 2>/dev/null || true
@@ -51,10 +50,6 @@ cleanup() {
   exit "$status"
 }
 trap cleanup EXIT INT TERM
-
-tool=check-dashboards
-# shellcheck source=deploy/lib.sh
-source "$root/deploy/lib.sh"
 
 nats_port=$(free_port); mon_port=$(free_port); http_port=$(free_port); prom_port=$(free_port)
 inv_port=$(free_port); pay_port=$(free_port); note_port=$(free_port)

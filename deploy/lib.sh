@@ -31,3 +31,14 @@ jetstream {
 CONF
   echo "$1/nats.conf"
 }
+
+# Stops the processes this script started (their PIDs in the array `pids`), newest first:
+# SIGTERM to each, then waits for each.
+stop_children() {
+  for (( i=${#pids[@]}-1; i>=0; i-- )); do
+    kill -TERM "${pids[$i]}" 2>/dev/null || true
+  done
+  for (( i=${#pids[@]}-1; i>=0; i-- )); do
+    wait "${pids[$i]}" 2>/dev/null || true
+  done
+}
