@@ -3,9 +3,10 @@
 use std::sync::Arc;
 
 use jetsaga_participant::{Context, Handled};
+use tracing::info;
 
 use super::records::{Reservation, Status};
-use super::stock::OpKind;
+use super::stock::{Applied, OpKind};
 use super::store::Read;
 use super::{Inventory, Step, checked_saga, lines_of, union};
 
@@ -110,8 +111,16 @@ impl Inventory {
                 Status::Reserved => {
                     // Idempotent: a hold already sold is simply gone.
                     let attempt = record.attempt;
-                    self.on_all(saga_id, &record.items, |_| OpKind::Sell { attempt })
+                    let sold = self
+                        .on_all(saga_id, &record.items, |_| OpKind::Sell { attempt })
                         .await?;
+                    for (line, applied) in record.items.iter().zip(&sold) {
+                        if matches!(applied, Applied::NoHold) {
+                            // Sold by an earlier run of this commit, or the hold is another
+                            // attempt's: worth a line when sales do not add up.
+                            info!(saga_id, sku = %line.sku, ?attempt, "commit: no hold of the reserved attempt to sell");
+                        }
+                    }
                     let committed = Reservation {
                         status: Status::Committed,
                         ..record.clone()
