@@ -12,7 +12,7 @@
 //!   `Nats-TTL` ([`Builder::reply_ttl`], 1 h by default), after which the handler's own
 //!   idempotent effects answer;
 //! - acks: a reply is published and its PubAck awaited before the command is acked; a short
-//!   `ack_wait` (3 s by default) brings a crashed instance's commands back quickly, and handlers
+//!   `ack_wait` (2 s by default) brings a crashed instance's commands back quickly, and handlers
 //!   running longer are marked in progress;
 //!   [`Handled::Retry`] naks with a delay, and on the last delivery records a retryable
 //!   `retries_exhausted` failure; a panicking handler counts as a retry;

@@ -29,7 +29,7 @@ pub(crate) struct Settings {
 
 /// The default `ack_wait`: short, so a crashed participant's commands come back quickly;
 /// handlers running longer are kept alive by in-progress acks.
-pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(3);
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a recorded reply answers a repeated command id by default.
 pub const DEFAULT_REPLY_TTL: Duration = Duration::from_secs(3600);
