@@ -1,15 +1,15 @@
 //! The checks at the end of a run, from the real state: the journal, the orchestrators' saga
 //! listing, the participants' KV buckets and the events stream.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::StreamExt;
 use jetsaga_orchestrator::store::Store;
 use jetsaga_reference::{inventory, notification, payment};
-use jetsaga_sagas::Phase;
-use jetsaga_sagas::protocol::{self, Body};
+use jetsaga_sagas::protocol::{self, Body, CommandId, Direction};
+use jetsaga_sagas::{Cause, Phase};
 
 use crate::Error;
 
@@ -338,6 +338,130 @@ async fn payments(
         ),
         violations,
     ))
+}
+
+/// A step's success that came after its timeout, and the refunds, from each saga's journal and
+/// the replies the runner saw (`answered_ok`: the forward commands answered with a success):
+/// in a compensated saga each step whose timed-out attempt succeeded late was compensated
+/// exactly once (one successful compensation in its journal); every compensated saga whose
+/// charge was taken (its payment record is `refunded`) was refunded exactly once; no step of
+/// any saga was compensated successfully more than once.
+pub(crate) async fn late_successes(
+    js: &jetstream::Context,
+    store: &Store,
+    sagas: &[Saga],
+    phases: &HashMap<String, Option<Phase>>,
+    answered_ok: &HashSet<String>,
+) -> Result<Check, Error> {
+    let payments = bucket(js, &payment::Settings::default().bucket).await?;
+    let records = payment::records(&payments)
+        .await
+        .map_err(|e| Error::Io(e.to_string()))?;
+    let mut violations = Vec::new();
+    let (mut late, mut late_compensated, mut late_completed) = (0, 0, 0);
+    let (mut refunded, mut truncated) = (0, 0);
+    for saga in sagas {
+        let phase = phases.get(&saga.id).copied().flatten();
+        if !matches!(phase, Some(Phase::Completed | Phase::Compensated)) {
+            continue;
+        }
+        let Some(stored) = store
+            .load(&saga.id, false)
+            .await
+            .map_err(|e| Error::Io(format!("reading the journal: {e}")))?
+        else {
+            continue;
+        };
+        if stored.record.omitted > 0 {
+            // The oldest entries are gone: the counts below would be short.
+            truncated += 1;
+            continue;
+        }
+        let journal = stored.record.journal();
+        let mut undone: BTreeMap<String, u64> = BTreeMap::new();
+        let mut late_steps: Vec<String> = Vec::new();
+        for entry in &journal {
+            let Some(id) = entry.command_id.as_deref() else {
+                continue;
+            };
+            let Ok(command) = CommandId::parse(id) else {
+                continue;
+            };
+            match (entry.cause, command.direction) {
+                (Cause::ReplyOk, Direction::Compensate) => {
+                    *undone.entry(command.step).or_default() += 1;
+                }
+                (Cause::StepTimeout, Direction::Forward) if answered_ok.contains(id) => {
+                    late_steps.push(command.step);
+                }
+                _ => {}
+            }
+        }
+        for (step, n) in &undone {
+            if *n > 1 {
+                violations.push(format!("{}: {step} compensated {n} times", saga.id));
+            }
+        }
+        late += late_steps.len();
+        if phase == Some(Phase::Compensated) {
+            late_compensated += late_steps.len();
+            for step in &late_steps {
+                if undone.get(step).copied().unwrap_or_default() != 1 {
+                    violations.push(format!(
+                        "{}: {step} succeeded after its timeout, compensated {} times",
+                        saga.id,
+                        undone.get(step).copied().unwrap_or_default()
+                    ));
+                }
+            }
+            if records
+                .get(&saga.id)
+                .is_some_and(|p| p.status == payment::Status::Refunded)
+            {
+                refunded += 1;
+                let refunds = undone.get("take-payment").copied().unwrap_or_default();
+                if refunds != 1 {
+                    violations.push(format!(
+                        "{}: charged and compensated, {refunds} refunds in its journal",
+                        saga.id
+                    ));
+                }
+            }
+        } else {
+            late_completed += late_steps.len();
+        }
+    }
+    Ok(Check::new(
+        "late successes after a timeout are compensated once; one refund per charged compensated saga",
+        format!(
+            "{late} successes after a step timeout ({late_compensated} in compensated sagas, \
+             {late_completed} in completed ones); {refunded} compensated sagas refunded; \
+             {truncated} journals too long to count"
+        ),
+        violations,
+    ))
+}
+
+/// The orchestrators' memory: the peak resident set of every run of each stays under `limit_mib`.
+pub(crate) fn memory(peaks_kib: &[(String, u64)], limit_mib: u64) -> Check {
+    let mut violations = Vec::new();
+    let mut shown = Vec::new();
+    for (name, kib) in peaks_kib {
+        let mib = *kib as f64 / 1024.0;
+        shown.push(format!("{name} {mib:.0} MiB"));
+        if *kib > limit_mib * 1024 {
+            violations.push(format!("{name}: peak RSS {mib:.0} MiB"));
+        }
+    }
+    Check::new(
+        &format!("orchestrator memory: peak RSS of each run under {limit_mib} MiB"),
+        if shown.is_empty() {
+            "not measured (no /proc)".to_owned()
+        } else {
+            format!("peak {}", shown.join(", "))
+        },
+        violations,
+    )
 }
 
 /// The inventory's invariants (every hold belongs to a `Reserved` reservation, sold is the sum
