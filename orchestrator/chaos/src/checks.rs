@@ -359,7 +359,7 @@ pub(crate) async fn late_successes(
         .map_err(|e| Error::Io(e.to_string()))?;
     let mut violations = Vec::new();
     let (mut late, mut late_compensated, mut late_completed) = (0, 0, 0);
-    let (mut refunded, mut truncated) = (0, 0);
+    let (mut refunded, mut truncated) = (0_u64, 0);
     for saga in sagas {
         let phase = phases.get(&saga.id).copied().flatten();
         if !matches!(phase, Some(Phase::Completed | Phase::Compensated)) {
@@ -377,58 +377,18 @@ pub(crate) async fn late_successes(
             truncated += 1;
             continue;
         }
-        let journal = stored.record.journal();
-        let mut undone: BTreeMap<String, u64> = BTreeMap::new();
-        let mut late_steps: Vec<String> = Vec::new();
-        for entry in &journal {
-            let Some(id) = entry.command_id.as_deref() else {
-                continue;
-            };
-            let Ok(command) = CommandId::parse(id) else {
-                continue;
-            };
-            match (entry.cause, command.direction) {
-                (Cause::ReplyOk, Direction::Compensate) => {
-                    *undone.entry(command.step).or_default() += 1;
-                }
-                (Cause::StepTimeout, Direction::Forward) if answered_ok.contains(id) => {
-                    late_steps.push(command.step);
-                }
-                _ => {}
-            }
-        }
-        for (step, n) in &undone {
-            if *n > 1 {
-                violations.push(format!("{}: {step} compensated {n} times", saga.id));
-            }
-        }
-        late += late_steps.len();
-        if phase == Some(Phase::Compensated) {
-            late_compensated += late_steps.len();
-            for step in &late_steps {
-                if undone.get(step).copied().unwrap_or_default() != 1 {
-                    violations.push(format!(
-                        "{}: {step} succeeded after its timeout, compensated {} times",
-                        saga.id,
-                        undone.get(step).copied().unwrap_or_default()
-                    ));
-                }
-            }
-            if records
-                .get(&saga.id)
-                .is_some_and(|p| p.status == payment::Status::Refunded)
-            {
-                refunded += 1;
-                let refunds = undone.get("take-payment").copied().unwrap_or_default();
-                if refunds != 1 {
-                    violations.push(format!(
-                        "{}: charged and compensated, {refunds} refunds in its journal",
-                        saga.id
-                    ));
-                }
-            }
+        let charged = records
+            .get(&saga.id)
+            .is_some_and(|p| p.status == payment::Status::Refunded);
+        let compensated = phase == Some(Phase::Compensated);
+        let found = late_in(&stored.record.journal(), compensated, charged, answered_ok);
+        violations.extend(found.violations.iter().map(|v| format!("{}: {v}", saga.id)));
+        late += found.late;
+        if compensated {
+            late_compensated += found.late;
+            refunded += u64::from(charged);
         } else {
-            late_completed += late_steps.len();
+            late_completed += found.late;
         }
     }
     Ok(Check::new(
@@ -440,6 +400,72 @@ pub(crate) async fn late_successes(
         ),
         violations,
     ))
+}
+
+/// What [`late_successes`] finds in one saga's journal.
+#[derive(Debug, Default, PartialEq)]
+struct Late {
+    /// Step timeouts whose attempt was answered with a success.
+    late: usize,
+    /// What breaks the check (without the saga id).
+    violations: Vec<String>,
+}
+
+/// One finished saga's journal: its late successes, and whether each was compensated exactly
+/// once (`compensated`: the saga is), and the refund once if `charged` (its payment record is
+/// refunded); no step compensated successfully twice.
+fn late_in(
+    journal: &[jetsaga_sagas::Entry],
+    compensated: bool,
+    charged: bool,
+    answered_ok: &HashSet<String>,
+) -> Late {
+    let mut undone: BTreeMap<String, u64> = BTreeMap::new();
+    let mut late_steps: Vec<String> = Vec::new();
+    for entry in journal {
+        let Some(id) = entry.command_id.as_deref() else {
+            continue;
+        };
+        let Ok(command) = CommandId::parse(id) else {
+            continue;
+        };
+        match (entry.cause, command.direction) {
+            (Cause::ReplyOk, Direction::Compensate) => {
+                *undone.entry(command.step).or_default() += 1;
+            }
+            (Cause::StepTimeout, Direction::Forward) if answered_ok.contains(id) => {
+                late_steps.push(command.step);
+            }
+            _ => {}
+        }
+    }
+    let mut violations = Vec::new();
+    for (step, n) in &undone {
+        if *n > 1 {
+            violations.push(format!("{step} compensated {n} times"));
+        }
+    }
+    let times = |step: &str| undone.get(step).copied().unwrap_or_default();
+    if compensated {
+        for step in &late_steps {
+            if times(step) != 1 {
+                violations.push(format!(
+                    "{step} succeeded after its timeout, compensated {} times",
+                    times(step)
+                ));
+            }
+        }
+        if charged && times("take-payment") != 1 {
+            violations.push(format!(
+                "charged and compensated, {} refunds in its journal",
+                times("take-payment")
+            ));
+        }
+    }
+    Late {
+        late: late_steps.len(),
+        violations,
+    }
 }
 
 /// The orchestrators' memory: the peak resident set of every run of each stays under `limit_mib`.
@@ -816,5 +842,74 @@ mod tests {
             [("done".to_owned(), Some(Phase::Running))].into();
         let check = terminal(&sagas, &running);
         assert_eq!(check.violations, vec!["done: running", "undone: missing"]);
+    }
+}
+
+#[cfg(test)]
+mod pure_tests {
+    use super::*;
+    use jetsaga_sagas::{Actor, Entry};
+
+    fn entry(cause: Cause, command_id: &str) -> Entry {
+        Entry {
+            seq: 1,
+            at: chrono::Utc::now(),
+            actor: Actor::Orchestrator,
+            cause,
+            step: None,
+            command_id: Some(command_id.to_owned()),
+            from: None,
+            to: Phase::Running,
+            error: None,
+            operator: None,
+        }
+    }
+
+    #[test]
+    fn a_late_success_is_compensated_exactly_once_and_a_charge_refunded_once() {
+        let ok: HashSet<String> = ["s:take-payment:do:1".to_owned()].into();
+        let timeout = entry(Cause::StepTimeout, "s:take-payment:do:1");
+        let refund = entry(Cause::ReplyOk, "s:take-payment:undo:1");
+        let release = entry(Cause::ReplyOk, "s:reserve-stock:undo:1");
+        let journal = [timeout.clone(), refund.clone(), release.clone()];
+        assert_eq!(
+            late_in(&journal, true, true, &ok),
+            Late {
+                late: 1,
+                violations: Vec::new()
+            }
+        );
+        // Completed after a later attempt: counted, nothing to compensate.
+        assert_eq!(late_in(&[timeout.clone()], false, false, &ok).late, 1);
+        // A timeout whose attempt never succeeded is no late success.
+        assert_eq!(late_in(&[timeout.clone()], true, false, &HashSet::new()).late, 0);
+
+        let never = late_in(&[timeout.clone(), release.clone()], true, true, &ok);
+        assert_eq!(
+            never.violations,
+            vec![
+                "take-payment succeeded after its timeout, compensated 0 times",
+                "charged and compensated, 0 refunds in its journal",
+            ]
+        );
+        let twice = late_in(&[timeout, refund.clone(), refund, release], true, true, &ok);
+        assert_eq!(
+            twice.violations,
+            vec![
+                "take-payment compensated 2 times",
+                "take-payment succeeded after its timeout, compensated 2 times",
+                "charged and compensated, 2 refunds in its journal",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_memory_check_names_the_orchestrator_over_its_bound() {
+        let peaks = [("orchestrator-a".to_owned(), 300 * 1024), ("orchestrator-b".to_owned(), 1100 * 1024)];
+        let check = memory(&peaks, 1024);
+        assert_eq!(check.violations, vec!["orchestrator-b: peak RSS 1100 MiB"]);
+        assert_eq!(check.detail, "peak orchestrator-a 300 MiB, orchestrator-b 1100 MiB");
+        assert!(memory(&peaks[..1], 1024).passed());
+        assert!(memory(&[], 1024).passed());
     }
 }

@@ -14,7 +14,7 @@
 //! - the journal stream unavailable for a while (its subjects moved aside, so every append
 //!   finds no stream; `--journal-outage D`): short profile 8 s, long profile 30 s and 60 s;
 //! - SIGSTOP of the payment participant past the 10 s step timeout (`--payment-stop D`), so
-//!   its successes come after the timeouts: short profile once for 12 s, long profile three
+//!   its successes come after the timeouts: short profile once for 14 s, long profile three
 //!   times for 35 s (past all three attempts, so some of those sagas compensate);
 //! - reply copies (`--duplicates F`): a share of the participants' replies published again
 //!   1–4 more times, some past the 2-minute duplicate window ([`traffic`]).
@@ -205,17 +205,21 @@ impl Args {
             Profile::Overload => (OVERLOAD_GUESS, s(30)),
         };
         let duration = self.duration.unwrap_or(duration);
-        // The profiles' faults beyond kills, stops and nats-server restarts.
-        let (outages, payment_stops, payment_stop_for, duplicates) = match self.profile {
-            Profile::Short => (vec![(s(25), s(8))], vec![s(38)], s(12), 0.1),
-            Profile::Long => (
-                vec![(s(100), s(30)), (s(250), s(60))],
-                vec![s(50), s(170), s(350)],
-                s(35),
-                0.2,
-            ),
-            Profile::Overload => (Vec::new(), Vec::new(), Duration::ZERO, 0.0),
-        };
+        // The profiles' faults beyond kills, stops and nats-server restarts (a cluster run has
+        // its own faults; `--journal-outage` and `--duplicates` still apply to it).
+        let (outages, payment_stops, payment_stop_for, duplicates) =
+            match (self.cluster, self.profile) {
+                (false, Profile::Short) => (vec![(s(50), s(8))], vec![s(24)], s(14), 0.1),
+                (false, Profile::Long) => (
+                    vec![(s(100), s(30)), (s(250), s(60))],
+                    vec![s(50), s(170), s(350)],
+                    s(35),
+                    0.2,
+                ),
+                (true, _) | (false, Profile::Overload) => {
+                    (Vec::new(), Vec::new(), Duration::ZERO, 0.0)
+                }
+            };
         let journal_outages = match self.journal_outage {
             Some(d) if d.is_zero() => Vec::new(),
             Some(d) => vec![(duration / 3, d)],
@@ -538,9 +542,10 @@ async fn run_in(plan: &Plan, log_dir: PathBuf) -> Result<Summary, Error> {
         system.resume(name)?;
     }
     let bench = bench.map_err(|e| Error::Io(format!("the load generator failed: {e}")))?;
-    // Faults stop with the load: a process that exited on its own since is started again
-    // (and counted) so the system can finish.
-    system.restart_exited()?;
+    // Faults stop with the load: a process that exits on its own from now on (e.g. one that
+    // started while nats-server was down) is started again (and counted) until the checks
+    // are done, so the system can finish.
+    let _keep_up = AbortOnDrop(tokio::spawn(keep_up(system.clone())));
     eprintln!("chaos: load done:\n{}", bench.table());
 
     let mut sagas: Vec<Saga> = Vec::new();
@@ -558,6 +563,8 @@ async fn run_in(plan: &Plan, log_dir: PathBuf) -> Result<Summary, Error> {
     // Commands and events still in flight (a compensation's release, an email) finish
     // within the participants' redelivery time once every saga is terminal.
     wait_quiet(&js).await?;
+    // The listings are read from both orchestrators: one restarted late must be ready.
+    wait_ready(&system, &js).await?;
     let mut checks = checks::run(
         &js,
         system.orchestrator_http(),
@@ -615,6 +622,21 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Until aborted: starts again every process that exited on its own.
+async fn keep_up(system: System) {
+    let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    loop {
+        tick.tick().await;
+        let s = system.clone();
+        match blocking(move || s.restart_exited()).await {
+            Ok(names) => names
+                .iter()
+                .for_each(|name| eprintln!("chaos: {name} had exited; restarted")),
+            Err(e) => eprintln!("chaos: restarting exited processes: {e}"),
+        }
     }
 }
 
@@ -990,4 +1012,66 @@ pub(crate) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| Error::Io(format!("fault task: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn plan(argv: &[&str]) -> Result<Plan, clap::Error> {
+        let argv = std::iter::once("chaos").chain(argv.iter().copied());
+        Cli::try_parse_from(argv).map(|cli| cli.args.plan(PathBuf::new()))
+    }
+
+    #[test]
+    fn profiles_and_flags_make_the_plan() {
+        let s = Duration::from_secs;
+        let short = plan(&[]).unwrap();
+        assert_eq!(short.profile, Profile::Short);
+        assert_eq!(short.journal_outages, vec![(s(50), s(8))]);
+        assert_eq!(
+            (short.payment_stops.clone(), short.payment_stop_for),
+            (vec![s(24)], s(14))
+        );
+        assert_eq!(short.duplicates, 0.1);
+        assert!(short.faults && short.calibrate.is_none());
+        assert_eq!(short.max_in_flight, system::ORCHESTRATOR_MAX_IN_FLIGHT);
+
+        let long = plan(&["--profile", "long", "--journal-outage", "30s"]).unwrap();
+        assert_eq!(long.journal_outages, vec![(s(140), s(30))], "a third into the load");
+        assert_eq!(long.payment_stop_for, s(35));
+        let none = plan(&["--journal-outage", "0", "--payment-stop", "0", "--duplicates", "0"]);
+        let none = none.unwrap();
+        assert!(none.journal_outages.is_empty() && none.payment_stops.is_empty());
+        assert_eq!(none.duplicates, 0.0);
+
+        let overload = plan(&["--profile", "overload", "--max-in-flight", "64"]).unwrap();
+        assert!(!overload.faults);
+        assert_eq!(overload.calibrate, Some(OVERLOAD_FACTOR));
+        assert_eq!((overload.max_in_flight, overload.settle), (64, s(600)));
+        assert!(overload.journal_outages.is_empty() && overload.duplicates == 0.0);
+        let cluster = plan(&["--cluster"]).unwrap();
+        assert!(cluster.journal_outages.is_empty() && cluster.payment_stops.is_empty());
+        assert_eq!(cluster.duplicates, 0.0);
+        let given = plan(&["--profile", "overload", "--rate", "100"]).unwrap();
+        assert_eq!((given.calibrate, given.rate), (None, 100.0));
+
+        for bad in [
+            &["--duplicates", "1.5"][..],
+            &["--max-in-flight", "0"],
+            &["--journal-outage", "soon"],
+        ] {
+            let e = plan(bad).unwrap_err().to_string();
+            assert!(e.contains(bad[0]), "{bad:?}: {e}");
+        }
+    }
 }

@@ -142,6 +142,8 @@ struct Due {
 
 struct State {
     open: HashMap<String, Open>,
+    /// Every command answered (by an original reply).
+    answered: HashSet<String>,
     answered_ok: HashSet<String>,
     probes: HashMap<String, Probe>,
     samples: Vec<f64>,
@@ -195,23 +197,7 @@ impl Traffic {
             .flush()
             .await
             .map_err(|e| Error::Io(format!("NATS: {e}")))?;
-        let state = Arc::new(Mutex::new(State {
-            open: HashMap::new(),
-            answered_ok: HashSet::new(),
-            probes: HashMap::new(),
-            samples: Vec::new(),
-            recovery: Recovery::default(),
-            queue: BinaryHeap::new(),
-            due: HashMap::new(),
-            next_copy: 0,
-            copies: Copies {
-                share,
-                ..Copies::default()
-            },
-            // Its own stream of numbers: the fault schedule's stays as it was for a seed.
-            rng: rand::rngs::StdRng::seed_from_u64(seed ^ 0x636f_7069_6573),
-            late_until: load_ends.checked_sub(LATE_COPY.1).unwrap_or(load_ends),
-        }));
+        let state = Arc::new(Mutex::new(State::new(share, seed, load_ends)));
         let watch = {
             let state = state.clone();
             tokio::spawn(async move {
@@ -292,6 +278,27 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 }
 
 impl State {
+    fn new(share: f64, seed: u64, load_ends: Instant) -> Self {
+        Self {
+            open: HashMap::new(),
+            answered: HashSet::new(),
+            answered_ok: HashSet::new(),
+            probes: HashMap::new(),
+            samples: Vec::new(),
+            recovery: Recovery::default(),
+            queue: BinaryHeap::new(),
+            due: HashMap::new(),
+            next_copy: 0,
+            copies: Copies {
+                share,
+                ..Copies::default()
+            },
+            // Its own stream of numbers: the fault schedule's stays as it was for a seed.
+            rng: rand::rngs::StdRng::seed_from_u64(seed ^ 0x636f_7069_6573),
+            late_until: load_ends.checked_sub(LATE_COPY.1).unwrap_or(load_ends),
+        }
+    }
+
     fn on_command(&mut self, message: &async_nats::Message) {
         let Ok(command) = protocol::Command::decode(&message.payload) else {
             return;
@@ -299,7 +306,12 @@ impl State {
         let Some(participant) = message.subject.split('.').nth(2) else {
             return;
         };
-        // A command sent again keeps the time it was first sent.
+        // An orchestrator publishes a transition's commands again when it completes an
+        // interrupted one; JetStream drops such a copy of an answered command, so it is not in
+        // flight. A command sent again unanswered keeps the time it was first sent.
+        if self.answered.contains(&command.command_id) {
+            return;
+        }
         self.open
             .entry(command.command_id)
             .or_insert_with(|| Open {
@@ -318,6 +330,7 @@ impl State {
         };
         let now = Instant::now();
         self.open.remove(&reply.command_id);
+        self.answered.insert(reply.command_id.clone());
         if let Some(probe) = self.probes.remove(&reply.command_id) {
             self.samples
                 .push(now.duration_since(probe.restarted).as_secs_f64());
@@ -430,5 +443,111 @@ async fn copy(state: &Mutex<State>, js: &jetstream::Context) {
             }
             Ok(Err(_)) | Err(_) => state.copies.not_published += 1,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn message(subject: &str, body: Vec<u8>, headers: HeaderMap) -> async_nats::Message {
+        async_nats::Message {
+            subject: subject.into(),
+            reply: None,
+            length: body.len(),
+            payload: body.into(),
+            headers: Some(headers),
+            status: None,
+            description: None,
+        }
+    }
+
+    fn command(id: &str) -> async_nats::Message {
+        let body = protocol::Command {
+            protocol: protocol::VERSION,
+            command_id: id.to_owned(),
+            saga_id: "s".to_owned(),
+            saga_type: "order-creation".to_owned(),
+            step: "take-payment".to_owned(),
+            action: "charge".to_owned(),
+            compensation: false,
+            attempt: 1,
+            reply_to: protocol::subject::reply("payment", id),
+            input: serde_json::Value::Null,
+        };
+        message("saga.cmd.payment.charge", body.encode(), HeaderMap::new())
+    }
+
+    fn reply(id: &str, ok: bool, headers: HeaderMap) -> async_nats::Message {
+        let outcome = if ok {
+            Outcome::Ok {
+                result: serde_json::Value::Null,
+            }
+        } else {
+            Outcome::Failed {
+                error: protocol::Failure::new("card_declined", "no", false),
+            }
+        };
+        let body = protocol::Reply {
+            protocol: protocol::VERSION,
+            command_id: id.to_owned(),
+            saga_id: "s".to_owned(),
+            outcome,
+        };
+        let subject = protocol::subject::reply("payment", id);
+        message(&subject, body.encode(), headers)
+    }
+
+    #[tokio::test]
+    async fn commands_in_flight_at_a_kill_are_timed_to_their_reply_and_replies_are_copied() {
+        let mut state = State::new(0.0, 1, Instant::now() + Duration::from_secs(600));
+        // Answered, then published again by an orchestrator completing a transition: not in
+        // flight at the kill.
+        state.on_command(&command("s:take-payment:do:1"));
+        state.on_reply(&reply("s:take-payment:do:1", true, HeaderMap::new()), 0.0);
+        state.on_command(&command("s:take-payment:do:1"));
+        state.on_command(&command("s:take-payment:do:2"));
+        state.on_command(&command("s:take-payment:do:3"));
+        state.restarted("inventory");
+        assert_eq!(state.recovery.in_flight, 0, "no command went to the inventory");
+        state.restarted("payment");
+        assert_eq!(state.recovery.in_flight, 2);
+        state.on_reply(&reply("s:take-payment:do:2", false, HeaderMap::new()), 0.0);
+        assert_eq!(state.samples.len(), 1);
+        // Attempt 3 is still unanswered at the next kill: interrupted, and in flight again.
+        state.restarted("payment");
+        assert_eq!(
+            (state.recovery.kills, state.recovery.interrupted, state.recovery.in_flight),
+            (3, 1, 3)
+        );
+        assert_eq!(
+            state.answered_ok,
+            HashSet::from(["s:take-payment:do:1".to_owned()]),
+            "only forward successes"
+        );
+
+        // Every reply copied (share 1): 1–4 copies each, without the message id, marked.
+        let mut headers = HeaderMap::new();
+        headers.insert(header::MSG_ID, "reply:s:take-payment:do:3");
+        headers.insert(header::TTL, "1h");
+        state.on_reply(&reply("s:take-payment:do:3", true, headers), 1.0);
+        let copies: Vec<&Due> = state.due.values().collect();
+        assert!((1..=4).contains(&copies.len()), "{}", copies.len());
+        for copy in &copies {
+            assert!(copy.headers.get(header::MSG_ID).is_none());
+            assert_eq!(copy.headers.get(header::TTL).unwrap().as_str(), "1h");
+            assert!(copy.headers.get(COPY_HEADER).is_some());
+            assert!(!copy.late, "the load is not long enough for late copies");
+        }
+        assert_eq!(state.copies.replies_copied, 1);
+        // A copy the runner published is neither an answer nor copied again.
+        let mut marked = HeaderMap::new();
+        marked.insert(COPY_HEADER, "1");
+        let before = state.due.len();
+        state.on_reply(&reply("s:take-payment:do:4", true, marked), 1.0);
+        assert_eq!(state.due.len(), before);
+        assert!(!state.answered.contains("s:take-payment:do:4"));
     }
 }
