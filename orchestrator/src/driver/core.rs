@@ -128,16 +128,18 @@ impl<H: Handles> Work<H> {
     /// is redelivered itself (a start of a known saga changes nothing).
     ///
     /// A finished saga's events are re-published only inside JetStream's
-    /// de-duplication window after its last record: there a copy is dropped by
-    /// the server, and an interrupted transition's input comes back within
-    /// seconds (nak backoff, ack wait). Past it a re-publish would be stored
-    /// twice, so a late reply or timer fire of a finished saga sends nothing: its
-    /// events are taken as sent.
+    /// de-duplication window after it finished: there a copy is dropped by the
+    /// server, and an interrupted transition's input comes back within seconds
+    /// (nak backoff, ack wait). Past it a re-publish would be stored twice, so a
+    /// late reply or timer fire of a finished saga sends nothing: its events are
+    /// taken as sent. The window runs from the saga's last transition
+    /// (`updated_at`), not from its last record: an `ignored` record written
+    /// later carries the same events but sends none of its own.
     fn may_follow_an_interrupted_transition(&self, stored: &Stored, now: DateTime<Utc>) -> bool {
         let finished = stored.record.saga.phase().is_finished();
         let dedup = chrono::TimeDelta::from_std(jetsaga_sagas::streams::DEDUP)
             .unwrap_or(chrono::TimeDelta::MAX);
-        if finished && now - stored.record.entry.at >= dedup {
+        if finished && now - stored.record.saga.updated_at >= dedup {
             return false;
         }
         match self {
