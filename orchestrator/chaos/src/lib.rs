@@ -503,8 +503,8 @@ async fn run_in(plan: &Plan, log_dir: PathBuf) -> Result<Summary, Error> {
     let plan = plan;
 
     let load_ends = tokio::time::Instant::now() + plan.duration;
-    let traffic = traffic::Traffic::start(client.clone(), plan.duplicates, plan.seed, load_ends)
-        .await?;
+    let traffic =
+        traffic::Traffic::start(client.clone(), plan.duplicates, plan.seed, load_ends).await?;
     let traffic = Arc::new(traffic);
     let stops = Arc::new(std::sync::Mutex::new(Vec::new()));
     let journal_down = Arc::new(AtomicBool::new(false));
@@ -550,9 +550,10 @@ async fn run_in(plan: &Plan, log_dir: PathBuf) -> Result<Summary, Error> {
 
     let mut sagas: Vec<Saga> = Vec::new();
     for report in calibration.iter().chain([&bench]) {
-        sagas.extend((0..report.sagas).map(|i| {
-            Saga::of_bench(SAGA_TYPE, &report.key_prefix, i, ITEMS, DECLINE_SHARE)
-        }));
+        sagas.extend(
+            (0..report.sagas)
+                .map(|i| Saga::of_bench(SAGA_TYPE, &report.key_prefix, i, ITEMS, DECLINE_SHARE)),
+        );
     }
     let store = jetsaga_orchestrator::store::Store::new(js.clone())
         .await
@@ -574,9 +575,8 @@ async fn run_in(plan: &Plan, log_dir: PathBuf) -> Result<Summary, Error> {
         SAGA_TYPE,
     )
     .await?;
-    checks.push(
-        checks::late_successes(&js, &store, &sagas, &phases, &traffic.answered_ok()).await?,
-    );
+    checks
+        .push(checks::late_successes(&js, &store, &sagas, &phases, &traffic.answered_ok()).await?);
     checks.push(cluster::acknowledged_starts(&store, &sagas, &phases).await?);
     system.sample_memory();
     let peaks = system.peak_rss_kib();
@@ -697,7 +697,9 @@ async fn journal_outages(
         }
         let moved = tokio::time::Instant::now();
         down.store(true, Ordering::Relaxed);
-        log(format!("journal stream unavailable (subjects moved aside) for {lasts:?}"));
+        log(format!(
+            "journal stream unavailable (subjects moved aside) for {lasts:?}"
+        ));
         tokio::time::sleep(lasts).await;
         move_journal(&js, false, Duration::from_secs(300)).await?;
         down.store(false, Ordering::Relaxed);
@@ -719,11 +721,22 @@ async fn move_journal(
     loop {
         let attempt = async {
             let mut stream = js.get_stream(spec.name).await.map_err(|e| e.to_string())?;
-            let mut config = stream.info().await.map_err(|e| e.to_string())?.config.clone();
+            let mut config = stream
+                .info()
+                .await
+                .map_err(|e| e.to_string())?
+                .config
+                .clone();
             config.subjects = spec
                 .subjects
                 .iter()
-                .map(|s| if aside { format!("moved.{s}") } else { (*s).to_owned() })
+                .map(|s| {
+                    if aside {
+                        format!("moved.{s}")
+                    } else {
+                        (*s).to_owned()
+                    }
+                })
                 .collect();
             js.update_stream(config)
                 .await
@@ -869,17 +882,17 @@ async fn inject(
         Duration::from_secs_f64(rng.random_range(lo.as_secs_f64()..=hi.as_secs_f64()))
     };
     let never = end + plan.duration;
-    let (mut next_orchestrator, mut next_participant, mut next_stop, mut next_nats) =
-        if plan.faults {
-            (
-                begin + pick(&mut rng, plan.orchestrator_kills),
-                begin + pick(&mut rng, plan.participant_kills),
-                begin + plan.stops.0,
-                begin + plan.nats_restarts.0,
-            )
-        } else {
-            (never, never, never, never)
-        };
+    let (mut next_orchestrator, mut next_participant, mut next_stop, mut next_nats) = if plan.faults
+    {
+        (
+            begin + pick(&mut rng, plan.orchestrator_kills),
+            begin + pick(&mut rng, plan.participant_kills),
+            begin + plan.stops.0,
+            begin + plan.nats_restarts.0,
+        )
+    } else {
+        (never, never, never, never)
+    };
     let mut payment_stops = plan.payment_stops.iter().map(|at| begin + *at);
     let mut next_payment_stop = payment_stops.next().unwrap_or(never);
     let mut payment_resume: Option<tokio::time::Instant> = None;
@@ -961,7 +974,9 @@ async fn inject(
             if system.is_stopped(name) {
                 log(format!("{name} is stopped; not killed this turn"));
             } else if journal_down.load(Ordering::Relaxed) {
-                log(format!("the journal is unavailable; {name} not killed this turn"));
+                log(format!(
+                    "the journal is unavailable; {name} not killed this turn"
+                ));
             } else {
                 let s = system.clone();
                 blocking(move || s.kill_and_restart(name)).await?;
@@ -1047,9 +1062,20 @@ mod tests {
         assert_eq!(short.max_in_flight, system::ORCHESTRATOR_MAX_IN_FLIGHT);
 
         let long = plan(&["--profile", "long", "--journal-outage", "30s"]).unwrap();
-        assert_eq!(long.journal_outages, vec![(s(140), s(30))], "a third into the load");
+        assert_eq!(
+            long.journal_outages,
+            vec![(s(140), s(30))],
+            "a third into the load"
+        );
         assert_eq!(long.payment_stop_for, s(35));
-        let none = plan(&["--journal-outage", "0", "--payment-stop", "0", "--duplicates", "0"]);
+        let none = plan(&[
+            "--journal-outage",
+            "0",
+            "--payment-stop",
+            "0",
+            "--duplicates",
+            "0",
+        ]);
         let none = none.unwrap();
         assert!(none.journal_outages.is_empty() && none.payment_stops.is_empty());
         assert_eq!(none.duplicates, 0.0);

@@ -153,8 +153,9 @@ struct State {
     next_copy: u64,
     copies: Copies,
     rng: rand::rngs::StdRng,
-    /// Replies seen before this may get late copies (they go out before the load ends).
-    late_until: Instant,
+    /// Replies seen before this may get late copies (they go out before the load ends);
+    /// `None`: the load is too short for any.
+    late_until: Option<Instant>,
 }
 
 /// The runner's subscriptions and copier; stopped when dropped.
@@ -295,7 +296,7 @@ impl State {
             },
             // Its own stream of numbers: the fault schedule's stays as it was for a seed.
             rng: rand::rngs::StdRng::seed_from_u64(seed ^ 0x636f_7069_6573),
-            late_until: load_ends.checked_sub(LATE_COPY.1).unwrap_or(load_ends),
+            late_until: load_ends.checked_sub(LATE_COPY.1),
         }
     }
 
@@ -312,12 +313,10 @@ impl State {
         if self.answered.contains(&command.command_id) {
             return;
         }
-        self.open
-            .entry(command.command_id)
-            .or_insert_with(|| Open {
-                participant: participant.to_owned(),
-                sent: Instant::now(),
-            });
+        self.open.entry(command.command_id).or_insert_with(|| Open {
+            participant: participant.to_owned(),
+            sent: Instant::now(),
+        });
     }
 
     fn on_reply(&mut self, message: &async_nats::Message, share: f64) {
@@ -335,8 +334,8 @@ impl State {
             self.samples
                 .push(now.duration_since(probe.restarted).as_secs_f64());
         }
-        let forward = CommandId::parse(&reply.command_id)
-            .is_ok_and(|id| id.direction == Direction::Forward);
+        let forward =
+            CommandId::parse(&reply.command_id).is_ok_and(|id| id.direction == Direction::Forward);
         if forward && matches!(reply.outcome, Outcome::Ok { .. }) {
             self.answered_ok.insert(reply.command_id.clone());
         }
@@ -353,11 +352,10 @@ impl State {
             }
             let copies = self.rng.random_range(1..=4_u32);
             for n in 1..=copies {
-                let late = now < self.late_until && self.rng.random_bool(LATE_SHARE);
+                let late = self.late_until.is_some_and(|until| now < until)
+                    && self.rng.random_bool(LATE_SHARE);
                 let (lo, hi) = if late { LATE_COPY } else { EARLY_COPY };
-                let delay = self
-                    .rng
-                    .random_range(lo.as_secs_f64()..=hi.as_secs_f64());
+                let delay = self.rng.random_range(lo.as_secs_f64()..=hi.as_secs_f64());
                 let mut headers = copy_headers.clone();
                 headers.insert(COPY_HEADER, n.to_string().as_str());
                 let at = now + Duration::from_secs_f64(delay);
@@ -502,7 +500,7 @@ mod tests {
 
     #[tokio::test]
     async fn commands_in_flight_at_a_kill_are_timed_to_their_reply_and_replies_are_copied() {
-        let mut state = State::new(0.0, 1, Instant::now() + Duration::from_secs(600));
+        let mut state = State::new(0.0, 1, Instant::now() + Duration::from_secs(60));
         // Answered, then published again by an orchestrator completing a transition: not in
         // flight at the kill.
         state.on_command(&command("s:take-payment:do:1"));
@@ -511,7 +509,10 @@ mod tests {
         state.on_command(&command("s:take-payment:do:2"));
         state.on_command(&command("s:take-payment:do:3"));
         state.restarted("inventory");
-        assert_eq!(state.recovery.in_flight, 0, "no command went to the inventory");
+        assert_eq!(
+            state.recovery.in_flight, 0,
+            "no command went to the inventory"
+        );
         state.restarted("payment");
         assert_eq!(state.recovery.in_flight, 2);
         state.on_reply(&reply("s:take-payment:do:2", false, HeaderMap::new()), 0.0);
@@ -519,7 +520,11 @@ mod tests {
         // Attempt 3 is still unanswered at the next kill: interrupted, and in flight again.
         state.restarted("payment");
         assert_eq!(
-            (state.recovery.kills, state.recovery.interrupted, state.recovery.in_flight),
+            (
+                state.recovery.kills,
+                state.recovery.interrupted,
+                state.recovery.in_flight
+            ),
             (3, 1, 3)
         );
         assert_eq!(
