@@ -13,6 +13,7 @@
 //! - nats-server killed (SIGKILL), kept down for 3 s and restarted on the same store;
 //! - the journal stream unavailable for a while (its subjects moved aside, so every append
 //!   finds no stream; `--journal-outage D`): short profile 8 s, long profile 30 s and 60 s;
+//!   orchestrators are not killed meanwhile (a new one refuses the moved stream);
 //! - SIGSTOP of the payment participant past the 10 s step timeout (`--payment-stop D`), so
 //!   its successes come after the timeouts: short profile once for 14 s, long profile three
 //!   times for 35 s (past all three attempts, so some of those sagas compensate);
@@ -35,7 +36,8 @@
 //!
 //! With `--cluster` ([`cluster`]) the system runs on a 3-node NATS cluster (R3 streams,
 //! `sync_interval: always`) and the faults are node kills every ~10 s and leader step-downs
-//! instead of the service kills and stops.
+//! instead of the service kills and stops (journal outages and reply copies only when asked
+//! for).
 //!
 //! Modules: [`system`] (the processes), [`checks`] (the final checks), [`cluster`] (cluster
 //! mode), [`traffic`] (the commands and replies the runner sees, and the copies it adds).
