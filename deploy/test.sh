@@ -73,8 +73,9 @@ if [[ "${JETSAGA_SKIP_API_FUZZ:-}" != 1 ]] && { ((${#packages[@]} == 0)) || [[ "
     bash "${script_dir}/api-fuzz.sh" || status=$?
 fi
 
-# The chaos runner's short profile (deploy/chaos.sh): a whole system under kill -9, SIGSTOP and
-# nats-server restarts, then checks of every participant's state. Skipped when a package
+# The chaos runner's short profile (deploy/chaos.sh): a whole system under kill -9, SIGSTOP,
+# nats-server restarts, an 8 s journal outage, a payment stopped past its step timeout and
+# duplicated replies, then checks of every participant's state. Skipped when a package
 # selection (-p) is given; JETSAGA_SKIP_CHAOS=1 skips it.
 if ((${#packages[@]} == 0)) && [[ "${JETSAGA_SKIP_CHAOS:-}" != 1 ]]; then
     echo "== deploy/chaos.sh --profile short"

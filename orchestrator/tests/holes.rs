@@ -1,4 +1,5 @@
-//! Issue 10's holes 1, 7, 9, 11 and the late success of hole 14, end to end:
+//! Issue 10's holes 1, 7, 9, 11 and the late success of hole 14, and the re-publish window of a
+//! finished saga after a late reply (found by the chaos runner), end to end:
 //! each fault is injected for real against a real nats-server and the real
 //! orchestrator (the library's `Service`), and each test failed before its fix.
 //!
@@ -621,4 +622,79 @@ async fn a_completion_event_lost_past_the_dedup_window_is_still_sent() {
     settled(&js, &streams::REPLIES, provision::REPLIES_CONSUMER).await;
     assert_eq!(stored_events(&js, &saga_id, "order.confirmed").await, 1);
     second.shutdown().await;
+}
+
+/// Found by the chaos runner's long profile with reply copies: a late reply of a finished saga
+/// is journaled as an `ignored` record that carries the finishing record's effects, and the
+/// window for re-publishing a finished saga's event (JetStream's 2-minute duplicate window)
+/// was measured from that record, so a timer fire or redelivery more than 2 minutes after the
+/// finish re-published `order.confirmed` and the events stream stored it twice. Two minutes
+/// pass here on the second orchestrator's clock (150 s ahead of the server's): the saga
+/// finishes on the first, a late copy of a reply is ignored by the second, then a timer fire
+/// reaches the second. The event must be published once; the server would drop a copy inside
+/// its real window, so the test counts what the orchestrators publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_reply_after_the_finish_does_not_reopen_the_republish_window() {
+    let server = NatsServer::start();
+    let dir = fast_order_dir();
+    let js = js(&server).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut events = client
+        .subscribe(protocol::subject::event("order.confirmed"))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let published = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let counter = {
+        let published = published.clone();
+        tokio::spawn(async move {
+            while let Some(m) = events.next().await {
+                if let Ok(event) = protocol::Event::decode(&m.payload) {
+                    published.lock().unwrap().push(event.saga_id);
+                }
+            }
+        })
+    };
+    let count = |id: &str| {
+        published
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| *s == id)
+            .count()
+    };
+
+    let first = orchestrator(&server.url(), Some(dir.path())).await;
+    let inventory = Responder::start(&js, "inventory", ok_behaviour()).await;
+    let _payment = Responder::start(&js, "payment", by_card()).await;
+    let saga_id = first
+        .handle()
+        .start("fast-order", "late-after-finish", order("tok_ok"))
+        .await
+        .unwrap()
+        .saga_id;
+    wait_phase(first.handle(), &saga_id, Phase::Completed).await;
+    wait_until("order.confirmed is published", WAIT, || async {
+        count(&saga_id) == 1
+    })
+    .await;
+    settled(&js, &streams::REPLIES, provision::REPLIES_CONSUMER).await;
+    first.shutdown().await;
+
+    let ahead = orchestrator_with(&server.url(), Some(dir.path()), |c| {
+        c.engine.clock_offset = chrono::TimeDelta::seconds(150);
+    })
+    .await;
+    let reserve = seen(&inventory, &saga_id, "reserve-stock", Direction::Forward).unwrap();
+    answer_ok(&js, &reserve).await;
+    last_cause(ahead.handle(), &saga_id, Cause::Ignored).await;
+    js.publish(protocol::subject::timer_fire(&saga_id), "".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    settled(&js, &streams::TIMERS, provision::TIMERS_CONSUMER).await;
+    assert_eq!(count(&saga_id), 1, "order.confirmed published again");
+    ahead.shutdown().await;
+    counter.abort();
 }

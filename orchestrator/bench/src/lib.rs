@@ -849,7 +849,12 @@ fn positive_number(text: &str) -> Result<f64, ArgError> {
         .ok_or_else(|| ArgError::NotPositive(text.to_owned()))
 }
 
-fn share(text: &str) -> Result<f64, ArgError> {
+/// A share between 0 and 1, as a command-line value.
+///
+/// # Errors
+///
+/// Not a number between 0 and 1.
+pub fn share(text: &str) -> Result<f64, ArgError> {
     text.parse::<f64>()
         .ok()
         .filter(|n| (0.0..=1.0).contains(n))

@@ -1,15 +1,15 @@
 //! The checks at the end of a run, from the real state: the journal, the orchestrators' saga
 //! listing, the participants' KV buckets and the events stream.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::StreamExt;
 use jetsaga_orchestrator::store::Store;
 use jetsaga_reference::{inventory, notification, payment};
-use jetsaga_sagas::Phase;
-use jetsaga_sagas::protocol::{self, Body};
+use jetsaga_sagas::protocol::{self, Body, CommandId, Direction};
+use jetsaga_sagas::{Cause, Phase};
 
 use crate::Error;
 
@@ -163,7 +163,7 @@ pub(crate) async fn run(
 ) -> Result<Vec<Check>, Error> {
     let mut checks = vec![terminal(sagas, phases), declined(sagas, phases)];
     for addr in http {
-        checks.push(listing(addr, saga_type, sagas, phases).await?);
+        checks.push(converged_listing(addr, saga_type, sagas, phases).await?);
     }
     checks.push(payments(js, sagas, phases).await?);
     checks.extend(stock(js, sagas, phases, catalogue).await?);
@@ -224,6 +224,34 @@ struct Page {
 struct Summary {
     saga_id: String,
     state: String,
+}
+
+/// How long an orchestrator's listing may take to show the journal's state: it is a
+/// projection that follows the journal, and after a nats-server restart its consumer is
+/// recreated and replays the stream.
+const LISTING_CONVERGES: Duration = Duration::from_secs(60);
+
+/// [`listing`] until it holds or [`LISTING_CONVERGES`] has passed; says how long it took.
+async fn converged_listing(
+    addr: &str,
+    saga_type: &str,
+    sagas: &[Saga],
+    phases: &HashMap<String, Option<Phase>>,
+) -> Result<Check, Error> {
+    let began = Instant::now();
+    loop {
+        let mut check = listing(addr, saga_type, sagas, phases).await?;
+        if check.passed() || began.elapsed() >= LISTING_CONVERGES {
+            if began.elapsed() >= Duration::from_secs(1) {
+                check.detail.push_str(&format!(
+                    " (after {:.0} s of waiting for the listing to follow the journal)",
+                    began.elapsed().as_secs_f64()
+                ));
+            }
+            return Ok(check);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 /// `GET /v1/sagas?type=…` page by page: every saga listed, in the state of its journal.
@@ -338,6 +366,156 @@ async fn payments(
         ),
         violations,
     ))
+}
+
+/// A step's success that came after its timeout, and the refunds, from each saga's journal and
+/// the replies the runner saw (`answered_ok`: the forward commands answered with a success):
+/// in a compensated saga each step whose timed-out attempt succeeded late was compensated
+/// exactly once (one successful compensation in its journal); every compensated saga whose
+/// charge was taken (its payment record is `refunded`) was refunded exactly once; no step of
+/// any saga was compensated successfully more than once.
+pub(crate) async fn late_successes(
+    js: &jetstream::Context,
+    store: &Store,
+    sagas: &[Saga],
+    phases: &HashMap<String, Option<Phase>>,
+    answered_ok: &HashSet<String>,
+) -> Result<Check, Error> {
+    let payments = bucket(js, &payment::Settings::default().bucket).await?;
+    let records = payment::records(&payments)
+        .await
+        .map_err(|e| Error::Io(e.to_string()))?;
+    let mut violations = Vec::new();
+    let (mut late, mut late_compensated, mut late_completed) = (0, 0, 0);
+    let (mut refunded, mut truncated) = (0_u64, 0);
+    for saga in sagas {
+        let phase = phases.get(&saga.id).copied().flatten();
+        if !matches!(phase, Some(Phase::Completed | Phase::Compensated)) {
+            continue;
+        }
+        let Some(stored) = store
+            .load(&saga.id, false)
+            .await
+            .map_err(|e| Error::Io(format!("reading the journal: {e}")))?
+        else {
+            continue;
+        };
+        if stored.record.omitted > 0 {
+            // The oldest entries are gone: the counts below would be short.
+            truncated += 1;
+            continue;
+        }
+        let charged = records
+            .get(&saga.id)
+            .is_some_and(|p| p.status == payment::Status::Refunded);
+        let compensated = phase == Some(Phase::Compensated);
+        let found = late_in(&stored.record.journal(), compensated, charged, answered_ok);
+        violations.extend(found.violations.iter().map(|v| format!("{}: {v}", saga.id)));
+        late += found.late;
+        if compensated {
+            late_compensated += found.late;
+            refunded += u64::from(charged);
+        } else {
+            late_completed += found.late;
+        }
+    }
+    Ok(Check::new(
+        "late successes after a timeout are compensated once; one refund per charged compensated saga",
+        format!(
+            "{late} successes after a step timeout ({late_compensated} in compensated sagas, \
+             {late_completed} in completed ones); {refunded} compensated sagas refunded; \
+             {truncated} journals too long to count"
+        ),
+        violations,
+    ))
+}
+
+/// What [`late_successes`] finds in one saga's journal.
+#[derive(Debug, Default, PartialEq)]
+struct Late {
+    /// Step timeouts whose attempt was answered with a success.
+    late: usize,
+    /// What breaks the check (without the saga id).
+    violations: Vec<String>,
+}
+
+/// One finished saga's journal: its late successes, and whether each was compensated exactly
+/// once (`compensated`: the saga is), and the refund once if `charged` (its payment record is
+/// refunded); no step compensated successfully twice.
+fn late_in(
+    journal: &[jetsaga_sagas::Entry],
+    compensated: bool,
+    charged: bool,
+    answered_ok: &HashSet<String>,
+) -> Late {
+    let mut undone: BTreeMap<String, u64> = BTreeMap::new();
+    let mut late_steps: Vec<String> = Vec::new();
+    for entry in journal {
+        let Some(id) = entry.command_id.as_deref() else {
+            continue;
+        };
+        let Ok(command) = CommandId::parse(id) else {
+            continue;
+        };
+        match (entry.cause, command.direction) {
+            (Cause::ReplyOk, Direction::Compensate) => {
+                *undone.entry(command.step).or_default() += 1;
+            }
+            (Cause::StepTimeout, Direction::Forward) if answered_ok.contains(id) => {
+                late_steps.push(command.step);
+            }
+            _ => {}
+        }
+    }
+    let mut violations = Vec::new();
+    for (step, n) in &undone {
+        if *n > 1 {
+            violations.push(format!("{step} compensated {n} times"));
+        }
+    }
+    let times = |step: &str| undone.get(step).copied().unwrap_or_default();
+    if compensated {
+        for step in &late_steps {
+            if times(step) != 1 {
+                violations.push(format!(
+                    "{step} succeeded after its timeout, compensated {} times",
+                    times(step)
+                ));
+            }
+        }
+        if charged && times("take-payment") != 1 {
+            violations.push(format!(
+                "charged and compensated, {} refunds in its journal",
+                times("take-payment")
+            ));
+        }
+    }
+    Late {
+        late: late_steps.len(),
+        violations,
+    }
+}
+
+/// The orchestrators' memory: the peak resident set of every run of each stays under `limit_mib`.
+pub(crate) fn memory(peaks_kib: &[(String, u64)], limit_mib: u64) -> Check {
+    let mut violations = Vec::new();
+    let mut shown = Vec::new();
+    for (name, kib) in peaks_kib {
+        let mib = *kib as f64 / 1024.0;
+        shown.push(format!("{name} {mib:.0} MiB"));
+        if *kib > limit_mib * 1024 {
+            violations.push(format!("{name}: peak RSS {mib:.0} MiB"));
+        }
+    }
+    Check::new(
+        &format!("orchestrator memory: peak RSS of each run under {limit_mib} MiB"),
+        if shown.is_empty() {
+            "not measured (no /proc)".to_owned()
+        } else {
+            format!("peak {}", shown.join(", "))
+        },
+        violations,
+    )
 }
 
 /// The inventory's invariants (every hold belongs to a `Reserved` reservation, sold is the sum
@@ -692,5 +870,86 @@ mod tests {
             [("done".to_owned(), Some(Phase::Running))].into();
         let check = terminal(&sagas, &running);
         assert_eq!(check.violations, vec!["done: running", "undone: missing"]);
+    }
+}
+
+#[cfg(test)]
+mod pure_tests {
+    use super::*;
+    use jetsaga_sagas::{Actor, Entry};
+
+    fn entry(cause: Cause, command_id: &str) -> Entry {
+        Entry {
+            seq: 1,
+            at: chrono::Utc::now(),
+            actor: Actor::Orchestrator,
+            cause,
+            step: None,
+            command_id: Some(command_id.to_owned()),
+            from: None,
+            to: Phase::Running,
+            error: None,
+            operator: None,
+        }
+    }
+
+    #[test]
+    fn a_late_success_is_compensated_exactly_once_and_a_charge_refunded_once() {
+        let ok: HashSet<String> = ["s:take-payment:do:1".to_owned()].into();
+        let timeout = entry(Cause::StepTimeout, "s:take-payment:do:1");
+        let refund = entry(Cause::ReplyOk, "s:take-payment:undo:1");
+        let release = entry(Cause::ReplyOk, "s:reserve-stock:undo:1");
+        let journal = [timeout.clone(), refund.clone(), release.clone()];
+        assert_eq!(
+            late_in(&journal, true, true, &ok),
+            Late {
+                late: 1,
+                violations: Vec::new()
+            }
+        );
+        // Completed after a later attempt: counted, nothing to compensate.
+        assert_eq!(
+            late_in(std::slice::from_ref(&timeout), false, false, &ok).late,
+            1
+        );
+        // A timeout whose attempt never succeeded is no late success.
+        assert_eq!(
+            late_in(std::slice::from_ref(&timeout), true, false, &HashSet::new()).late,
+            0
+        );
+
+        let never = late_in(&[timeout.clone(), release.clone()], true, true, &ok);
+        assert_eq!(
+            never.violations,
+            vec![
+                "take-payment succeeded after its timeout, compensated 0 times",
+                "charged and compensated, 0 refunds in its journal",
+            ]
+        );
+        let twice = late_in(&[timeout, refund.clone(), refund, release], true, true, &ok);
+        assert_eq!(
+            twice.violations,
+            vec![
+                "take-payment compensated 2 times",
+                "take-payment succeeded after its timeout, compensated 2 times",
+                "charged and compensated, 2 refunds in its journal",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_memory_check_names_the_orchestrator_over_its_bound() {
+        let peaks = [
+            ("orchestrator-a".to_owned(), 300 * 1024),
+            ("orchestrator-b".to_owned(), 1100 * 1024),
+        ];
+        let check = memory(&peaks, 1024);
+        assert_eq!(check.violations, vec!["orchestrator-b: peak RSS 1100 MiB"]);
+        assert_eq!(
+            check.detail,
+            "peak orchestrator-a 300 MiB, orchestrator-b 1100 MiB"
+        );
+        assert!(memory(&peaks[..1], 1024).passed());
+        assert!(memory(&[], 1024).passed());
     }
 }

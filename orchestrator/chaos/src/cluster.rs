@@ -561,20 +561,28 @@ async fn step_down(
 }
 
 /// The journal history (every entry the last record keeps, and its effects) of the first
-/// sagas a failed check names, to tell what happened to them after the run is gone.
+/// sagas each failed check names, to tell what happened to them after the run is gone.
 pub(crate) async fn histories(
     store: &jetsaga_orchestrator::store::Store,
     checks: &[Check],
 ) -> String {
     const SHOWN: usize = 5;
-    let mut ids: Vec<&str> = checks
-        .iter()
-        .flat_map(|c| c.violations.iter())
-        .filter_map(|v| v.split(':').next())
-        .collect();
-    ids.dedup();
+    // The first few of each failed check: one check's many violations hide no other's.
+    let mut ids: Vec<&str> = Vec::new();
+    for check in checks {
+        for id in check
+            .violations
+            .iter()
+            .filter_map(|v| v.split(':').next())
+            .take(SHOWN)
+        {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
     let mut out = String::new();
-    for id in ids.into_iter().take(SHOWN) {
+    for id in ids {
         out.push_str(&format!("saga {id}:\n"));
         match store.load(id, true).await {
             Ok(Some(stored)) => {

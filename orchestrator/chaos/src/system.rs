@@ -27,11 +27,11 @@ pub(crate) const PARTICIPANTS: [&str; 3] = ["inventory", "payment", "notificatio
 /// and a kill every 1-3 s, most inputs were stranded on a dead instance and the run crawled).
 pub(crate) const ORCHESTRATOR_ACK_WAIT: Duration = Duration::from_secs(5);
 
-/// The orchestrators' `engine.max-in-flight`: inputs wait in the driver no longer than the ack
+/// The orchestrators' default `engine.max-in-flight` (`--max-in-flight` sets another): inputs wait in the driver no longer than the ack
 /// wait even on a slow machine. With the default 4,096 and the short ack wait, queued inputs
 /// are redelivered while they wait, each redelivery re-sends commands whose duplicate replies
 /// are journaled, and an overloaded system does not recover (see the README, "Reliability").
-pub(crate) const ORCHESTRATOR_MAX_IN_FLIGHT: u32 = 512;
+pub const ORCHESTRATOR_MAX_IN_FLIGHT: u32 = 512;
 
 /// What happened to one process during the run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -56,6 +56,8 @@ struct Proc {
     child: Option<ChildGuard>,
     stopped: bool,
     tally: Tally,
+    /// The largest peak resident set (`VmHWM`) seen of any of its runs, in KiB.
+    peak_rss_kib: u64,
 }
 
 impl Proc {
@@ -129,6 +131,8 @@ pub struct Layout {
     pub catalogue: BTreeMap<String, u64>,
     /// A 3-node NATS cluster with R3 streams and buckets instead of one nats-server.
     pub cluster: bool,
+    /// The orchestrators' `engine.max-in-flight`.
+    pub max_in_flight: u32,
 }
 
 impl System {
@@ -163,7 +167,7 @@ impl System {
                 ),
                 (
                     "JETSAGA_ENGINE__MAX_IN_FLIGHT".to_owned(),
-                    ORCHESTRATOR_MAX_IN_FLIGHT.to_string(),
+                    layout.max_in_flight.to_string(),
                 ),
                 ("JETSAGA_ENGINE__INSTANCE".to_owned(), name.to_owned()),
                 ("JETSAGA_LOG".to_owned(), "warn".to_owned()),
@@ -349,6 +353,30 @@ impl System {
         Ok(outage)
     }
 
+    /// Notes each orchestrator's peak resident set so far (Linux: `VmHWM` in
+    /// `/proc/<pid>/status`; elsewhere nothing is measured).
+    pub(crate) fn sample_memory(&self) {
+        let mut inner = self.lock();
+        for (name, p) in &mut inner.procs {
+            if !name.starts_with("orchestrator") {
+                continue;
+            }
+            if let Some(kib) = p.child.as_ref().and_then(|c| peak_rss_kib(c.pid())) {
+                p.peak_rss_kib = p.peak_rss_kib.max(kib);
+            }
+        }
+    }
+
+    /// Each orchestrator's largest peak resident set seen, in KiB (0: not measured).
+    pub fn peak_rss_kib(&self) -> Vec<(String, u64)> {
+        self.lock()
+            .procs
+            .iter()
+            .filter(|(name, _)| name.starts_with("orchestrator"))
+            .map(|(name, p)| (name.clone(), p.peak_rss_kib))
+            .collect()
+    }
+
     /// What happened to each process, nats-server first, and nats-server's outages.
     pub fn tallies(&self) -> (Vec<(String, Tally)>, Vec<Duration>) {
         let inner = self.lock();
@@ -412,7 +440,17 @@ fn proc(
         child: None,
         stopped: false,
         tally: Tally::default(),
+        peak_rss_kib: 0,
     })
+}
+
+/// The peak resident set of process `pid` in KiB, from `/proc` (`None` where there is none).
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Where the log of process `name` goes.

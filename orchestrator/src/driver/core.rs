@@ -147,18 +147,21 @@ impl<H: Handles> Work<H> {
     /// is redelivered itself (a start of a known saga changes nothing).
     ///
     /// A finished saga's events are re-published freely only inside JetStream's
-    /// de-duplication window after its last record: there a copy is dropped by
-    /// the server. Past it a re-publish would be stored twice, so a late reply
-    /// or timer fire of a finished saga sends nothing — except a redelivery of
-    /// the reply that finished it: that transition's input was never seen acked,
-    /// so its events may never have gone out (its publish failed and the
-    /// redeliveries took longer than the window: repeated failures under node
-    /// loss), and a lost event is worse than a second copy.
+    /// de-duplication window after it finished (its last transition,
+    /// `updated_at`, not its last record: an `ignored` record written later
+    /// carries the same events but sends none of its own): there a copy is
+    /// dropped by the server. Past it a re-publish would be stored twice, so a
+    /// late reply or timer fire of a finished saga sends nothing — except a
+    /// redelivery of the reply that finished it: that transition's input was
+    /// never seen acked, so its events may never have gone out (its publish
+    /// failed and the redeliveries took longer than the window: an events
+    /// stream unavailable that long, repeated failures under node loss), and a
+    /// lost event is worse than a second copy.
     fn may_follow_an_interrupted_transition(&self, stored: &Stored, now: DateTime<Utc>) -> bool {
         let finished = stored.record.saga.phase().is_finished();
         let dedup = chrono::TimeDelta::from_std(jetsaga_sagas::streams::DEDUP)
             .unwrap_or(chrono::TimeDelta::MAX);
-        if finished && now - stored.record.entry.at >= dedup {
+        if finished && now - stored.record.saga.updated_at >= dedup {
             return self.redelivers_what_finished(stored);
         }
         match self {

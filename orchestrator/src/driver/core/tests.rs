@@ -1572,3 +1572,43 @@ fn a_republished_command_that_went_out_before_keeps_its_timeout() {
     let record = Record::decode(&write.append.body).unwrap();
     assert_eq!(record.entry.cause, Cause::StepTimeout, "{:?}", record.entry);
 }
+
+/// Found by the chaos runner's long profile with reply copies: a late reply of a finished
+/// saga is journaled as an `ignored` record that carries the finishing record's effects (its
+/// event among them), with that input's time. The window for re-publishing the event was
+/// measured from the last record, so each late copy extended it, and a redelivered input more
+/// than 2 minutes after the saga finished re-published `order.confirmed`, which the events
+/// stream stored a second time. The window runs from when the saga finished.
+#[test]
+fn an_ignored_record_after_the_finish_does_not_extend_the_republish_window() {
+    let dedup = i64::try_from(jetsaga_sagas::streams::DEDUP.as_millis()).unwrap();
+    let mut done = completed("kl", 9);
+    let id = done.record.saga.id.clone();
+    let finished = done.record.entry.at;
+    let late = Input::Reply {
+        command_id: format!("{id}:take-payment:do:1"),
+        outcome: Outcome::Ok { result: json!({}) },
+    };
+    let entry = done.record.saga.ignored_entry(
+        &late,
+        &jetsaga_sagas::Rejected::Finished,
+        finished + Ms::milliseconds(100_000),
+    );
+    let saga = done.record.saga.clone();
+    let effects = done.record.effects.clone();
+    assert!(!effects.is_empty(), "the ignored record carries the event");
+    done.record = Record::next(Some(&done.record), entry, saga, effects, None);
+    for (late_by, republished) in [(1_000, true), (dedup + 1_000, false)] {
+        let mut core = core();
+        let now = finished + Ms::milliseconds(late_by);
+        reserved(&mut core, now, &id, 2, 1);
+        assert_load(&drain(&mut core)[0], &id, false);
+        loaded(&mut core, now, &id, Ok(Some(done.clone())));
+        let io = drain(&mut core);
+        assert_eq!(
+            io.iter().any(|io| matches!(io, Io::Publish { .. })),
+            republished,
+            "{late_by} ms after the saga finished: {io:?}"
+        );
+    }
+}
