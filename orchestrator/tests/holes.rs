@@ -26,20 +26,9 @@ use jetsaga_testkit::{NatsServer, wait_until};
 /// Points stream `name` at `subjects` (`None`: back at its own): publishes to
 /// its real subjects find no stream while they are moved aside.
 async fn move_subjects(js: &jetstream::Context, spec: &streams::Spec, moved: bool) {
-    let mut stream = js.get_stream(spec.name).await.unwrap();
-    let mut config = stream.info().await.unwrap().config.clone();
-    config.subjects = spec
-        .subjects
-        .iter()
-        .map(|s| {
-            if moved {
-                format!("moved.{s}")
-            } else {
-                (*s).to_owned()
-            }
-        })
-        .collect();
-    js.update_stream(config).await.unwrap();
+    jetsaga_testkit::move_subjects(js, spec.name, moved)
+        .await
+        .unwrap();
 }
 
 /// How many `event`s of `saga_id` the events stream stores.

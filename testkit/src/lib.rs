@@ -12,6 +12,7 @@
 //! - [`process`]: [`ChildGuard`] for the project's own binaries spawned by crash tests, and
 //!   [`cargo_bin`] to find them.
 //! - [`wait`]: [`wait_until`], the way tests wait on a condition instead of sleeping.
+//! - [`fault`]: [`move_subjects`], a stream made unavailable to publishers for a while.
 //! - [`error`]: the crate's [`Error`].
 //!
 //! The pinned server (2.15.1) is installed by `deploy/install-nats-server.sh`; `deploy/test.sh`
@@ -28,12 +29,14 @@
 
 pub mod cluster;
 pub mod error;
+pub mod fault;
 pub mod process;
 pub mod server;
 pub mod wait;
 
 pub use cluster::Cluster;
 pub use error::Error;
+pub use fault::move_subjects;
 pub use process::{ChildGuard, cargo_bin};
 pub use server::{NatsServer, Options, nats_server_bin};
 pub use wait::wait_until;

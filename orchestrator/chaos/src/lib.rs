@@ -718,33 +718,10 @@ async fn move_journal(
     aside: bool,
     within: Duration,
 ) -> Result<(), Error> {
-    let spec = &jetsaga_sagas::streams::JOURNAL;
     let give_up = Instant::now() + within;
     loop {
-        let attempt = async {
-            let mut stream = js.get_stream(spec.name).await.map_err(|e| e.to_string())?;
-            let mut config = stream
-                .info()
-                .await
-                .map_err(|e| e.to_string())?
-                .config
-                .clone();
-            config.subjects = spec
-                .subjects
-                .iter()
-                .map(|s| {
-                    if aside {
-                        format!("moved.{s}")
-                    } else {
-                        (*s).to_owned()
-                    }
-                })
-                .collect();
-            js.update_stream(config)
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string())
-        };
+        let attempt =
+            jetsaga_testkit::move_subjects(js, jetsaga_sagas::streams::JOURNAL.name, aside);
         match attempt.await {
             Ok(()) => return Ok(()),
             Err(e) if Instant::now() >= give_up => {

@@ -111,30 +111,9 @@ async fn payment_charges_once_refunds_at_most_the_charge_and_declines_by_rule() 
 #[tokio::test]
 async fn notification_sends_one_email_per_order_and_dead_letters_garbage() {
     let server = NatsServer::start();
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = jetstream::new(client.clone());
-    let mut config = notification::Config::default();
-    config.nats.url = server.url();
-    config.metrics.listen = String::new();
-    let token = CancellationToken::new();
-    let running = tokio::spawn(notification::run(config, token.clone().cancelled_owned()));
-    wait_until("the notification consumer exists", WAIT, || async {
-        let Ok(stream) = js.get_stream("JETSAGA_EVENTS").await else {
-            return false;
-        };
-        stream.consumer_info("notification").await.is_ok()
-    })
-    .await;
+    let (js, notifier) = Notifier::start(&server, |_| {}).await;
 
-    let event = Event {
-        protocol: protocol::VERSION,
-        event: "order.confirmed".to_owned(),
-        saga_id: "n-1".to_owned(),
-        saga_type: "order-creation".to_owned(),
-        key: "order-1".to_owned(),
-        input: order(&[("sku-1", 1)], 100, "tok_ok"),
-        occurred_at: chrono::Utc::now(),
-    };
+    let event = order_event("order.confirmed", "n-1", "order-1");
     // Twice (as after a redelivery past the dedup window), then garbage.
     for i in 0..2 {
         let mut headers = HeaderMap::new();
@@ -185,12 +164,7 @@ async fn notification_sends_one_email_per_order_and_dead_letters_garbage() {
             .as_str()
             .contains("invalid Event")
     );
-    token.cancel();
-    tokio::time::timeout(WAIT, running)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    notifier.stop().await;
 }
 
 /// Issue 10, hole 14: an event that still fails on its last delivery is dead-lettered by the
@@ -200,32 +174,13 @@ async fn notification_sends_one_email_per_order_and_dead_letters_garbage() {
 #[tokio::test]
 async fn notification_dead_letters_an_event_failing_on_its_last_delivery() {
     let server = NatsServer::start();
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = jetstream::new(client.clone());
-    let mut config = notification::Config::default();
-    config.nats.url = server.url();
-    config.metrics.listen = String::new();
-    config.notification.max_deliver = 2;
-    config.faults.fail_actions = vec!["order.cancelled".to_owned()];
-    let token = CancellationToken::new();
-    let running = tokio::spawn(notification::run(config, token.clone().cancelled_owned()));
-    wait_until("the notification consumer exists", WAIT, || async {
-        let Ok(stream) = js.get_stream("JETSAGA_EVENTS").await else {
-            return false;
-        };
-        stream.consumer_info("notification").await.is_ok()
+    let (js, notifier) = Notifier::start(&server, |config| {
+        config.notification.max_deliver = 2;
+        config.faults.fail_actions = vec!["order.cancelled".to_owned()];
     })
     .await;
     for (name, saga) in [("order.cancelled", "n-fail"), ("order.confirmed", "n-ok")] {
-        let event = Event {
-            protocol: protocol::VERSION,
-            event: name.to_owned(),
-            saga_id: saga.to_owned(),
-            saga_type: "order-creation".to_owned(),
-            key: saga.to_owned(),
-            input: order(&[("sku-1", 1)], 100, "tok_ok"),
-            occurred_at: chrono::Utc::now(),
-        };
+        let event = order_event(name, saga, saga);
         js.publish(format!("saga.event.{name}"), event.encode().into())
             .await
             .unwrap()
@@ -272,12 +227,7 @@ async fn notification_dead_letters_an_event_failing_on_its_last_delivery() {
         Some("86400"),
         "the sent record expires after the record TTL"
     );
-    token.cancel();
-    tokio::time::timeout(WAIT, running)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    notifier.stop().await;
 }
 
 /// Found by the cluster chaos runs: during node loss the email bucket answered "no stream
@@ -288,43 +238,24 @@ async fn notification_dead_letters_an_event_failing_on_its_last_delivery() {
 #[tokio::test]
 async fn notification_keeps_an_event_through_an_outage_of_its_bucket() {
     let server = NatsServer::start();
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = jetstream::new(client.clone());
-    let mut config = notification::Config::default();
-    config.nats.url = server.url();
-    config.metrics.listen = String::new();
-    let token = CancellationToken::new();
-    let running = tokio::spawn(notification::run(config, token.clone().cancelled_owned()));
-    wait_until("the notification consumer exists", WAIT, || async {
-        let Ok(stream) = js.get_stream("JETSAGA_EVENTS").await else {
-            return false;
-        };
-        stream.consumer_info("notification").await.is_ok()
-    })
-    .await;
+    let (js, notifier) = Notifier::start(&server, |_| {}).await;
 
-    let mut bucket = js.get_stream("KV_jetsaga_notification").await.unwrap();
-    let mut moved = bucket.info().await.unwrap().config.clone();
-    let subjects = moved.subjects.clone();
-    moved.subjects = subjects.iter().map(|s| format!("moved.{s}")).collect();
-    js.update_stream(moved.clone()).await.unwrap();
-    let event = Event {
-        protocol: protocol::VERSION,
-        event: "order.confirmed".to_owned(),
-        saga_id: "n-outage".to_owned(),
-        saga_type: "order-creation".to_owned(),
-        key: "n-outage".to_owned(),
-        input: order(&[("sku-1", 1)], 100, "tok_ok"),
-        occurred_at: chrono::Utc::now(),
-    };
+    let bucket = "KV_jetsaga_notification";
+    jetsaga_testkit::move_subjects(&js, bucket, true)
+        .await
+        .unwrap();
+    let event = order_event("order.confirmed", "n-outage", "n-outage");
     js.publish("saga.event.order.confirmed", event.encode().into())
         .await
         .unwrap()
         .await
         .unwrap();
+    // The outage itself: longer than the 20 deliveries 200 ms apart after which the old
+    // rule dead-lettered the event (not a wait for anything to happen).
     tokio::time::sleep(std::time::Duration::from_secs(8)).await;
-    moved.subjects = subjects;
-    js.update_stream(moved).await.unwrap();
+    jetsaga_testkit::move_subjects(&js, bucket, false)
+        .await
+        .unwrap();
 
     let store = js.get_key_value("jetsaga_notification").await.unwrap();
     wait_until("the email is recorded", WAIT, || async {
@@ -340,10 +271,59 @@ async fn notification_keeps_an_event_through_an_outage_of_its_bucket() {
             .is_err(),
         "nothing is dead-lettered"
     );
-    token.cancel();
-    tokio::time::timeout(WAIT, running)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    notifier.stop().await;
+}
+
+/// A notification participant running in the test, with its defaults changed by `tune`; its
+/// event consumer exists when `start` returns.
+struct Notifier {
+    token: CancellationToken,
+    running: tokio::task::JoinHandle<Result<(), jetsaga_reference::Error>>,
+}
+
+impl Notifier {
+    async fn start(
+        server: &NatsServer,
+        tune: impl FnOnce(&mut notification::Config),
+    ) -> (jetstream::Context, Self) {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = jetstream::new(client);
+        let mut config = notification::Config::default();
+        config.nats.url = server.url();
+        config.metrics.listen = String::new();
+        tune(&mut config);
+        let token = CancellationToken::new();
+        let running = tokio::spawn(notification::run(config, token.clone().cancelled_owned()));
+        wait_until("the notification consumer exists", WAIT, || async {
+            let Ok(stream) = js.get_stream("JETSAGA_EVENTS").await else {
+                return false;
+            };
+            stream.consumer_info("notification").await.is_ok()
+        })
+        .await;
+        (js, Self { token, running })
+    }
+
+    /// Stops it and checks it ended cleanly.
+    async fn stop(self) {
+        self.token.cancel();
+        tokio::time::timeout(WAIT, self.running)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// An order event `name` of saga `saga_id` started with `key`.
+fn order_event(name: &str, saga_id: &str, key: &str) -> Event {
+    Event {
+        protocol: protocol::VERSION,
+        event: name.to_owned(),
+        saga_id: saga_id.to_owned(),
+        saga_type: "order-creation".to_owned(),
+        key: key.to_owned(),
+        input: order(&[("sku-1", 1)], 100, "tok_ok"),
+        occurred_at: chrono::Utc::now(),
+    }
 }
