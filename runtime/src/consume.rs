@@ -101,15 +101,17 @@ pub async fn pull<P, A, AF, D>(
         };
         loop {
             let permit = tokio::select! {
+                biased;
+                () = token.cancelled() => return,
                 permit = acquire() => match permit {
                     Some(permit) => permit,
                     None => return,
                 },
-                () = token.cancelled() => return,
             };
             let next = tokio::select! {
-                next = messages.next() => next,
+                biased;
                 () = token.cancelled() => return,
+                next = messages.next() => next,
             };
             match next {
                 Some(Ok(message)) => deliver(message, permit),
@@ -218,7 +220,10 @@ impl Consumer {
                 });
             },
         );
+        // Shutdown is looked at first on every wake: once it is signalled, no further message
+        // is handed out, even one already buffered when a slot frees in the same wake.
         tokio::select! {
+            biased;
             () = shutdown => token.cancel(),
             () = pulling => {}
         }
