@@ -214,3 +214,19 @@ pub async fn keys(store: &kv::Store) -> Result<Vec<String>, Error> {
         .await
         .map_err(failed("keys", ""))
 }
+
+/// Every live key of the bucket with its value, each read from the stream leader: for audits
+/// and checks, which must not take a lagging replica's older copy for the state.
+///
+/// # Errors
+///
+/// [`Error`] if the bucket cannot be listed or read.
+pub async fn values(store: &kv::Store) -> Result<Vec<(String, Bytes)>, Error> {
+    let mut out = Vec::new();
+    for key in keys(store).await? {
+        if let Some((value, _)) = entry(store, &key, Read::Leader).await? {
+            out.push((key, value));
+        }
+    }
+    Ok(out)
+}

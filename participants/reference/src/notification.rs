@@ -164,14 +164,15 @@ pub struct Email {
     pub sent_at: chrono::DateTime<chrono::Utc>,
 }
 
-/// The recorded email of `saga_id`, if any.
+/// The recorded email of `saga_id`, if any, read from the stream leader.
 ///
 /// # Errors
 ///
 /// [`Error::Kv`] if the bucket cannot be read.
 pub async fn email(store: &kv::Store, saga_id: &str) -> Result<Option<Email>, Error> {
-    match store.get(format!("email.{saga_id}")).await {
-        Ok(Some(value)) => serde_json::from_slice(&value)
+    let key = format!("email.{saga_id}");
+    match jetsaga_runtime::kv::entry(store, &key, jetsaga_runtime::kv::Read::Leader).await {
+        Ok(Some((value, _))) => serde_json::from_slice(&value)
             .map(Some)
             .map_err(|e| Error::Kv(e.to_string())),
         Ok(None) => Ok(None),

@@ -185,19 +185,16 @@ fn key(saga_id: &str) -> String {
 pub async fn records(
     store: &kv::Store,
 ) -> Result<std::collections::BTreeMap<String, Payment>, Error> {
-    let keys = kv_store::keys(store)
+    let values = kv_store::values(store)
         .await
         .map_err(|e| Error::Kv(e.to_string()))?;
     let mut out = std::collections::BTreeMap::new();
-    for k in keys {
+    for (k, value) in values {
         let Some(saga) = k.strip_prefix("payment.") else {
             continue;
         };
-        if let Some(value) = store.get(&k).await.map_err(|e| Error::Kv(e.to_string()))? {
-            let payment =
-                serde_json::from_slice(&value).map_err(|e| Error::Kv(format!("{k}: {e}")))?;
-            out.insert(saga.to_owned(), payment);
-        }
+        let payment = serde_json::from_slice(&value).map_err(|e| Error::Kv(format!("{k}: {e}")))?;
+        out.insert(saga.to_owned(), payment);
     }
     Ok(out)
 }

@@ -227,7 +227,7 @@ pub(super) fn encode<T: Serialize>(value: &T) -> Result<Bytes, serde_json::Error
     serde_json::to_vec(value).map(Bytes::from)
 }
 
-/// All products and reservations in `store`, for audits and tests.
+/// All products and reservations in `store`, read from the stream leader, for audits and tests.
 ///
 /// # Errors
 ///
@@ -235,19 +235,12 @@ pub(super) fn encode<T: Serialize>(value: &T) -> Result<Bytes, serde_json::Error
 pub async fn snapshot(
     store: &kv::Store,
 ) -> Result<(BTreeMap<String, Product>, BTreeMap<String, Reservation>), Error> {
-    let keys = jetsaga_runtime::kv::keys(store)
+    let values = jetsaga_runtime::kv::values(store)
         .await
         .map_err(|e| Error::Kv(e.to_string()))?;
     let mut products = BTreeMap::new();
     let mut reservations = BTreeMap::new();
-    for key in keys {
-        let Some(value) = store
-            .get(&key)
-            .await
-            .map_err(|e| Error::Kv(e.to_string()))?
-        else {
-            continue;
-        };
+    for (key, value) in values {
         if let Some(sku) = key.strip_prefix("product.") {
             let product =
                 serde_json::from_slice(&value).map_err(|e| Error::Kv(format!("{key}: {e}")))?;
