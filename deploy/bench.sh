@@ -104,7 +104,7 @@ work="$(mktemp -d)"
 if [[ -n "$ttl" ]]; then
   # Config files for run-local.sh (JETSAGA_LOCAL_CONFIG_DIR): every per-saga TTL set to $ttl.
   mkdir -p "$work/config"
-  printf '[streams]\nfinished-retention = "%s"\n' "$ttl" >"$work/config/orchestrator.toml"
+  printf '[streams]\nfinished-retention = "%s"\ncommand-ttl = "%s"\n' "$ttl" "$ttl" >"$work/config/orchestrator.toml"
   for p in inventory payment; do
     printf '[consumer]\nreply-ttl = "%s"\n[%s]\nrecord-ttl = "%s"\n' "$ttl" "$p" "$ttl" >"$work/config/$p.toml"
   done

@@ -167,6 +167,13 @@ pub struct Engine {
     /// index, no NATS reads.
     #[serde(with = "duration")]
     pub timer_sweep: Duration,
+    /// Admission control: new starts wait (`POST /v1/sagas` answers 503 `overloaded`)
+    /// while more sagas are under way than the system finishes in this long; `0s` turns it
+    /// off. A fraction of the shortest step timeout keeps commands from waiting past it.
+    #[serde(with = "duration")]
+    pub admission_window: Duration,
+    /// Sagas that may be under way whatever the finishing rate (so an idle system starts).
+    pub admission_floor: u64,
     /// A name for this instance in logs and the NATS connection.
     pub instance: String,
     /// Added to this instance's clock wherever the driver reads it, to test
@@ -186,6 +193,8 @@ impl Default for Engine {
             max_deliver: -1,
             shutdown_grace: Duration::from_secs(10),
             timer_sweep: Duration::from_secs(10),
+            admission_window: Duration::from_secs(5),
+            admission_floor: 1000,
             instance: "jetsaga".to_owned(),
             clock_offset: chrono::TimeDelta::zero(),
         }
@@ -227,6 +236,12 @@ impl jetsaga_runtime::config::Validate for Config {
         }
         if self.engine.ack_wait < Duration::from_secs(1) {
             return invalid("engine.ack-wait", "must be at least 1s");
+        }
+        if self.engine.admission_floor == 0 {
+            return invalid(
+                "engine.admission-floor",
+                "must be at least 1 (engine.admission-window = \"0s\" turns admission control off)",
+            );
         }
         if self.engine.timer_sweep < Duration::from_secs(1) {
             return invalid("engine.timer-sweep", "must be at least 1s");

@@ -127,7 +127,11 @@ impl Registry {
     /// # Errors
     ///
     /// One error per wait that is too long, naming the definition and step.
-    pub fn check_storage(&self, retention: std::time::Duration) -> Result<(), Vec<Error>> {
+    pub fn check_storage(
+        &self,
+        streams: &jetsaga_runtime::streams::Streams,
+    ) -> Result<(), Vec<Error>> {
+        let retention = streams.retention;
         let mut errors = Vec::new();
         let too_long = |what: &str, wait: std::time::Duration| {
             (wait >= retention).then(|| {
@@ -160,6 +164,17 @@ impl Registry {
             );
             for step in &def.steps {
                 push(Some(&step.name), too_long("timeout", step.timeout));
+                push(
+                    Some(&step.name),
+                    (step.timeout >= streams.command_ttl).then(|| {
+                        format!(
+                            "timeout {} is not shorter than streams.command-ttl ({}): its \
+                             command would expire before the step times out",
+                            humantime::format_duration(step.timeout),
+                            humantime::format_duration(streams.command_ttl)
+                        )
+                    }),
+                );
                 push(
                     Some(&step.name),
                     too_long("retry.max-backoff", step.retry.max_backoff),
@@ -201,14 +216,16 @@ mod tests {
 
     #[test]
     fn definitions_that_wait_longer_than_storage_keeps_are_refused() {
+        use jetsaga_runtime::streams::Streams;
         let registry = Registry::builtin();
-        registry
-            .check_storage(jetsaga_sagas::streams::DEFAULT_RETENTION)
-            .unwrap();
+        let keeping = |retention: u64, command_ttl: u64| Streams {
+            retention: std::time::Duration::from_secs(retention),
+            command_ttl: std::time::Duration::from_secs(command_ttl),
+            ..Streams::default()
+        };
+        registry.check_storage(&Streams::default()).unwrap();
         // order-creation's deadline is longer than 2 minutes.
-        let errors = registry
-            .check_storage(std::time::Duration::from_secs(120))
-            .unwrap_err();
+        let errors = registry.check_storage(&keeping(120, 120)).unwrap_err();
         let deadline = errors
             .iter()
             .find(|e| e.step.is_none() && e.problem.starts_with("deadline"))
@@ -219,14 +236,28 @@ mod tests {
             "{deadline:?}"
         );
         // A step whose timeout alone exceeds it is named with its step.
-        let errors = registry
-            .check_storage(std::time::Duration::from_secs(5))
-            .unwrap_err();
+        let errors = registry.check_storage(&keeping(5, 5)).unwrap_err();
         assert!(
             errors
                 .iter()
                 .any(|e| e.step.as_deref() == Some("reserve-stock")
                     && e.problem.starts_with("timeout")),
+            "{errors:?}"
+        );
+        // A step timeout the commands' TTL does not outlast (order-creation's are 10 s).
+        let errors = registry
+            .check_storage(&keeping(7 * 24 * 3600, 10))
+            .unwrap_err();
+        assert!(
+            errors
+                .iter()
+                .all(|e| e.problem.contains("streams.command-ttl (10s)")),
+            "{errors:?}"
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.step.as_deref() == Some("take-payment")),
             "{errors:?}"
         );
     }

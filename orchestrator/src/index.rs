@@ -18,7 +18,7 @@
 //! entry returned.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -271,6 +271,11 @@ fn phase_code(phase: Phase) -> u8 {
     }
 }
 
+/// Running or compensating.
+fn is_active(phase: u8) -> bool {
+    phase <= 1
+}
+
 fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
@@ -285,6 +290,8 @@ pub struct Index {
     inner: Arc<RwLock<Inner>>,
     registry: Arc<Registry>,
     caught_up: Arc<AtomicBool>,
+    /// Sagas seen leaving running/compensating (finished, or parked failed), ever.
+    finished: Arc<AtomicU64>,
 }
 
 impl Index {
@@ -294,6 +301,7 @@ impl Index {
             inner: Arc::default(),
             registry,
             caught_up: Arc::new(AtomicBool::new(false)),
+            finished: Arc::default(),
         }
     }
 
@@ -305,6 +313,22 @@ impl Index {
     /// Marks the initial replay as done.
     pub fn set_caught_up(&self) {
         self.caught_up.store(true, Ordering::SeqCst);
+    }
+
+    /// The sagas under way (running or compensating) and how many have left that state so
+    /// far (finished, or parked failed): what admission control decides on.
+    pub fn activity(&self) -> (u64, u64) {
+        let inner = self.read();
+        let active: usize = inner
+            .groups
+            .iter()
+            .filter(|(group, _)| is_active(group.1))
+            .map(|(_, slots)| slots.len())
+            .sum();
+        (
+            u64::try_from(active).unwrap_or(u64::MAX),
+            self.finished.load(Ordering::Relaxed),
+        )
     }
 
     /// How many sagas it holds.
@@ -362,11 +386,19 @@ impl Index {
         };
         let stuck_at = self.stuck_at(update);
         let mut inner = self.write();
-        if let Some((group, position)) = inner.by_id.get(&id).copied() {
-            if position.1 >= update.seq {
-                return;
+        let was_active = match inner.by_id.get(&id).copied() {
+            Some((group, position)) => {
+                if position.1 >= update.seq {
+                    return;
+                }
+                inner.remove(id, group, position);
+                is_active(group.1)
             }
-            inner.remove(id, group, position);
+            // A saga first seen finished (the follower lagged past its earlier records).
+            None => true,
+        };
+        if was_active && !is_active(phase_code(update.phase)) {
+            self.finished.fetch_add(1, Ordering::Relaxed);
         }
         let group = (
             inner.types.intern(&update.saga_type),

@@ -33,6 +33,7 @@
 //! # }
 //! ```
 
+pub mod admission;
 pub mod census;
 pub mod config;
 pub mod dead;
@@ -52,7 +53,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_nats::jetstream;
-use futures::FutureExt;
 use jetsaga_sagas::{Entry, Input, Phase, Saga};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -67,6 +67,10 @@ use crate::driver::core::{Origin, Work};
 use crate::driver::executor::{Driver, Request};
 use crate::metrics::Metrics;
 use crate::store::Store;
+
+/// How many starts one pull asks for: pulled starts wait unacknowledged while admission
+/// control holds them.
+const STARTS_BATCH: usize = 64;
 
 /// Why the orchestrator could not start.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +129,7 @@ pub struct Handle {
     js: jetstream::Context,
     index: index::Index,
     ready: Arc<AtomicBool>,
+    admission: admission::Admission,
 }
 
 /// A running orchestrator.
@@ -171,7 +176,7 @@ impl Service {
             None => Registry::builtin(),
         };
         registry
-            .check_storage(config.streams.retention)
+            .check_storage(&config.streams)
             .map_err(Error::Definitions)?;
         let registry = Arc::new(registry);
         let metrics = Metrics::new()?;
@@ -238,6 +243,23 @@ impl Service {
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
 
+        let index = index::Index::new(registry.clone());
+        tracker.spawn(index::run(js.clone(), index.clone(), token.clone()));
+        let admission = admission::spawn(
+            admission::Gate::new(
+                config.engine.admission_window,
+                config.engine.admission_floor,
+            ),
+            admission::Sources {
+                index: index.clone(),
+                js: js.clone(),
+                max_bytes: config.streams.max_bytes.as_u64(),
+            },
+            metrics.clone(),
+            &tracker,
+            token.clone(),
+        );
+
         // One channel per consumer, so the driver can take replies before timer
         // fires and both before new starts (see `driver::executor::Intake`).
         let batch = config.engine.max_in_flight.clamp(1, 1000);
@@ -245,7 +267,13 @@ impl Service {
         for (source, consumer) in consumers {
             let (tx, rx) = mpsc::channel(config.engine.max_in_flight);
             intake.set(source, rx);
-            tracker.spawn(pump(consumer, tx, token.clone(), batch));
+            // Starts pass the admission gate and are pulled in small batches: those pulled
+            // while it is closed wait unacknowledged.
+            let (gate, batch) = match source {
+                Source::Starts => (admission.clone(), batch.min(STARTS_BATCH)),
+                Source::Replies | Source::Timers => (admission::Admission::open(), batch),
+            };
+            tracker.spawn(pump(consumer, tx, gate, token.clone(), batch));
         }
         tracker.spawn(dead::watch_max_deliveries(
             advisories,
@@ -260,8 +288,6 @@ impl Service {
             token.clone(),
         ));
 
-        let index = index::Index::new(registry.clone());
-        tracker.spawn(index::run(js.clone(), index.clone(), token.clone()));
         tracker.spawn(census::run(
             index.clone(),
             registry.clone(),
@@ -292,8 +318,10 @@ impl Service {
                 timer_sweep: config.engine.timer_sweep,
                 ack_wait: config.engine.ack_wait,
                 clock_offset: config.engine.clock_offset,
+                command_ttl: config.streams.command_ttl,
             },
-        );
+        )
+        .with_admission(admission.clone());
         let (driver_done_tx, driver_done) = oneshot::channel();
         let driver_token = token.clone();
         tracker.spawn(async move {
@@ -310,6 +338,7 @@ impl Service {
             js: js.clone(),
             index,
             ready,
+            admission,
         };
         let http_addr = listener.local_addr().map_err(|source| Error::Listen {
             addr: config.http.listen,
@@ -435,6 +464,7 @@ impl Handle {
         }
         def.check_input(&input)
             .map_err(|invalid| ApiError::InvalidInput(invalid.to_string()))?;
+        self.admission.admits().map_err(ApiError::Overloaded)?;
         let saga_id = driver::saga_id(&def.name, key);
         let key = key.to_owned();
         self.request(|reply| Work::Start {
@@ -570,6 +600,7 @@ pub enum NotReady {
 async fn pump(
     consumer: jetstream::consumer::PullConsumer,
     tx: mpsc::Sender<jetstream::Message>,
+    admission: admission::Admission,
     token: CancellationToken,
     batch: usize,
 ) {
@@ -582,7 +613,14 @@ async fn pump(
         settings,
         &token,
         // Closed when the driver stopped: the loop ends without taking another message.
-        || tx.clone().reserve_owned().map(Result::ok),
+        || {
+            let mut admission = admission.clone();
+            let tx = tx.clone();
+            async move {
+                admission.wait().await;
+                tx.reserve_owned().await.ok()
+            }
+        },
         |message, permit| {
             permit.send(message);
         },

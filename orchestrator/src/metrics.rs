@@ -52,6 +52,10 @@ pub const STORED_REPLIES: &str = "jetsaga_timeouts_answered_by_stored_reply_tota
 pub const TIMER_WRITES: &str = "jetsaga_timer_writes_total";
 /// 1 while connected to NATS.
 pub const NATS_CONNECTED: &str = "jetsaga_nats_connected";
+/// Gauge: 1 while new starts are taken, 0 while admission control holds them.
+pub const ADMISSION_OPEN: &str = "jetsaga_admission_open";
+/// Gauge: how many sagas may be under way before new starts wait; -1 without a bound.
+pub const ADMISSION_LIMIT: &str = "jetsaga_admission_limit";
 /// Reconnections to NATS after the first connect.
 pub const NATS_RECONNECTS: &str = "jetsaga_nats_reconnects_total";
 /// HTTP requests, by method, matched route and status.
@@ -126,6 +130,10 @@ pub struct Metrics {
     pub timer_writes: IntCounterVec,
     /// See [`NATS_CONNECTED`].
     pub nats_connected: IntGauge,
+    /// See [`ADMISSION_OPEN`].
+    pub admission_open: IntGauge,
+    /// See [`ADMISSION_LIMIT`].
+    pub admission_limit: IntGauge,
     /// See [`NATS_RECONNECTS`].
     pub nats_reconnects: IntCounter,
     /// See [`HTTP_REQUESTS`].
@@ -266,6 +274,14 @@ impl Metrics {
             )?,
             timer_writes: counter(TIMER_WRITES, "Timer writes requested.", &[OP])?,
             nats_connected: single_gauge(NATS_CONNECTED, "1 while connected to NATS.")?,
+            admission_open: single_gauge(
+                ADMISSION_OPEN,
+                "1 while new starts are taken, 0 while admission control holds them.",
+            )?,
+            admission_limit: single_gauge(
+                ADMISSION_LIMIT,
+                "Sagas that may be under way before new starts wait (-1: no bound).",
+            )?,
             nats_reconnects: single_counter(
                 NATS_RECONNECTS,
                 "Reconnections to NATS after the first connect.",

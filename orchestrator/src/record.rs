@@ -46,6 +46,8 @@ pub struct Outbound {
     pub headers: Vec<(&'static str, String)>,
     /// The JSON body.
     pub body: Bytes,
+    /// Whether it expires (a command, after `streams.command-ttl`); events are kept.
+    pub expires: bool,
 }
 
 /// The most earlier entries a record carries; a saga that retried for days
@@ -202,6 +204,7 @@ pub fn outbound(action: &Action, traceparent: Option<&str>) -> Option<(Effect, O
                 msg_id: command.command_id.clone(),
                 headers,
                 body: Bytes::from(command.encode()),
+                expires: true,
             };
             Some((effect, message))
         }
@@ -220,6 +223,7 @@ pub fn outbound(action: &Action, traceparent: Option<&str>) -> Option<(Effect, O
                 subject: subject.clone(),
                 headers,
                 body: Bytes::from(event.encode()),
+                expires: false,
             };
             Some((effect, message))
         }

@@ -51,9 +51,15 @@ pub struct Streams {
     /// state, its journal, and the idempotency of its start key.
     #[serde(with = "config::duration")]
     pub finished_retention: Duration,
+    /// How long a command is kept for its participant (`Nats-TTL`): a command not taken in
+    /// this time is one whose step timed out long ago (the saga retried or compensated), so
+    /// keeping it only fills the stream. At least the duplicate window; every step timeout
+    /// of every definition must be shorter.
+    #[serde(with = "config::duration")]
+    pub command_ttl: Duration,
     /// The most bytes each stream may hold. At the limit new messages are
-    /// refused (nothing is dropped), and the orchestrator refuses new starts a
-    /// little before it so that running sagas still have room to finish.
+    /// refused (nothing is dropped), and the orchestrator holds new starts from
+    /// 90 % of it on (admission control) so that running sagas still have room to finish.
     pub max_bytes: bytesize::ByteSize,
 }
 
@@ -64,10 +70,14 @@ impl Default for Streams {
             replicas: 1,
             retention: specs::DEFAULT_RETENTION,
             finished_retention: DEFAULT_FINISHED_RETENTION,
+            command_ttl: DEFAULT_COMMAND_TTL,
             max_bytes: bytesize::ByteSize::gib(2),
         }
     }
 }
+
+/// How long a command is kept by default.
+pub const DEFAULT_COMMAND_TTL: Duration = Duration::from_secs(10 * 60);
 
 /// How long a finished saga is kept by default.
 pub const DEFAULT_FINISHED_RETENTION: Duration = Duration::from_secs(24 * 3600);
@@ -90,6 +100,16 @@ impl Streams {
                 "streams.retention",
                 format!(
                     "must be at least the duplicate window, {}",
+                    humantime::format_duration(specs::DEDUP)
+                ),
+            ));
+        }
+        if self.command_ttl < specs::DEDUP {
+            return Err(config::Error::field(
+                "streams.command-ttl",
+                format!(
+                    "must be at least the duplicate window, {}: a command re-published after \
+                     it expired would be dropped as a duplicate",
                     humantime::format_duration(specs::DEDUP)
                 ),
             ));

@@ -135,6 +135,7 @@ fn retention_below_the_duplicate_window_and_tiny_byte_bounds_are_refused() {
             "streams.finished-retention",
         ),
         ("JETSAGA_STREAMS__MAX_BYTES", "1000", "streams.max-bytes"),
+        ("JETSAGA_STREAMS__COMMAND_TTL", "90s", "streams.command-ttl"),
     ] {
         let err = config::load::<Config>(None, env(&[(var, value)])).unwrap_err();
         assert_eq!(err.field_name(), Some(field), "{var}={value}: {err}");

@@ -76,8 +76,13 @@ const fn spec(name: &'static str, subjects: &'static [&'static str], max_age: Du
     }
 }
 
-/// Commands to participants: `saga.cmd.<participant>.<action>`.
-pub const COMMANDS: Spec = spec("JETSAGA_COMMANDS", &[subject::COMMANDS], WEEK);
+/// Commands to participants: `saga.cmd.<participant>.<action>`. Each carries a
+/// `Nats-TTL` (the orchestrator's `streams.command-ttl`): a command is worth keeping only
+/// while its step's attempt can still matter.
+pub const COMMANDS: Spec = Spec {
+    allow_msg_ttl: true,
+    ..spec("JETSAGA_COMMANDS", &[subject::COMMANDS], WEEK)
+};
 
 /// Replies from participants: `saga.reply.<participant>.<command id>`. The last
 /// message per subject is the participant's recorded reply (its idempotency record); each

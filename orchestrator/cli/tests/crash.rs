@@ -28,7 +28,10 @@ fn serve(url: &str, definitions: Option<&std::path::Path>) -> ChildGuard {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     if let Some(dir) = definitions {
-        command.env("JETSAGA_ENGINE__DEFINITIONS", dir);
+        // Its steps wait up to 10 minutes: their commands must be kept longer.
+        command
+            .env("JETSAGA_ENGINE__DEFINITIONS", dir)
+            .env("JETSAGA_STREAMS__COMMAND_TTL", "1h");
     }
     ChildGuard::spawn(command).expect("jetsaga serve starts")
 }

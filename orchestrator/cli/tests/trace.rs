@@ -217,6 +217,8 @@ fn serve_with(
         .env("JETSAGA_HTTP__LISTEN", "127.0.0.1:0")
         .env("JETSAGA_ENGINE__ACK_WAIT", "2s")
         .env("JETSAGA_ENGINE__DEFINITIONS", definitions)
+        // The patient definition's steps wait up to 10 minutes: their commands are kept longer.
+        .env("JETSAGA_STREAMS__COMMAND_TTL", "1h")
         .env("JETSAGA_TELEMETRY__OTLP_ENDPOINT", otlp)
         .env("OTEL_BSP_SCHEDULE_DELAY", EXPORT_DELAY_MS)
         .env("JETSAGA_LOG", "warn")

@@ -100,6 +100,11 @@ pub(crate) struct Driver {
     ack_wait: Duration,
     /// Added to the system clock in every decision (see [`Settings`]).
     clock_offset: chrono::TimeDelta,
+    /// The `Nats-TTL` of every command.
+    command_ttl: String,
+    /// Whether new starts are taken (a start pulled just before the gate closed waits in
+    /// its channel).
+    admission: crate::admission::Admission,
 }
 
 impl std::fmt::Debug for Driver {
@@ -133,6 +138,8 @@ pub(crate) struct Settings {
     pub(crate) ack_wait: Duration,
     /// Added to the clock (`engine.clock-offset`, for skew tests).
     pub(crate) clock_offset: chrono::TimeDelta,
+    /// How long a command is kept (`streams.command-ttl`).
+    pub(crate) command_ttl: Duration,
 }
 
 impl Driver {
@@ -156,7 +163,15 @@ impl Driver {
             timer_sweep: settings.timer_sweep,
             ack_wait: settings.ack_wait,
             clock_offset: settings.clock_offset,
+            command_ttl: format!("{}s", settings.command_ttl.as_secs().max(1)),
+            admission: crate::admission::Admission::open(),
         }
+    }
+
+    /// Takes new starts only while `admission` lets them in.
+    pub(crate) fn with_admission(mut self, admission: crate::admission::Admission) -> Self {
+        self.admission = admission;
+        self
     }
 
     /// This instance's clock: the only one the core sees.
@@ -175,7 +190,16 @@ impl Driver {
         let mut gauges = tokio::time::interval(Duration::from_secs(1).min(self.ack_wait / 3));
         let mut sweep = tokio::time::interval(self.timer_sweep);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A start taken from its channel, applied once the admission gate lets it in.
+        let mut held: Option<jetstream::Message> = None;
         loop {
+            if held.is_some()
+                && self.admission.admits().is_ok()
+                && let Some(message) = held.take()
+            {
+                self.handle_message(Source::Starts, message);
+                self.perform();
+            }
             tokio::select! {
                 biased;
                 Some(done) = self.inflight.next(), if !self.inflight.is_empty() => {
@@ -188,7 +212,10 @@ impl Driver {
                 Some(message) = recv(&mut intake.replies) => self.handle_message(Source::Replies, message),
                 Some(message) = recv(&mut intake.timers) => self.handle_message(Source::Timers, message),
                 Some(request) = requests.recv() => self.core.handle_input(self.now(), request),
-                Some(message) = recv(&mut intake.starts) => self.handle_message(Source::Starts, message),
+                Some(message) = recv(&mut intake.starts), if held.is_none() && self.admission.admits().is_ok() => {
+                    // The gate may have closed while this select waited.
+                    held = Some(message);
+                }
                 () = token.cancelled() => break,
             }
             self.perform();
@@ -270,16 +297,17 @@ impl Driver {
                     });
                 }
                 Io::Publish { saga_id, messages } => {
-                    let js = self.js.clone();
+                    let (js, ttl) = (self.js.clone(), self.command_ttl.clone());
                     self.spawn(async move {
-                        let result = publish_effects(&js, &messages, true).await;
+                        let result = publish_effects(&js, &messages, true, &ttl).await;
                         Done::Published { saga_id, result }
                     });
                 }
                 Io::Write { saga_id, write } => {
                     let (js, store) = (self.js.clone(), self.store.clone());
+                    let ttl = self.command_ttl.clone();
                     self.spawn(async move {
-                        let result = perform_write(&js, &store, &saga_id, write).await;
+                        let result = perform_write(&js, &store, &saga_id, write, &ttl).await;
                         Done::Written { saga_id, result }
                     });
                 }
@@ -368,6 +396,7 @@ async fn perform_write(
     store: &Store,
     saga_id: &str,
     write: Write,
+    command_ttl: &str,
 ) -> Result<u64, Error> {
     if let Some(at) = write.set_timer {
         set_timer(js, saga_id, at).await?;
@@ -382,7 +411,7 @@ async fn perform_write(
         .await?;
     // The record is stored: if what follows fails, the effects are published
     // again when the saga is next loaded (the input is redelivered or its timer fires).
-    publish_effects(js, &write.publish, false).await?;
+    publish_effects(js, &write.publish, false, command_ttl).await?;
     if write.clear_timer {
         clear_timer(js, saga_id).await?;
     }
@@ -396,6 +425,7 @@ async fn publish_effects(
     js: &jetstream::Context,
     effects: &[Outbound],
     resent: bool,
+    command_ttl: &str,
 ) -> Result<Vec<String>, Error> {
     let mut acks = Vec::with_capacity(effects.len());
     for effect in effects {
@@ -406,6 +436,9 @@ async fn publish_effects(
         }
         if resent {
             put_header(&mut headers, header::RESENT, "true");
+        }
+        if effect.expires {
+            put_header(&mut headers, header::TTL, command_ttl);
         }
         let failed = |source| Error::Publish {
             subject: effect.subject.clone(),

@@ -81,6 +81,10 @@ pub enum ApiError {
     /// The orchestrator is stopping.
     #[error("the orchestrator is shutting down")]
     ShuttingDown,
+    /// Admission control holds new starts (more sagas under way than the system finishes in
+    /// `engine.admission-window`, or a stream near its byte bound), saying why. Retry later.
+    #[error("overloaded: {0}")]
+    Overloaded(Arc<str>),
     /// NATS or the journal failed; the call may be retried.
     #[error("unavailable")]
     Unavailable(#[source] Arc<Error>),
@@ -93,7 +97,7 @@ impl ApiError {
             ApiError::UnknownType(_) | ApiError::NotFound(_) => ErrorKind::NotFound,
             ApiError::InvalidInput(_) => ErrorKind::BadRequest,
             ApiError::NotAllowed(_) | ApiError::KeyHorizon(_) => ErrorKind::Conflict,
-            ApiError::ShuttingDown => ErrorKind::Unavailable,
+            ApiError::ShuttingDown | ApiError::Overloaded(_) => ErrorKind::Unavailable,
             ApiError::Unavailable(e) => match e.kind() {
                 IoErrorKind::Timeout => ErrorKind::Timeout,
                 IoErrorKind::Conflict
@@ -120,6 +124,7 @@ impl PartialEq for ApiError {
             | (ApiError::InvalidInput(a), ApiError::InvalidInput(b))
             | (ApiError::NotFound(a), ApiError::NotFound(b))
             | (ApiError::NotAllowed(a), ApiError::NotAllowed(b)) => a == b,
+            (ApiError::Overloaded(a), ApiError::Overloaded(b)) => a == b,
             (ApiError::ShuttingDown, ApiError::ShuttingDown) => true,
             (ApiError::Unavailable(a), ApiError::Unavailable(b)) => Arc::ptr_eq(a, b),
             _ => false,

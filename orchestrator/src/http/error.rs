@@ -56,6 +56,8 @@ pub mod code {
     pub const FORBIDDEN: &str = "forbidden";
     /// The orchestrator is stopping.
     pub const SHUTTING_DOWN: &str = "shutting_down";
+    /// Admission control holds new starts; retry later.
+    pub const OVERLOADED: &str = "overloaded";
     /// NATS or the journal failed; retry later.
     pub const UNAVAILABLE: &str = "unavailable";
     /// A bug or an unexpected failure; details are in the server's log.
@@ -152,6 +154,7 @@ impl From<ApiError> for HttpError {
             ApiError::NotAllowed(_) => (StatusCode::CONFLICT, code::NOT_ALLOWED),
             ApiError::KeyHorizon(_) => (StatusCode::CONFLICT, code::KEY_HORIZON_PASSED),
             ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, code::SHUTTING_DOWN),
+            ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, code::OVERLOADED),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, code::UNAVAILABLE),
         };
         if status.is_server_error() {

@@ -293,7 +293,7 @@ impl JournalEntryView {
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 409, description = "`key_horizon_passed`: requested longer ago than the key horizon and the key has no saga", body = ErrorBody),
         (status = 422, description = "The input breaks the schema", body = ErrorBody),
-        (status = 503, description = "NATS unavailable", body = ErrorBody),
+        (status = 503, description = "`overloaded`: admission control holds new starts (more sagas under way than finish in `engine.admission-window`), retry later; or NATS unavailable", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]

@@ -652,6 +652,8 @@ async fn malformed_messages_on_every_subject_are_dead_lettered_once_and_nothing_
         &[
             ("JETSAGA_HTTP__LISTEN", "127.0.0.1:0".to_owned()),
             ("JETSAGA_ENGINE__DEFINITIONS", defs),
+            // The stalled definition's step waits an hour: its commands are kept longer.
+            ("JETSAGA_STREAMS__COMMAND_TTL", "2h".to_owned()),
         ],
     )];
     for binary in [

@@ -128,14 +128,7 @@ mod raw {
     fn streams() -> Vec<stream::Config> {
         const DAY: u64 = 24 * 3600;
         [
-            (
-                "JETSAGA_COMMANDS",
-                "saga.cmd.>",
-                7 * DAY,
-                false,
-                true,
-                false,
-            ),
+            ("JETSAGA_COMMANDS", "saga.cmd.>", 7 * DAY, false, true, true),
             ("JETSAGA_REPLIES", "saga.reply.>", 7 * DAY, true, true, true),
             (
                 "JETSAGA_EVENTS",
