@@ -54,6 +54,10 @@ pub(crate) enum Origin<M, R> {
     Sweep,
 }
 
+/// How much later than the transition that finished a saga its finishing reply
+/// may look stored, by the server's clock against the orchestrator's.
+const FINISHED_REPLY_SKEW: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
 /// One unit of work for one saga.
 #[derive(Debug)]
 pub(crate) enum Work<H: Handles> {
@@ -109,11 +113,20 @@ impl<H: Handles> Work<H> {
     }
 
     /// Whether it is a redelivery of the reply whose transition finished the
-    /// saga (the last one that was not an ignored input).
+    /// saga (the last one that was not an ignored input). A copy of that reply
+    /// (a participant answering a redelivered command again) stored well after
+    /// the saga finished cannot be it, redelivered or not: the finishing reply
+    /// was stored before the transition it caused (give or take
+    /// [`FINISHED_REPLY_SKEW`] of clock skew between orchestrator and server).
     fn redelivers_what_finished(&self, stored: &Stored) -> bool {
         let Work::Input {
             input: Input::Reply { command_id, .. },
-            origin: Origin::Message { delivered, .. },
+            origin:
+                Origin::Message {
+                    delivered,
+                    stored_at,
+                    ..
+                },
             ..
         } = self
         else {
@@ -124,7 +137,10 @@ impl<H: Handles> Work<H> {
             .chain(record.earlier.iter().rev())
             .find(|entry| entry.cause != Cause::Ignored);
         delivered.is_some_and(|n| n > 1)
-            && finishing.is_some_and(|entry| entry.command_id.as_deref() == Some(command_id))
+            && finishing.is_some_and(|entry| {
+                entry.command_id.as_deref() == Some(command_id)
+                    && stored_at.is_none_or(|at| at <= entry.at + FINISHED_REPLY_SKEW)
+            })
     }
 
     /// Whether it is a timer's wake (a fire, or the sweep's).

@@ -1466,6 +1466,57 @@ fn the_redelivered_reply_that_finished_a_saga_republishes_its_event_past_the_win
     }
 }
 
+/// The long chaos profile stored 107 terminal events twice: participants' copies of a
+/// finishing reply (an answer to a redelivered command), stored 2.5 minutes after the saga
+/// finished and then redelivered themselves, were taken for the finishing reply's own
+/// redelivery and re-published the event past the dedup window. A reply stored after the
+/// finish is not the one that finished it; the one stored before still re-publishes.
+#[test]
+fn a_copy_of_the_finishing_reply_stored_after_the_finish_republishes_nothing() {
+    let dedup = chrono::Duration::from_std(jetsaga_sagas::streams::DEDUP).unwrap();
+    let done = completed("late-copy", 9);
+    let id = done.record.saga.id.clone();
+    let finishing = done.record.entry.command_id.clone().unwrap();
+    let finished_at = done.record.entry.at;
+    for (stored_at, republished) in [
+        (finished_at - Ms::milliseconds(20), true),
+        (finished_at + Ms::seconds(150), false),
+    ] {
+        let mut core = core();
+        let now = finished_at + dedup + Ms::seconds(40);
+        let reply = Reply {
+            protocol: VERSION,
+            command_id: finishing.clone(),
+            saga_id: id.clone(),
+            outcome: Outcome::Ok { result: json!({}) },
+        }
+        .encode();
+        let subject = protocol::subject::reply("inventory", &finishing);
+        core.handle_message(
+            now,
+            Incoming {
+                source: Source::Replies,
+                subject: &subject,
+                payload: &reply,
+                traceparent: None,
+                delivered: Some(2),
+                stored_at: Some(stored_at),
+                message: 1,
+            },
+        );
+        assert_load(&drain(&mut core)[0], &id, false);
+        loaded(&mut core, now, &id, Ok(Some(done.clone())));
+        let io = drain(&mut core);
+        let event = io.iter().any(|io| match io {
+            Io::Publish { messages, .. } => messages
+                .iter()
+                .any(|m| m.subject == protocol::subject::event("order.confirmed")),
+            _ => false,
+        });
+        assert_eq!(event, republished, "stored at {stored_at}: {io:?}");
+    }
+}
+
 /// Issue 10 hole 6: under R3 a load is a direct get that a lagging replica may serve. A
 /// reply for a saga the replica does not know yet (it was started a moment ago, or the
 /// replica's node has just restarted) must not be dead-lettered from that answer, nor an
