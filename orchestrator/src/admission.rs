@@ -205,12 +205,11 @@ async fn run(
 /// retried).
 async fn storage_full(js: &jetstream::Context, max_bytes: u64) -> Verdict {
     for name in WRITTEN {
-        let Ok(mut stream) = js.get_stream(name).await else {
+        // The look-up returns the stream's info: one request per stream.
+        let Ok(stream) = js.get_stream(name).await else {
             continue;
         };
-        let Ok(info) = stream.info().await else {
-            continue;
-        };
+        let info = stream.cached_info();
         let bound = u64::try_from(info.config.max_bytes).unwrap_or(max_bytes);
         let bound = if bound == 0 { max_bytes } else { bound };
         #[allow(clippy::cast_precision_loss)]

@@ -1434,36 +1434,51 @@ fn the_redelivered_reply_that_finished_a_saga_republishes_its_event_past_the_win
         (&done, 1, false),
         (&late_ignored, 3, true),
     ] {
-        let mut core = core();
         let now = stored.record.entry.at + dedup + Ms::seconds(5);
-        let reply = Reply {
-            protocol: VERSION,
-            command_id: finishing.clone(),
-            saga_id: id.clone(),
-            outcome: Outcome::Ok { result: json!({}) },
-        }
-        .encode();
-        let subject = protocol::subject::reply("inventory", &finishing);
-        message(
-            &mut core,
-            now,
-            Source::Replies,
-            &subject,
-            &reply,
-            delivered,
-            1,
-        );
-        assert_load(&drain(&mut core)[0], &id, false);
-        loaded(&mut core, now, &id, Ok(Some(stored.clone())));
-        let io = drain(&mut core);
-        let event = io.iter().any(|io| match io {
-            Io::Publish { messages, .. } => messages
-                .iter()
-                .any(|m| m.subject == protocol::subject::event("order.confirmed")),
-            _ => false,
-        });
-        assert_eq!(event, republished, "delivery {delivered}: {io:?}");
+        let event = finishing_reply_republishes(now, stored, &finishing, delivered, None);
+        assert_eq!(event, republished, "delivery {delivered}");
     }
+}
+
+/// Whether the reply `finishing` of `stored`'s saga, delivered `delivered` times (stored by the
+/// server at `stored_at`) and applied at `now`, re-publishes `order.confirmed`.
+fn finishing_reply_republishes(
+    now: DateTime<Utc>,
+    stored: &Stored,
+    finishing: &str,
+    delivered: u64,
+    stored_at: Option<DateTime<Utc>>,
+) -> bool {
+    let mut core = core();
+    let id = stored.record.saga.id.clone();
+    let reply = Reply {
+        protocol: VERSION,
+        command_id: finishing.to_owned(),
+        saga_id: id.clone(),
+        outcome: Outcome::Ok { result: json!({}) },
+    }
+    .encode();
+    let subject = protocol::subject::reply("inventory", finishing);
+    core.handle_message(
+        now,
+        Incoming {
+            source: Source::Replies,
+            subject: &subject,
+            payload: &reply,
+            traceparent: None,
+            delivered: Some(delivered),
+            stored_at,
+            message: 1,
+        },
+    );
+    assert_load(&drain(&mut core)[0], &id, false);
+    loaded(&mut core, now, &id, Ok(Some(stored.clone())));
+    drain(&mut core).iter().any(|io| match io {
+        Io::Publish { messages, .. } => messages
+            .iter()
+            .any(|m| m.subject == protocol::subject::event("order.confirmed")),
+        _ => false,
+    })
 }
 
 /// The long chaos profile stored 107 terminal events twice: participants' copies of a
@@ -1475,45 +1490,15 @@ fn the_redelivered_reply_that_finished_a_saga_republishes_its_event_past_the_win
 fn a_copy_of_the_finishing_reply_stored_after_the_finish_republishes_nothing() {
     let dedup = chrono::Duration::from_std(jetsaga_sagas::streams::DEDUP).unwrap();
     let done = completed("late-copy", 9);
-    let id = done.record.saga.id.clone();
     let finishing = done.record.entry.command_id.clone().unwrap();
     let finished_at = done.record.entry.at;
+    let now = finished_at + dedup + Ms::seconds(40);
     for (stored_at, republished) in [
         (finished_at - Ms::milliseconds(20), true),
         (finished_at + Ms::seconds(150), false),
     ] {
-        let mut core = core();
-        let now = finished_at + dedup + Ms::seconds(40);
-        let reply = Reply {
-            protocol: VERSION,
-            command_id: finishing.clone(),
-            saga_id: id.clone(),
-            outcome: Outcome::Ok { result: json!({}) },
-        }
-        .encode();
-        let subject = protocol::subject::reply("inventory", &finishing);
-        core.handle_message(
-            now,
-            Incoming {
-                source: Source::Replies,
-                subject: &subject,
-                payload: &reply,
-                traceparent: None,
-                delivered: Some(2),
-                stored_at: Some(stored_at),
-                message: 1,
-            },
-        );
-        assert_load(&drain(&mut core)[0], &id, false);
-        loaded(&mut core, now, &id, Ok(Some(done.clone())));
-        let io = drain(&mut core);
-        let event = io.iter().any(|io| match io {
-            Io::Publish { messages, .. } => messages
-                .iter()
-                .any(|m| m.subject == protocol::subject::event("order.confirmed")),
-            _ => false,
-        });
-        assert_eq!(event, republished, "stored at {stored_at}: {io:?}");
+        let event = finishing_reply_republishes(now, &done, &finishing, 2, Some(stored_at));
+        assert_eq!(event, republished, "stored at {stored_at}");
     }
 }
 
