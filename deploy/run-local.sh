@@ -17,6 +17,8 @@
 #   JETSAGA_BIN_DIR=DIR deploy/run-local.sh   run the binaries in DIR (no build), e.g. another revision's
 #   JETSAGA_LOCAL_CONFIG_DIR=DIR deploy/run-local.sh   start each service with `--config DIR/<name>.toml`
 #                                       (orchestrator, inventory, payment, notification) where it exists
+#   JETSAGA_LOCAL_NATS_PROF_PORT=PORT deploy/run-local.sh   nats-server serves Go's pprof on
+#                                       127.0.0.1:PORT (/debug/pprof/heap?debug=1: where its memory goes)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -92,9 +94,12 @@ trap cleanup EXIT INT TERM
 if $fresh; then rm -rf "$state/nats-data"; fi
 sync_line=""
 if $sync_always; then sync_line="  sync_interval: always"; fi
+prof_line=""
+if [[ -n "${JETSAGA_LOCAL_NATS_PROF_PORT:-}" ]]; then prof_line="prof_port: $JETSAGA_LOCAL_NATS_PROF_PORT"; fi
 cat > "$state/nats.conf" <<CONF
 listen: 127.0.0.1:$nats_port
 http: 127.0.0.1:$monitor_port
+$prof_line
 jetstream {
   store_dir: "$state/nats-data"
   # Room for every stream's byte bound (streams.max-bytes), whatever the disk has free.
