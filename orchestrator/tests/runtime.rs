@@ -159,6 +159,20 @@ async fn same_key_starts_one_saga_over_api_and_subject() {
         .await
         .unwrap_err();
     assert_eq!(err, ApiError::UnknownType("no-such-saga".into()));
+
+    // Taken starts leave the start stream: it holds only starts still waiting, whatever the
+    // start rate (with limits retention it kept every start for its max age).
+    wait_until("the start stream holds no taken start", WAIT, || {
+        let js = js.clone();
+        async move {
+            let mut starts = js
+                .get_stream(jetsaga_sagas::streams::STARTS.name)
+                .await
+                .unwrap();
+            starts.info().await.unwrap().state.messages == 0
+        }
+    })
+    .await;
     running.shutdown().await;
 }
 

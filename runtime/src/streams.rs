@@ -220,6 +220,7 @@ pub fn config(spec: &Spec, settings: &Streams) -> stream::Config {
     };
     let retention = match spec.retention {
         Retention::Limits => stream::RetentionPolicy::Limits,
+        Retention::WorkQueue => stream::RetentionPolicy::WorkQueue,
     };
     stream::Config {
         name: spec.name.to_owned(),

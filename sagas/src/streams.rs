@@ -13,6 +13,9 @@ use crate::protocol::subject;
 pub enum Retention {
     /// Kept until `max_age` (or the per-subject limit) removes them.
     Limits,
+    /// Removed once the stream's one consumer acknowledges (or terminates) them; a message
+    /// not yet acknowledged stays until `max_age`.
+    WorkQueue,
 }
 
 /// One stream: its name, subjects and the settings jetsaga relies on.
@@ -93,8 +96,15 @@ pub const REPLIES: Spec = Spec {
     ..spec("JETSAGA_REPLIES", &[subject::REPLIES], WEEK)
 };
 
-/// Start requests: `saga.start.<saga type>`.
-pub const STARTS: Spec = spec("JETSAGA_STARTS", &[subject::STARTS], DAY);
+/// Start requests: `saga.start.<saga type>`. A start is removed once the orchestrator has
+/// taken it (its saga is in the journal) or dead-lettered it, so the stream holds only the
+/// starts still waiting — admission control holds them here — whatever the start rate; the
+/// duplicate window still drops a start sent twice within it, and past it the journal makes
+/// the start key idempotent.
+pub const STARTS: Spec = Spec {
+    retention: Retention::WorkQueue,
+    ..spec("JETSAGA_STARTS", &[subject::STARTS], DAY)
+};
 
 /// Domain events: `saga.event.<name>`. At the byte limit the oldest (long
 /// consumed) events make room.
