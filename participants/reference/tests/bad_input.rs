@@ -595,40 +595,58 @@ async fn busy_consumers(js: &jetstream::Context) -> String {
 }
 
 /// Every dead letter, as (kind, number, source subject, reason, original subject, truncated).
+/// Read by sequence with direct gets, a few at a time: an ordered consumer over hundreds of
+/// thousands of letters, some near `max_payload`, stalled for over a minute in one run.
 async fn dead_letters(
     js: &jetstream::Context,
 ) -> Vec<(String, String, String, String, String, String)> {
     let stream = js.get_stream(streams::DEAD_LETTERS.name).await.unwrap();
-    let total = stream.get_info().await.unwrap().state.messages;
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig::default())
-        .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
-    let mut out = Vec::new();
-    while (out.len() as u64) < total {
-        let m = tokio::time::timeout(WAIT, messages.next())
-            .await
-            .expect("dead letters keep coming")
-            .unwrap()
-            .unwrap();
-        let headers = m.headers.clone().unwrap_or_default();
-        let get = |name: &str| {
-            headers
-                .get(name)
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_default()
-        };
-        out.push((
-            get(KIND),
-            get(NUMBER),
-            m.subject.to_string(),
-            get(header::DEAD_REASON),
-            get(header::DEAD_SUBJECT),
-            get(header::DEAD_TRUNCATED),
-        ));
-    }
-    out
+    let state = stream.get_info().await.unwrap().state;
+    let read = |sequence: u64| {
+        let stream = stream.clone();
+        async move {
+            for _ in 0..5 {
+                match stream.direct_get(sequence).await {
+                    Ok(m) => return Some(m),
+                    Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
+                        return None;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+            panic!("cannot read dead letter {sequence}")
+        }
+    };
+    let letters: Vec<_> = futures::stream::iter(state.first_sequence..=state.last_sequence)
+        .map(read)
+        .buffered(32)
+        .filter_map(|m| async move { m })
+        .collect()
+        .await;
+    assert_eq!(
+        letters.len() as u64,
+        state.messages,
+        "dead letters read by sequence"
+    );
+    letters
+        .into_iter()
+        .map(|m| {
+            let get = |name: &str| {
+                m.headers
+                    .get(name)
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default()
+            };
+            (
+                get(KIND),
+                get(NUMBER),
+                m.subject.to_string(),
+                get(header::DEAD_REASON),
+                get(header::DEAD_SUBJECT),
+                get(header::DEAD_TRUNCATED),
+            )
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
