@@ -605,22 +605,33 @@ async fn dead_letters(
     let read = |sequence: u64| {
         let stream = stream.clone();
         async move {
-            for _ in 0..5 {
-                match stream.direct_get(sequence).await {
-                    Ok(m) => return Some(m),
-                    Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
-                        return None;
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            let m = match stream.direct_get(sequence).await {
+                Ok(m) => m,
+                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
+                    return None;
                 }
-            }
-            panic!("cannot read dead letter {sequence}")
+                Err(e) => panic!("reading dead letter {sequence}: {e}"),
+            };
+            let get = |name: &str| {
+                m.headers
+                    .get(name)
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default()
+            };
+            Some((
+                get(KIND),
+                get(NUMBER),
+                m.subject.to_string(),
+                get(header::DEAD_REASON),
+                get(header::DEAD_SUBJECT),
+                get(header::DEAD_TRUNCATED),
+            ))
         }
     };
     let letters: Vec<_> = futures::stream::iter(state.first_sequence..=state.last_sequence)
         .map(read)
         .buffered(32)
-        .filter_map(|m| async move { m })
+        .filter_map(|letter| async move { letter })
         .collect()
         .await;
     assert_eq!(
@@ -629,24 +640,6 @@ async fn dead_letters(
         "dead letters read by sequence"
     );
     letters
-        .into_iter()
-        .map(|m| {
-            let get = |name: &str| {
-                m.headers
-                    .get(name)
-                    .map(|v| v.as_str().to_owned())
-                    .unwrap_or_default()
-            };
-            (
-                get(KIND),
-                get(NUMBER),
-                m.subject.to_string(),
-                get(header::DEAD_REASON),
-                get(header::DEAD_SUBJECT),
-                get(header::DEAD_TRUNCATED),
-            )
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
