@@ -545,6 +545,15 @@ mod raw {
             for (index, raw) in self.steps.iter().enumerate() {
                 let step = Some(raw.name.as_str());
                 p.token(step, "name", &raw.name);
+                if raw.name.contains(':') {
+                    p.add(
+                        step,
+                        format!(
+                            "name \"{}\" contains ':', which separates the parts of a command id",
+                            raw.name
+                        ),
+                    );
+                }
                 if !names.insert(raw.name.as_str()) {
                     p.add(step, "duplicate step name");
                 }
@@ -680,6 +689,10 @@ mod tests {
             (
                 with_steps(&format!("{STEP_A}{STEP_A}")),
                 "step \"a\": duplicate step name",
+            ),
+            (
+                with_steps(&STEP_A.replace("name = \"a\"", "name = \"a:\"")),
+                "name \"a:\" contains ':', which separates the parts of a command id",
             ),
             (
                 with_steps(&STEP_A.replace("compensation = \"undo\"\n", "")),
