@@ -11,6 +11,8 @@
 //! - [`consume`]: the pull-consume loop with bounded in-flight work, progress marking and a
 //!   graceful drain.
 //! - [`shutdown`]: SIGINT/SIGTERM; [`telemetry`]: the `[telemetry]` section, logs and OTLP.
+//! - [`workers`]: the tokio runtime of every binary (one worker thread unless
+//!   `TOKIO_WORKER_THREADS` says otherwise).
 
 pub mod config;
 pub mod consume;
@@ -20,3 +22,4 @@ pub mod nats;
 pub mod shutdown;
 pub mod streams;
 pub mod telemetry;
+pub mod workers;

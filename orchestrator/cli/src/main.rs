@@ -174,11 +174,11 @@ fn run_tool<T: serde::Serialize, E: std::fmt::Display>(
     work: impl std::future::Future<Output = Result<T, E>>,
     render: impl FnOnce(&T) -> (String, bool),
 ) -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match jetsaga_runtime::workers::from_env() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("jetsaga {name}: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+            eprintln!("jetsaga {name}: {e}");
+            return runtime_failure(&e);
         }
     };
     let report = match runtime.block_on(work) {
@@ -206,6 +206,15 @@ fn run_tool<T: serde::Serialize, E: std::fmt::Display>(
     }
 }
 
+/// The exit code when the runtime cannot be built: 64 for a bad worker count (a usage error),
+/// 1 when the threads cannot be started.
+fn runtime_failure(e: &jetsaga_runtime::workers::Error) -> ExitCode {
+    match e {
+        jetsaga_runtime::workers::Error::Count { .. } => ExitCode::from(EX_USAGE),
+        jetsaga_runtime::workers::Error::Start(_) => ExitCode::FAILURE,
+    }
+}
+
 fn serve(file: Option<PathBuf>) -> ExitCode {
     let mut config = match Config::load(file.as_deref(), std::env::vars()) {
         Ok(c) => c,
@@ -218,11 +227,11 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
     if let Some(filter) = std::env::var("JETSAGA_LOG").ok().filter(|f| !f.is_empty()) {
         config.telemetry.log_filter = filter;
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match jetsaga_runtime::workers::from_env() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("jetsaga serve: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+            eprintln!("jetsaga serve: {e}");
+            return runtime_failure(&e);
         }
     };
     let _telemetry = {

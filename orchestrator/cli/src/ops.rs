@@ -222,11 +222,11 @@ fn query(pairs: &[(&str, Option<String>)]) -> String {
 
 /// Runs an operator command; prints the result and returns the exit code.
 pub(crate) fn run(connection: Connection, request: Request) -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match jetsaga_runtime::workers::from_env() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("jetsaga: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+            eprintln!("jetsaga: {e}");
+            return crate::runtime_failure(&e);
         }
     };
     let client = Client {

@@ -95,9 +95,10 @@ impl Args {
 }
 
 /// What every reference participant's `main` does: parse the command line, load the
-/// configuration (exit 64 naming the field when it is invalid), set up telemetry, and run
-/// until SIGINT or SIGTERM.
-pub async fn main<C, F, Fut>(binary: &'static str, run: F) -> std::process::ExitCode
+/// configuration (exit 64 naming the field when it is invalid), start the runtime
+/// ([`jetsaga_runtime::workers`]: one worker thread unless `TOKIO_WORKER_THREADS` says
+/// otherwise; exit 64 for a bad count), set up telemetry, and run until SIGINT or SIGTERM.
+pub fn main<C, F, Fut>(binary: &'static str, run: F) -> std::process::ExitCode
 where
     C: config::Load,
     F: FnOnce(C, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
@@ -115,18 +116,30 @@ where
             return ExitCode::from(EX_USAGE);
         }
     };
-    let _telemetry = match jetsaga_runtime::telemetry::init(binary, config.telemetry()) {
-        Ok(guard) => guard,
+    let runtime = match jetsaga_runtime::workers::from_env() {
+        Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("{binary}: {e}");
-            return ExitCode::from(EX_USAGE);
+            return match e {
+                jetsaga_runtime::workers::Error::Count { .. } => ExitCode::from(EX_USAGE),
+                jetsaga_runtime::workers::Error::Start(_) => ExitCode::FAILURE,
+            };
         }
     };
-    match run(config, Box::pin(jetsaga_runtime::shutdown::signal())).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "{binary} stopped");
-            ExitCode::FAILURE
+    runtime.block_on(async move {
+        let _telemetry = match jetsaga_runtime::telemetry::init(binary, config.telemetry()) {
+            Ok(guard) => guard,
+            Err(e) => {
+                eprintln!("{binary}: {e}");
+                return ExitCode::from(EX_USAGE);
+            }
+        };
+        match run(config, Box::pin(jetsaga_runtime::shutdown::signal())).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "{binary} stopped");
+                ExitCode::FAILURE
+            }
         }
-    }
+    })
 }

@@ -9,11 +9,9 @@ use std::process::ExitCode;
 
 use jetsaga_reference::inventory;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     jetsaga_reference::main(
         "jetsaga-inventory",
         |config: inventory::Config, shutdown| inventory::run(config, shutdown),
     )
-    .await
 }

@@ -9,11 +9,9 @@ use std::process::ExitCode;
 
 use jetsaga_reference::notification;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     jetsaga_reference::main(
         "jetsaga-notification",
         |config: notification::Config, shutdown| notification::run(config, shutdown),
     )
-    .await
 }

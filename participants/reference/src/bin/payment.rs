@@ -9,10 +9,8 @@ use std::process::ExitCode;
 
 use jetsaga_reference::payment;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     jetsaga_reference::main("jetsaga-payment", |config: payment::Config, shutdown| {
         payment::run(config, shutdown)
     })
-    .await
 }
