@@ -2,8 +2,8 @@
 //!
 //! One worker thread by default: a service's hot path is one task (the orchestrator's driver,
 //! a participant's consume loop), and on the 2-core machine the benchmarks run on a second
-//! worker only added cross-thread wake-ups — one worker cut the CPU per saga at 500 sagas/s by
-//! ~4 % and the p99 by about a third, and was as fast at saturation (README, Performance).
+//! worker mostly added cross-thread wake-ups — against two, one worker gave ~9 % more
+//! throughput at saturation and an ~11 % lower p99 at 500 sagas/s (README, Performance).
 //! Scale out with more instances; `TOKIO_WORKER_THREADS` (tokio's own variable) sets another
 //! count for a binary that has cores of its own.
 
@@ -30,6 +30,17 @@ pub enum Error {
     /// The operating system refused the threads.
     #[error("cannot start the runtime: {0}")]
     Start(#[from] std::io::Error),
+}
+
+impl Error {
+    /// The exit code of a binary whose runtime could not be built: 64 (sysexits `EX_USAGE`,
+    /// as for a bad configuration) for a bad count, 1 when the threads cannot be started.
+    pub fn exit_code(&self) -> std::process::ExitCode {
+        match self {
+            Self::Count { .. } => std::process::ExitCode::from(64),
+            Self::Start(_) => std::process::ExitCode::FAILURE,
+        }
+    }
 }
 
 /// The worker count `value` (the variable's value, if set) asks for.

@@ -178,7 +178,7 @@ fn run_tool<T: serde::Serialize, E: std::fmt::Display>(
         Ok(r) => r,
         Err(e) => {
             eprintln!("jetsaga {name}: {e}");
-            return runtime_failure(&e);
+            return e.exit_code();
         }
     };
     let report = match runtime.block_on(work) {
@@ -206,15 +206,6 @@ fn run_tool<T: serde::Serialize, E: std::fmt::Display>(
     }
 }
 
-/// The exit code when the runtime cannot be built: 64 for a bad worker count (a usage error),
-/// 1 when the threads cannot be started.
-fn runtime_failure(e: &jetsaga_runtime::workers::Error) -> ExitCode {
-    match e {
-        jetsaga_runtime::workers::Error::Count { .. } => ExitCode::from(EX_USAGE),
-        jetsaga_runtime::workers::Error::Start(_) => ExitCode::FAILURE,
-    }
-}
-
 fn serve(file: Option<PathBuf>) -> ExitCode {
     let mut config = match Config::load(file.as_deref(), std::env::vars()) {
         Ok(c) => c,
@@ -231,7 +222,7 @@ fn serve(file: Option<PathBuf>) -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("jetsaga serve: {e}");
-            return runtime_failure(&e);
+            return e.exit_code();
         }
     };
     let _telemetry = {

@@ -226,7 +226,7 @@ pub(crate) fn run(connection: Connection, request: Request) -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("jetsaga: {e}");
-            return crate::runtime_failure(&e);
+            return e.exit_code();
         }
     };
     let client = Client {

@@ -162,7 +162,7 @@ fn invalid_config_exits_64_naming_the_field() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such-from-env.toml"));
-    // A worker-thread count that is not one, for the service and for the tools.
+    // A bad worker-thread count, for the service and for the tools.
     for args in [&["serve"][..], &["bench", "--sagas", "1"]] {
         let out = Command::new(cargo_bin("jetsaga"))
             .args(args)

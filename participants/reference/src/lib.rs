@@ -120,10 +120,7 @@ where
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("{binary}: {e}");
-            return match e {
-                jetsaga_runtime::workers::Error::Count { .. } => ExitCode::from(EX_USAGE),
-                jetsaga_runtime::workers::Error::Start(_) => ExitCode::FAILURE,
-            };
+            return e.exit_code();
         }
     };
     runtime.block_on(async move {

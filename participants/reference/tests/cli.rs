@@ -55,7 +55,7 @@ fn help_config_file_and_usage_errors() {
         let (code, out) = run(binary, &[], &[("JETSAGA_NATS__REPLICAS", "0")]);
         assert_eq!(code, 64, "{binary}: {out}");
         assert!(out.contains("nats.replicas"), "{out}");
-        // So does a worker-thread count that is not one, before anything connects.
+        // So does a bad worker-thread count, before anything connects.
         for bad in ["0", "many"] {
             let (code, out) = run(binary, &[], &[("TOKIO_WORKER_THREADS", bad)]);
             assert_eq!(code, 64, "{binary} {bad}: {out}");
