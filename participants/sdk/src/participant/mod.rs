@@ -95,7 +95,8 @@ impl Participant {
     ) -> Result<(), Error> {
         let js = self.jetstream(client.clone());
         streams::ensure(&js, &streams::NEEDED, &self.settings.streams).await?;
-        let consumer = self.consumer(&js).await?;
+        // The replies stream is looked up before the consumer exists, so a running consumer
+        // always has its replies stream (and a caller waiting for the consumer knows both).
         let replies = js
             .get_stream(REPLIES.name)
             .await
@@ -103,6 +104,7 @@ impl Participant {
                 consumer: self.consumer_name(),
                 reason: format!("look up stream {}: {e}", REPLIES.name),
             })?;
+        let consumer = self.consumer(&js).await?;
         let settings = self.settings.clone();
         info!(participant = %self.name, consumer = %self.consumer_name(), "participant started");
         let name = self.name.clone();
