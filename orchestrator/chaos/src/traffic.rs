@@ -12,8 +12,10 @@
 //! - **reply copies** (`--duplicates F`): a share `F` of the replies is published again 1–4
 //!   more times (so delivered 2–5×), most within 10 s, a quarter of them (for replies seen early
 //!   enough in the load) 125–150 s later, past the replies stream's 2-minute duplicate window.
-//!   A copy carries the reply's headers without its `Nats-Msg-Id`, so JetStream stores every
-//!   copy, plus [`COPY_HEADER`] so the runner tells its own copies apart.
+//!   A copy carries the reply's headers without its `Nats-Msg-Id` and its
+//!   `Nats-Expected-Last-Subject-Sequence`, so JetStream stores every copy (as from a
+//!   participant that does not follow the protocol), plus [`COPY_HEADER`] so the runner tells
+//!   its own copies apart.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -343,7 +345,9 @@ impl State {
             self.copies.replies_copied += 1;
             let mut copy_headers = HeaderMap::new();
             for (name, values) in headers.iter() {
-                if AsRef::<str>::as_ref(name) == header::MSG_ID {
+                let name_str: &str = name.as_ref();
+                if name_str == header::MSG_ID || name_str == header::EXPECTED_LAST_SUBJECT_SEQUENCE
+                {
                     continue;
                 }
                 for value in values {
@@ -533,15 +537,22 @@ mod tests {
             "only forward successes"
         );
 
-        // Every reply copied (share 1): 1–4 copies each, without the message id, marked.
+        // Every reply copied (share 1): 1–4 copies each, without what makes JetStream drop a
+        // copy (a message id, "only if the subject is empty"), marked.
         let mut headers = HeaderMap::new();
         headers.insert(header::MSG_ID, "reply:s:take-payment:do:3");
+        headers.insert(header::EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
         headers.insert(header::TTL, "1h");
         state.on_reply(&reply("s:take-payment:do:3", true, headers), 1.0);
         let copies: Vec<&Due> = state.due.values().collect();
         assert!((1..=4).contains(&copies.len()), "{}", copies.len());
         for copy in &copies {
             assert!(copy.headers.get(header::MSG_ID).is_none());
+            assert!(
+                copy.headers
+                    .get(header::EXPECTED_LAST_SUBJECT_SEQUENCE)
+                    .is_none()
+            );
             assert_eq!(copy.headers.get(header::TTL).unwrap().as_str(), "1h");
             assert!(copy.headers.get(COPY_HEADER).is_some());
             assert!(!copy.late, "the load is not long enough for late copies");

@@ -517,7 +517,7 @@ mod raw {
             }
             let body = serde_json::to_vec(&body).unwrap();
             let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", format!("reply:{}", command.command_id));
+            headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
             headers.insert("Jetsaga-Saga-Id", command.saga_id.as_str());
             headers.insert("Jetsaga-Command-Id", command.command_id.as_str());
             headers.insert("Nats-TTL", "3600");
@@ -583,7 +583,11 @@ mod raw {
                             headers.append(name, value.as_str());
                         }
                     }
-                    for needed in ["Nats-Msg-Id", "Jetsaga-Saga-Id", "Jetsaga-Command-Id"] {
+                    for needed in [
+                        "Nats-Expected-Last-Subject-Sequence",
+                        "Jetsaga-Saga-Id",
+                        "Jetsaga-Command-Id",
+                    ] {
                         if headers.get(needed).is_none() {
                             self.problem(format!("the recorded reply lacks {needed}"));
                             return Err(format!("the recorded reply lacks {needed}"));
@@ -598,19 +602,28 @@ mod raw {
             }
         }
 
+        /// Publishes a reply only if none is recorded for its command; "wrong last
+        /// sequence" means one is, which counts as published.
         async fn publish(
             &self,
             subject: &str,
-            headers: HeaderMap,
+            mut headers: HeaderMap,
             body: bytes::Bytes,
         ) -> Result<(), String> {
-            self.js
-                .publish_with_headers(subject.to_owned(), headers, body)
-                .await
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(())
+            headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+            let stored = async {
+                self.js
+                    .publish_with_headers(subject.to_owned(), headers, body)
+                    .await?
+                    .await
+            };
+            match stored.await {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            }
         }
 
         /// Dead letters: a copy with the reason, then term.

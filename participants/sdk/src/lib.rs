@@ -57,4 +57,4 @@ pub mod trace;
 pub use error::Error;
 pub use handler::{Context, Handled};
 pub use metrics::Metrics;
-pub use participant::{Builder, DEFAULT_ACK_WAIT, DEFAULT_REPLY_TTL, Participant, reply_msg_id};
+pub use participant::{Builder, DEFAULT_ACK_WAIT, DEFAULT_REPLY_TTL, Participant};

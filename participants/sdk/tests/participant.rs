@@ -183,10 +183,15 @@ async fn outcomes_acks_dead_letters_and_metrics() {
             result: json!({"saga": "s-ok", "delivered": 1})
         }
     );
+    // Recorded only if its subject holds no reply yet: no duplicate-window id.
     assert_eq!(
-        headers.get(header::MSG_ID).unwrap().as_str(),
-        format!("reply:{}", ok.command_id)
+        headers
+            .get(header::EXPECTED_LAST_SUBJECT_SEQUENCE)
+            .unwrap()
+            .as_str(),
+        "0"
     );
+    assert!(headers.get(header::MSG_ID).is_none());
     assert_eq!(headers.get(header::SAGA_ID).unwrap().as_str(), "s-ok");
     assert_eq!(
         headers.get(header::COMMAND_ID).unwrap().as_str(),
@@ -378,25 +383,29 @@ async fn outcomes_acks_dead_letters_and_metrics() {
     running.stop().await;
 }
 
+/// A participant whose `charge` answers with its run count, and that count.
+fn counting_charge() -> (Participant, Arc<AtomicU32>) {
+    let runs = Arc::new(AtomicU32::new(0));
+    let counted = runs.clone();
+    let participant = Participant::builder(NAME)
+        .handler("charge", move |ctx: Context| {
+            let runs = counted.clone();
+            async move {
+                let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                Handled::ok(json!({"run": n, "saga": ctx.saga_id()}))
+            }
+        })
+        .build()
+        .unwrap();
+    (participant, runs)
+}
+
 #[tokio::test]
 async fn the_same_command_five_times_runs_once_and_gets_five_identical_replies() {
     let server = NatsServer::start();
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = jetstream::new(client.clone());
-    let runs = Arc::new(AtomicU32::new(0));
-    let participant = {
-        let runs = runs.clone();
-        Participant::builder(NAME)
-            .handler("charge", move |ctx: Context| {
-                let runs = runs.clone();
-                async move {
-                    let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
-                    Handled::ok(json!({"run": n, "saga": ctx.saga_id()}))
-                }
-            })
-            .build()
-            .unwrap()
-    };
+    let (participant, runs) = counting_charge();
     // Streams first, so the subscription below sees every reply.
     streams::ensure(&js, &streams::NEEDED, &streams::Streams::default())
         .await
@@ -421,8 +430,11 @@ async fn the_same_command_five_times_runs_once_and_gets_five_identical_replies()
             .unwrap();
         let headers = msg.headers.clone().unwrap();
         assert_eq!(
-            headers.get(header::MSG_ID).unwrap().as_str(),
-            format!("reply:{}", cmd.command_id)
+            headers
+                .get(header::EXPECTED_LAST_SUBJECT_SEQUENCE)
+                .unwrap()
+                .as_str(),
+            "0"
         );
         bodies.push(msg.payload);
     }
@@ -435,6 +447,53 @@ async fn the_same_command_five_times_runs_once_and_gets_five_identical_replies()
             result: json!({"run": 1, "saga": "s-dup"})
         }
     );
+    running.stop().await;
+}
+
+/// A reply recorded long ago (past the 2-minute duplicate window, where a `Nats-Msg-Id` no
+/// longer protects it) stays the command's only reply when the handler runs again.
+#[tokio::test]
+async fn a_command_answered_past_the_duplicate_window_keeps_its_first_reply() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let (participant, runs) = counting_charge();
+    let running = start(&server.url(), participant).await;
+    // The first answer, recorded as if more than 2 minutes ago: its message id is forgotten.
+    let cmd = command("charge", "s-old", 1);
+    let first = Reply {
+        protocol: protocol::VERSION,
+        command_id: cmd.command_id.clone(),
+        saga_id: cmd.saga_id.clone(),
+        outcome: Outcome::Ok {
+            result: json!({"first": true}),
+        },
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(header::MSG_ID, "forgotten");
+    js.publish_with_headers(cmd.reply_to.clone(), headers, first.encode().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // A delivery that skips the look-up (a first delivery, not re-sent) runs the handler.
+    send(&js, &cmd, &cmd.command_id).await;
+    let commands = js.get_stream("JETSAGA_COMMANDS").await.unwrap();
+    wait_until("the command is settled", WAIT, || async {
+        settled(&commands).await && runs.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let replies = js.get_stream(REPLIES.name).await.unwrap();
+    let info = replies.info_with_subjects(&cmd.reply_to).await.unwrap();
+    let kept: Vec<(String, usize)> = info
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(kept, vec![(cmd.reply_to.clone(), 1)], "one reply recorded");
+    let (reply, _) = recorded(&js, &cmd).await.unwrap();
+    assert_eq!(reply, first);
     running.stop().await;
 }
 

@@ -9,7 +9,6 @@ use builder::Settings;
 pub use builder::{Builder, DEFAULT_ACK_WAIT, DEFAULT_REPLY_TTL};
 use keyed::KeyedLock;
 use worker::Worker;
-pub use worker::reply_msg_id;
 
 use std::collections::HashMap;
 use std::future::Future;

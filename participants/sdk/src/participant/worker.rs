@@ -6,6 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, AckKind, Message};
 use async_nats::{HeaderMap, jetstream::stream::DirectGetErrorKind};
 use futures::FutureExt;
@@ -339,17 +340,25 @@ impl Worker {
         }
     }
 
+    /// Publishes a reply; a reply already recorded for the command counts as published.
     async fn publish(
         &self,
         subject: String,
-        headers: HeaderMap,
+        mut headers: HeaderMap,
         payload: bytes::Bytes,
     ) -> Result<(), async_nats::jetstream::context::PublishError> {
-        self.js
-            .publish_with_headers(subject, headers, payload)
-            .await?
-            .await?;
-        Ok(())
+        only_if_unrecorded(&mut headers);
+        let stored = async {
+            self.js
+                .publish_with_headers(subject, headers, payload)
+                .await?
+                .await
+        };
+        match stored.await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -367,11 +376,7 @@ fn reply_message(
         outcome,
     };
     let mut headers = HeaderMap::new();
-    put_header(
-        &mut headers,
-        header::MSG_ID,
-        reply_msg_id(&command.command_id),
-    );
+    only_if_unrecorded(&mut headers);
     put_header(&mut headers, header::SAGA_ID, command.saga_id.as_str());
     put_header(
         &mut headers,
@@ -390,9 +395,11 @@ fn reply_message(
     (headers, reply.encode().into())
 }
 
-/// The `Nats-Msg-Id` of the reply to `command_id`.
-pub fn reply_msg_id(command_id: &str) -> String {
-    format!("reply:{command_id}")
+/// Makes a reply publish conditional on its subject (the command's own) holding no reply:
+/// JetStream stores the first reply to a command and answers every later one "wrong last
+/// sequence" for as long as the recorded reply lives, with no duplicate-window entry to keep.
+fn only_if_unrecorded(headers: &mut HeaderMap) {
+    put_header(headers, header::EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
