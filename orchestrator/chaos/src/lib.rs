@@ -941,6 +941,7 @@ async fn inject(
         }
         if next_payment_stop <= now {
             if payment_resume.is_none() && system.stop("payment")? {
+                traffic.disturbed(Some("payment"));
                 log(format!("SIGSTOP payment for {:?}", plan.payment_stop_for));
                 payment_stopped_at = now;
                 payment_resume = Some(now + plan.payment_stop_for);
@@ -991,6 +992,7 @@ async fn inject(
                 "kill -9 nats-server, down for {:?}",
                 plan.nats_down_for
             ));
+            traffic.disturbed(None);
             let (s, down_for) = (system.clone(), plan.nats_down_for);
             let outage = blocking(move || s.restart_nats(down_for)).await?;
             log(format!("nats-server back after {outage:.1?}"));

@@ -84,6 +84,11 @@ pub struct Recovery {
     pub max_s: f64,
     /// Share of the answered ones answered within 3 s of the restart.
     pub within_3s: f64,
+    /// Answered, but another fault came between the restart and the reply (the same
+    /// participant stopped, nats-server restarted): left out of the figures above.
+    pub disturbed: u64,
+    /// The longest of those, in seconds.
+    pub disturbed_max_s: f64,
     /// Not answered before the participant's next kill (measured again from that restart).
     pub interrupted: u64,
     /// Never answered by the end of the run.
@@ -96,7 +101,8 @@ impl Recovery {
         format!(
             "  recovery after a participant kill (hole 12): {} commands in flight over {} kills, \
              {} answered: restart to reply median {:.2} s, p90 {:.2} s, max {:.2} s, {:.0} % within 3 s; \
-             {} interrupted by the next kill, {} never answered",
+             {} more answered after another fault in between (a stop of that participant, a \
+             nats-server restart; max {:.2} s); {} interrupted by the next kill, {} never answered",
             self.in_flight,
             self.kills,
             self.answered,
@@ -104,6 +110,8 @@ impl Recovery {
             self.p90_s,
             self.max_s,
             self.within_3s * 100.0,
+            self.disturbed,
+            self.disturbed_max_s,
             self.interrupted,
             self.unanswered
         )
@@ -133,6 +141,8 @@ struct Open {
 struct Probe {
     participant: String,
     restarted: Instant,
+    /// Another fault came before the reply.
+    disturbed: bool,
 }
 
 struct Due {
@@ -149,6 +159,7 @@ struct State {
     answered_ok: HashSet<String>,
     probes: HashMap<String, Probe>,
     samples: Vec<f64>,
+    disturbed_samples: Vec<f64>,
     recovery: Recovery,
     queue: BinaryHeap<Reverse<(Instant, u64)>>,
     due: HashMap<u64, Due>,
@@ -229,6 +240,12 @@ impl Traffic {
         lock(&self.state).restarted(name);
     }
 
+    /// Another fault hits the commands measured so far: those of `participant` (stopped), or
+    /// all of them (`None`: nats-server restarts).
+    pub(crate) fn disturbed(&self, participant: Option<&str>) {
+        lock(&self.state).disturbed(participant);
+    }
+
     /// Waits until every copy has been published, or `within` has passed.
     pub(crate) async fn copies_sent(&self, within: Duration) {
         let give_up = Instant::now() + within;
@@ -262,6 +279,8 @@ impl Traffic {
             within as f64 / samples.len() as f64
         };
         recovery.unanswered = state.probes.len() as u64;
+        recovery.disturbed = state.disturbed_samples.len() as u64;
+        recovery.disturbed_max_s = state.disturbed_samples.iter().copied().fold(0.0, f64::max);
         let mut copies = state.copies.clone();
         copies.not_published += state.due.len() as u64;
         (recovery, copies)
@@ -288,6 +307,7 @@ impl State {
             answered_ok: HashSet::new(),
             probes: HashMap::new(),
             samples: Vec::new(),
+            disturbed_samples: Vec::new(),
             recovery: Recovery::default(),
             queue: BinaryHeap::new(),
             due: HashMap::new(),
@@ -333,8 +353,12 @@ impl State {
         self.open.remove(&reply.command_id);
         self.answered.insert(reply.command_id.clone());
         if let Some(probe) = self.probes.remove(&reply.command_id) {
-            self.samples
-                .push(now.duration_since(probe.restarted).as_secs_f64());
+            let took = now.duration_since(probe.restarted).as_secs_f64();
+            if probe.disturbed {
+                self.disturbed_samples.push(took);
+            } else {
+                self.samples.push(took);
+            }
         }
         let forward =
             CommandId::parse(&reply.command_id).is_ok_and(|id| id.direction == Direction::Forward);
@@ -395,8 +419,17 @@ impl State {
                     Probe {
                         participant: name.to_owned(),
                         restarted: now,
+                        disturbed: false,
                     },
                 );
+            }
+        }
+    }
+
+    fn disturbed(&mut self, participant: Option<&str>) {
+        for probe in self.probes.values_mut() {
+            if participant.is_none_or(|name| probe.participant == name) {
+                probe.disturbed = true;
             }
         }
     }
@@ -536,6 +569,20 @@ mod tests {
             HashSet::from(["s:take-payment:do:1".to_owned()]),
             "only forward successes"
         );
+        // Another participant stopped: attempt 3 still counts; then payment itself stopped
+        // (or nats-server restarted): its reply is counted apart.
+        state.disturbed(Some("inventory"));
+        assert!(!state.probes["s:take-payment:do:3"].disturbed);
+        state.disturbed(None);
+        state.on_reply(&reply("s:take-payment:do:3", true, HeaderMap::new()), 0.0);
+        assert_eq!((state.samples.len(), state.disturbed_samples.len()), (1, 1));
+        let (recovery, _) = Traffic {
+            state: Arc::new(Mutex::new(state)),
+            tasks: Vec::new(),
+        }
+        .report();
+        assert_eq!((recovery.answered, recovery.disturbed), (1, 1));
+        let mut state = State::new(0.0, 1, Instant::now() + Duration::from_secs(60));
 
         // Every reply copied (share 1): 1–4 copies each, without what makes JetStream drop a
         // copy (a message id, "only if the subject is empty"), marked.
