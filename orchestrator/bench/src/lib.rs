@@ -158,6 +158,8 @@ pub struct Report {
     pub start_retries: u64,
     /// The keys of this run's sagas are `<key_prefix><i>` for `i` in `0..sagas`.
     pub key_prefix: String,
+    /// The id of the saga with the longest latency (the `max`), to look up its journal.
+    pub slowest_saga: Option<String>,
 }
 
 impl Report {
@@ -195,7 +197,7 @@ impl Report {
         format!(
             "sagas        {}\ncompleted    {}\ncompensated  {} (declined {})\nfailed       {}\nunfinished   {}\n\
              elapsed      {:.2} s\noffered      {:.1} /s\nthroughput   {:.1} sagas/s\n\
-             latency ms   p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}\nstart retries {}",
+             latency ms   p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1} (saga {})\nstart retries {}",
             self.sagas,
             self.completed,
             self.compensated,
@@ -209,6 +211,7 @@ impl Report {
             l.p90,
             l.p99,
             l.max,
+            self.slowest_saga.as_deref().unwrap_or("-"),
             self.start_retries
         )
     }
@@ -291,6 +294,8 @@ struct Tracker {
     completed: u64,
     compensated: u64,
     last_end: Option<Instant>,
+    /// The saga that took longest: latency in ms, id.
+    slowest: Option<(f64, String)>,
 }
 
 /// Runs the load and reports.
@@ -334,6 +339,7 @@ async fn load(
         completed: 0,
         compensated: 0,
         last_end: None,
+        slowest: None,
     }));
     let (concurrency, total) = match options.load {
         Load::Closed { sagas, concurrency } => (concurrency.max(1) as usize, sagas),
@@ -369,8 +375,11 @@ async fn load(
                     continue;
                 };
                 let now = Instant::now();
-                t.latencies
-                    .push(now.duration_since(started).as_secs_f64() * 1000.0);
+                let took = now.duration_since(started).as_secs_f64() * 1000.0;
+                t.latencies.push(took);
+                if t.slowest.as_ref().is_none_or(|(most, _)| took > *most) {
+                    t.slowest = Some((took, event.saga_id.clone()));
+                }
                 t.last_end = Some(now);
                 if completed {
                     t.completed += 1;
@@ -531,6 +540,7 @@ async fn load(
         offered_per_s: started as f64 / starts_took.as_secs_f64().max(1e-9),
         start_retries: retries.load(Ordering::Relaxed),
         key_prefix,
+        slowest_saga: t.slowest.take().map(|(_, id)| id),
     })
 }
 
@@ -918,8 +928,10 @@ mod tests {
             offered_per_s: 100.0,
             start_retries: 0,
             key_prefix: "bench-x-".to_owned(),
+            slowest_saga: Some("s-1".to_owned()),
         };
         assert!(good.problems().is_empty());
+        assert!(good.table().contains("(saga s-1)"), "{}", good.table());
         let wrong_mix = Report {
             completed: 91,
             compensated: 9,
@@ -946,6 +958,7 @@ mod tests {
             "offered_per_s",
             "start_retries",
             "key_prefix",
+            "slowest_saga",
         ] {
             assert!(json.get(field).is_some(), "{field}");
         }
