@@ -261,29 +261,7 @@ impl Traffic {
 
     /// The recovery probe's and the copies' figures so far.
     pub(crate) fn report(&self) -> (Recovery, Copies) {
-        let state = lock(&self.state);
-        let mut recovery = state.recovery.clone();
-        let mut samples = state.samples.clone();
-        let latency = jetsaga_bench::percentiles(&mut samples);
-        recovery.answered = samples.len() as u64;
-        recovery.median_s = latency.p50;
-        recovery.p90_s = latency.p90;
-        recovery.max_s = latency.max;
-        let within = samples
-            .iter()
-            .filter(|s| **s <= ANSWER_WITHIN.as_secs_f64())
-            .count();
-        recovery.within_3s = if samples.is_empty() {
-            0.0
-        } else {
-            within as f64 / samples.len() as f64
-        };
-        recovery.unanswered = state.probes.len() as u64;
-        recovery.disturbed = state.disturbed_samples.len() as u64;
-        recovery.disturbed_max_s = state.disturbed_samples.iter().copied().fold(0.0, f64::max);
-        let mut copies = state.copies.clone();
-        copies.not_published += state.due.len() as u64;
-        (recovery, copies)
+        lock(&self.state).report()
     }
 }
 
@@ -300,6 +278,32 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 }
 
 impl State {
+    /// The recovery probe's and the copies' figures so far.
+    fn report(&self) -> (Recovery, Copies) {
+        let mut recovery = self.recovery.clone();
+        let mut samples = self.samples.clone();
+        let latency = jetsaga_bench::percentiles(&mut samples);
+        recovery.answered = samples.len() as u64;
+        recovery.median_s = latency.p50;
+        recovery.p90_s = latency.p90;
+        recovery.max_s = latency.max;
+        let within = samples
+            .iter()
+            .filter(|s| **s <= ANSWER_WITHIN.as_secs_f64())
+            .count();
+        recovery.within_3s = if samples.is_empty() {
+            0.0
+        } else {
+            within as f64 / samples.len() as f64
+        };
+        recovery.unanswered = self.probes.len() as u64;
+        recovery.disturbed = self.disturbed_samples.len() as u64;
+        recovery.disturbed_max_s = self.disturbed_samples.iter().copied().fold(0.0, f64::max);
+        let mut copies = self.copies.clone();
+        copies.not_published += self.due.len() as u64;
+        (recovery, copies)
+    }
+
     fn new(share: f64, seed: u64, load_ends: Instant) -> Self {
         Self {
             open: HashMap::new(),
@@ -576,13 +580,8 @@ mod tests {
         state.disturbed(None);
         state.on_reply(&reply("s:take-payment:do:3", true, HeaderMap::new()), 0.0);
         assert_eq!((state.samples.len(), state.disturbed_samples.len()), (1, 1));
-        let (recovery, _) = Traffic {
-            state: Arc::new(Mutex::new(state)),
-            tasks: Vec::new(),
-        }
-        .report();
+        let (recovery, _) = state.report();
         assert_eq!((recovery.answered, recovery.disturbed), (1, 1));
-        let mut state = State::new(0.0, 1, Instant::now() + Duration::from_secs(60));
 
         // Every reply copied (share 1): 1–4 copies each, without what makes JetStream drop a
         // copy (a message id, "only if the subject is empty"), marked.

@@ -517,7 +517,6 @@ mod raw {
             }
             let body = serde_json::to_vec(&body).unwrap();
             let mut headers = HeaderMap::new();
-            headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
             headers.insert("Jetsaga-Saga-Id", command.saga_id.as_str());
             headers.insert("Jetsaga-Command-Id", command.command_id.as_str());
             headers.insert("Nats-TTL", "3600");

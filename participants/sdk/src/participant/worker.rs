@@ -376,7 +376,6 @@ fn reply_message(
         outcome,
     };
     let mut headers = HeaderMap::new();
-    only_if_unrecorded(&mut headers);
     put_header(&mut headers, header::SAGA_ID, command.saga_id.as_str());
     put_header(
         &mut headers,
