@@ -68,13 +68,6 @@ use crate::driver::executor::{Driver, Request};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
-/// How long one pull request of the intakes lives. async-nats re-pulls only 5 s after a
-/// request's expiry when it has lost track of one, and the intake stands still until then:
-/// with its default 30 s, a stall of ~35 s was seen (README, Performance).
-const PULL_EXPIRES: std::time::Duration = std::time::Duration::from_secs(5);
-/// The idle heartbeat of those pull requests.
-const PULL_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// How many starts one pull asks for: pulled starts wait unacknowledged while admission
 /// control holds them.
 const STARTS_BATCH: usize = 64;
@@ -613,8 +606,7 @@ async fn pump(
 ) {
     let settings = jetsaga_runtime::consume::Pull {
         batch,
-        heartbeat: Some(PULL_HEARTBEAT),
-        expires: Some(PULL_EXPIRES),
+        ..Default::default()
     };
     jetsaga_runtime::consume::pull(
         &consumer,

@@ -13,7 +13,6 @@ use worker::Worker;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use jetsaga_runtime::consume::{self, Pull};
@@ -128,8 +127,7 @@ impl Participant {
             concurrency: settings.concurrency,
             pull: Pull {
                 batch: settings.concurrency.min(256),
-                heartbeat: Some(Duration::from_secs(5)),
-                expires: Some(Duration::from_secs(30)),
+                ..Pull::default()
             },
             ack_wait: settings.ack_wait,
             grace: settings.shutdown_grace,
