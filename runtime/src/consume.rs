@@ -38,7 +38,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::{AckKind, Message};
 use futures::StreamExt;
 use tokio::sync::Semaphore;
@@ -48,18 +47,19 @@ use tokio_util::task::TaskTracker;
 /// Pause before pulling again after the consumer's message stream failed.
 pub const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
 
-/// How long one pull request lives. async-nats's pull stream sends a new request by itself
-/// only 5 s after the expiry of one it has lost track of, and the consumer stands still until
-/// then: with the client's default 30 s, one stall of ~35 s was seen in a few runs of 60,000
-/// sagas (README, Performance).
-pub const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How long one pull request lives. async-nats's pull stream can count messages as asked for
+/// that the server holds no request for, and then sends a new request only 5 s after the
+/// last one's expiry: with the client's default 30 s, the start intake stood still ~35 s in 4
+/// of 16 runs of 60,000 sagas, with 5 s it stood still 10.3 s once (README, Performance). So a
+/// stall lasts at most this + 5 s.
+///
+/// Pulling anew with a fresh stream when two heartbeats go missing cut that stall to 4.2 s,
+/// but in a cluster heartbeats also stop during a consumer leader's election while the
+/// request lives on (the new leader answers it), and whatever is delivered to a dropped
+/// stream's inbox waits for `ack_wait`: so missed heartbeats are only logged.
+pub const PULL_EXPIRES: Duration = Duration::from_secs(2);
 
-/// The idle heartbeat of a pull request. The server sends it while the request waits with
-/// nothing to deliver; when two go missing, the server holds no request of the stream (or
-/// cannot be reached), and [`pull`] pulls anew instead of waiting for the expiry (the consume
-/// rule of the NATS client design, ADR-37). Seen in 1 of 10 runs of 60,000 sagas: the start
-/// intake resumed after 4.2 s with a 2 s heartbeat, where it had waited 10 s (README,
-/// Performance).
+/// The idle heartbeat of a pull request (at most half its expiry, as the server requires).
 pub const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// How messages are pulled.
@@ -128,15 +128,6 @@ pub async fn pull<P, A, AF, D>(
             };
             match next {
                 Some(Ok(message)) => deliver(message, permit),
-                // No heartbeat: the server holds no request of this stream (or cannot be
-                // reached), whatever the stream counts as asked for.
-                Some(Err(e)) if e.kind() == MessagesErrorKind::MissingHeartbeat => {
-                    tracing::warn!(
-                        consumer = %consumer.cached_info().name,
-                        "no heartbeat from the pull request; pulling anew"
-                    );
-                    break;
-                }
                 Some(Err(e)) => tracing::debug!(error = %e, "pull stream hiccup"),
                 None => {
                     tracing::debug!("pull stream ended; pulling again");
