@@ -763,3 +763,87 @@ async fn the_openapi_document_matches_the_router() {
     }
     running.shutdown().await;
 }
+
+/// The bounds the OpenAPI document states for a listing's page size and an abort's reason are
+/// the ones the API enforces: a value just inside is accepted, one just outside refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_bounds_are_the_enforced_ones() {
+    let server = NatsServer::start();
+    let running = orchestrator(&server.url(), None).await;
+    let api = Api::new(&running, &Default::default());
+    let doc = api.get("/openapi.json").await.body;
+    let param = |path: &str, name: &str| -> Value {
+        doc["paths"][path]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{path} documents no {name}"))["schema"]
+            .clone()
+    };
+    for path in ["/v1/sagas", "/v1/dead-letters"] {
+        let limit = param(path, "limit");
+        let (min, max) = (
+            limit["minimum"].as_u64().unwrap(),
+            limit["maximum"].as_u64().unwrap(),
+        );
+        assert_eq!(
+            api.get(&format!("{path}?limit={max}")).await.status,
+            StatusCode::OK
+        );
+        assert_eq!(
+            api.get(&format!("{path}?limit={min}")).await.status,
+            StatusCode::OK
+        );
+        for outside in [min - 1, max + 1] {
+            api.get(&format!("{path}?limit={outside}"))
+                .await
+                .is_error(StatusCode::BAD_REQUEST, "invalid_query");
+        }
+    }
+    let cursor = param("/v1/dead-letters", "cursor");
+    assert_eq!(cursor["pattern"], "^[1-9][0-9]{0,19}$");
+    assert_eq!(
+        api.get("/v1/dead-letters?cursor=1").await.status,
+        StatusCode::OK
+    );
+    api.get("/v1/dead-letters?cursor=0")
+        .await
+        .is_error(StatusCode::BAD_REQUEST, "invalid_cursor");
+    let source = param("/v1/dead-letters", "source");
+    assert!(source["pattern"].is_string(), "{source}");
+    assert_eq!(
+        api.get("/v1/dead-letters?source=participant.inventory")
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    let reason = &doc["components"]["schemas"]["AbortBody"]["properties"]["reason"];
+    let max = reason["maxLength"].as_u64().unwrap() as usize;
+    assert_eq!(reason["minLength"], 1);
+    let id = protocol::saga_id("order-creation", "no-such-order");
+    let abort = |reason: String| {
+        let uri = format!("/v1/sagas/{id}/abort");
+        let api = &api;
+        async move {
+            api.call(
+                Method::POST,
+                &uri,
+                Some(ANA),
+                Some(json!({ "reason": reason })),
+            )
+            .await
+        }
+    };
+    // Inside the bounds the request gets as far as the saga (there is none).
+    abort("x".repeat(max))
+        .await
+        .is_error(StatusCode::NOT_FOUND, "saga_not_found");
+    abort("x".repeat(max + 1))
+        .await
+        .is_error(StatusCode::BAD_REQUEST, "invalid_body");
+    abort("   ".to_owned())
+        .await
+        .is_error(StatusCode::BAD_REQUEST, "invalid_body");
+}

@@ -19,10 +19,13 @@ const MAX_LIMIT: u32 = 500;
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only letters from this source (`participant.inventory`, `orchestrator.replies`).
+    #[param(pattern = r"^[!-)+-\-/-=?-~]+(\.[!-)+-\-/-=?-~]+)*$")]
     pub source: Option<String>,
     /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
     /// Where the previous page ended (`next_cursor`).
+    #[param(pattern = "^[1-9][0-9]{0,19}$")]
     pub cursor: Option<String>,
 }
 

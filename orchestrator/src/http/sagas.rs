@@ -25,6 +25,7 @@ pub struct StartBody {
     /// The business key (e.g. the order id); the same key always yields the same
     /// saga. May instead come in the `Idempotency-Key` header.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 1024)]
     pub key: Option<String>,
     /// The saga's input, checked against its type's input schema.
     pub input: serde_json::Value,
@@ -159,7 +160,8 @@ pub struct JournalView {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AbortBody {
-    /// Why, for the journal (1 to 1024 characters).
+    /// Why, for the journal (1 to 1024 characters, not only white space).
+    #[schema(min_length = 1, max_length = 1024, pattern = r"\S")]
     pub reason: String,
 }
 
@@ -531,6 +533,7 @@ pub struct ListQuery {
     /// Only sagas last updated after this time (RFC 3339).
     pub updated_after: Option<DateTime<Utc>>,
     /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
     /// Where the previous page ended (`next_cursor`).
     pub cursor: Option<String>,
