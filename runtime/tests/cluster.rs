@@ -191,8 +191,12 @@ async fn a_pull_consumer_resumes_before_its_request_expires_when_its_leader_s_no
         .await
         .unwrap();
     assert_eq!(received(&mut rx).await, "pull.before");
-    // Let the next pull request reach the leader before it goes.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The next pull request waits at the leader before it goes.
+    jetsaga_testkit::wait_until("a pull request waits at the leader", RESUME_WAIT, || {
+        let mut durable = durable.clone();
+        async move { durable.info().await.is_ok_and(|i| i.num_waiting > 0) }
+    })
+    .await;
 
     cluster.node_mut(leader).kill();
     // The stream's leader may have been on that node too: publish until a leader takes it.

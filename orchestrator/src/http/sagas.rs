@@ -22,8 +22,8 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartBody {
-    /// The business key (e.g. the order id); the same key always yields the same
-    /// saga. May instead come in the `Idempotency-Key` header.
+    /// The business key (e.g. the order id), 1 to 1024 bytes; the same key always
+    /// yields the same saga. May instead come in the `Idempotency-Key` header.
     #[serde(default)]
     #[schema(min_length = 1, max_length = 1024)]
     pub key: Option<String>,
