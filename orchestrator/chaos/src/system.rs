@@ -184,12 +184,19 @@ impl System {
             .collect::<Vec<_>>()
             .join(", ");
         for name in PARTICIPANTS {
+            // The inventory's info lines are the rare decisions an audit failure is traced
+            // back with ("no hold to sell", "the record found is this attempt's own").
+            let filter = if name == "inventory" {
+                "warn,jetsaga_reference::inventory=info"
+            } else {
+                "warn"
+            };
             let mut extra = vec![
                 // Several instances of a participant would fight over one metrics port.
                 ("JETSAGA_METRICS__LISTEN".to_owned(), String::new()),
                 (
                     "JETSAGA_TELEMETRY__LOG_FILTER".to_owned(),
-                    "warn".to_owned(),
+                    filter.to_owned(),
                 ),
             ];
             if name == "inventory" {

@@ -468,6 +468,66 @@ async fn a_short_attempt_leaves_the_holds_of_the_attempt_that_succeeded() {
     rig.stop().await;
 }
 
+/// A create whose answer is lost although the server stored it (a leader change, a lost
+/// connection): async-nats's `create` then reads the key, finds the record and reports
+/// `AlreadyExists`, although the record is the attempt's own. Found in a cluster chaos run:
+/// the attempt took its own holds back as if another attempt had reserved, and the commit
+/// then sold nothing for a committed reservation. Here the test stores the attempt's record
+/// itself while the attempt stands between its holds and its create, which is what the
+/// attempt sees after such a lost answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_that_finds_its_own_record_keeps_its_holds() {
+    let gates = Gates::default();
+    let rig = Rig::start(&[("o-a", 10), ("o-b", 10)], &gates).await;
+    let input = order(&[("o-a", 1), ("o-b", 2)], 1000, "tok_ok");
+    let reserve = command("inventory", "reserve", "own", 1, &input);
+    let gate = gates.add(&reserve, Point::AfterHolds);
+    rig.send(&reserve).await;
+    gate.reached().await;
+
+    let (products, _) = inventory::snapshot(&rig.store().await).await.unwrap();
+    let attempts: Vec<u64> = products["o-a"].holds["own"]
+        .attempts
+        .iter()
+        .copied()
+        .collect();
+    assert_eq!(attempts.len(), 1, "{products:?}");
+    let own = inventory::Reservation {
+        status: Status::Reserved,
+        items: vec![
+            inventory::Line {
+                sku: "o-a".into(),
+                quantity: 1,
+            },
+            inventory::Line {
+                sku: "o-b".into(),
+                quantity: 2,
+            },
+        ],
+        attempt: Some(attempts[0]),
+        failure: None,
+    };
+    rig.store()
+        .await
+        .create("reservation.own", serde_json::to_vec(&own).unwrap().into())
+        .await
+        .unwrap();
+    gate.open();
+    assert_eq!(rig.reply(&reserve).await, None);
+
+    let (products, reservations) = rig.audit().await;
+    assert_eq!(reservations["own"], own);
+    assert_eq!(products["o-b"].holds["own"].quantity, 2, "{products:?}");
+    assert_eq!(
+        rig.run(&command("inventory", "commit", "own", 1, &input))
+            .await,
+        None
+    );
+    let (products, _) = rig.audit().await;
+    assert_eq!((products["o-a"].sold, products["o-b"].sold), (1, 2));
+    rig.stop().await;
+}
+
 /// Issue 10, hole 8: stock that returns to a level and crosses the threshold again publishes
 /// the event again (the server must not drop it as a duplicate).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,9 @@
 //!   hold of the saga). An attempt that finds a record it did not write takes back only its
 //!   own share when the record is `reserved` (another attempt's holds stay), and drops every
 //!   hold of the saga when the record is final (`committed`, `rejected`, `released`): nothing
-//!   can hold for it any more.
+//!   can hold for it any more. A `reserved` record naming the attempt itself is its own
+//!   create whose answer was lost (async-nats's `create` then reports the key as existing):
+//!   the holds stay.
 //! - `release` first marks the record `released` (creating it if absent, so a late `reserve`
 //!   is refused), then drops the holds; a redelivery drops what is left.
 //! - `commit` sells the holds that name the reservation's attempt, then marks the record

@@ -91,6 +91,17 @@ impl Inventory {
                 return Err(transient("reservation", "record vanished"));
             };
             match record.status {
+                // This attempt's own record: its create landed but the answer was lost (a
+                // leader change, a dropped connection), and async-nats's `create` then finds
+                // the key and reports it as existing. The holds are the reservation's.
+                Status::Reserved if record.attempt == Some(attempt) => {
+                    info!(
+                        saga_id,
+                        attempt, "reserve: the record found is this attempt's own"
+                    );
+                    self.recent().insert(saga_id, record.clone(), current);
+                    return Ok(reserved(&record.items));
+                }
                 Status::Reserved => {
                     // Another attempt's holds: leave them, take back this attempt's share.
                     self.on_all(saga_id, &lines, |_| OpKind::Leave { attempt })
