@@ -22,7 +22,10 @@
 # participants; `jetsaga bench` answers the commands itself with trivial in-process participants,
 # whose CPU then counts as the load generator's), --ttl D (every per-saga TTL set to D: a
 # finished saga's journal record, replies, and the inventory, payment and notification records;
-# so a growth run longer than D shows the steady state of a store that keeps D of sagas). Other arguments go to `jetsaga bench`. Exits non-zero with
+# so a growth run longer than D shows the steady state of a store that keeps D of sagas),
+# --finished-retention D (a finished saga's journal record alone kept for D, whatever --ttl says:
+# so a growth run with a short --ttl and a long D measures what one kept saga costs). Other
+# arguments go to `jetsaga bench`. Exits non-zero with
 # a message when the system does not start, a process dies, or a run has unfinished, failed or
 # mismatched sagas.
 set -euo pipefail
@@ -51,6 +54,7 @@ step=100000
 idle=0
 compare_rev=""
 ttl=""
+finished_retention=""
 json=false
 system_args=(--no-demo --fresh)
 bench_args=()
@@ -73,6 +77,11 @@ while (($#)); do
       [[ "$2" =~ ^[0-9]+(s|m|h|d)$ ]] || die "--ttl needs a duration like 90s, 5m or 1h, not '$2'"
       ttl="$2"
       shift ;;
+    --finished-retention)
+      (($# >= 2)) || die "$1 needs a value"
+      [[ "$2" =~ ^[0-9]+(s|m|h|d)$ ]] || die "--finished-retention needs a duration like 90s, 5m or 1h, not '$2'"
+      finished_retention="$2"
+      shift ;;
     --participants)
       (($# >= 2)) || die "$1 needs a value"
       case "$2" in
@@ -82,7 +91,7 @@ while (($#)); do
       esac
       bench_args+=("$1" "$2")
       shift ;;
-    -h | --help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,31p' "$0"; exit 0 ;;
     *) bench_args+=("$1") ;;
   esac
   shift
@@ -101,14 +110,21 @@ if [[ $compare_rev != "" && $growth_total != 0 ]]; then die "--growth and --comp
 if [[ $mode != growth ]] && ((${#growth_only[@]})); then die "${growth_only[0]} only goes with --growth"; fi
 
 work="$(mktemp -d)"
-if [[ -n "$ttl" ]]; then
-  # Config files for run-local.sh (JETSAGA_LOCAL_CONFIG_DIR): every per-saga TTL set to $ttl.
+if [[ -n "$ttl$finished_retention" ]]; then
+  # Config files for run-local.sh (JETSAGA_LOCAL_CONFIG_DIR): every per-saga TTL set to $ttl,
+  # then the finished saga's journal record to $finished_retention.
   mkdir -p "$work/config"
-  printf '[streams]\nfinished-retention = "%s"\ncommand-ttl = "%s"\n' "$ttl" "$ttl" >"$work/config/orchestrator.toml"
-  for p in inventory payment; do
-    printf '[consumer]\nreply-ttl = "%s"\n[%s]\nrecord-ttl = "%s"\n' "$ttl" "$p" "$ttl" >"$work/config/$p.toml"
-  done
-  printf '[notification]\nrecord-ttl = "%s"\n' "$ttl" >"$work/config/notification.toml"
+  : >"$work/config/orchestrator.toml"
+  if [[ -n "$ttl" ]]; then
+    printf '[streams]\ncommand-ttl = "%s"\n' "$ttl" >"$work/config/orchestrator.toml"
+    for p in inventory payment; do
+      printf '[consumer]\nreply-ttl = "%s"\n[%s]\nrecord-ttl = "%s"\n' "$ttl" "$p" "$ttl" >"$work/config/$p.toml"
+    done
+    printf '[notification]\nrecord-ttl = "%s"\n' "$ttl" >"$work/config/notification.toml"
+  else
+    printf '[streams]\n' >"$work/config/orchestrator.toml"
+  fi
+  printf 'finished-retention = "%s"\n' "${finished_retention:-$ttl}" >>"$work/config/orchestrator.toml"
   export JETSAGA_LOCAL_CONFIG_DIR="$work/config"
 fi
 system=""
