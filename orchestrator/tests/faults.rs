@@ -123,38 +123,92 @@ async fn max_deliveries_of_any_consumer_are_dead_lettered_even_when_nobody_liste
     running.shutdown().await;
 }
 
-/// Hole 14: a start whose first record would be over the server's
-/// `max_payload` (the start message itself fits) is dead-lettered with the
-/// reason instead of being nak'd forever.
+/// Hole 14: a reply whose transition's record would be over the server's
+/// `max_payload` (the reply and the start each fit; the record carries both,
+/// and records are compressed, so both are near-incompressible) is
+/// dead-lettered with the reason instead of being nak'd forever, and the saga
+/// moves on from its timeout: it compensates, it is not stuck.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_over_max_payload_is_dead_lettered_not_retried_forever() {
     let server = NatsServer::start_with(jetsaga_testkit::Options {
         extra_config: "max_payload: 16384\n".to_owned(),
         ..Default::default()
     });
-    let running = orchestrator(&server.url(), None).await;
+    let dir = fast_order_dir();
+    let running = orchestrator(&server.url(), Some(dir.path())).await;
     let handle = running.handle().clone();
     let js = js(&server).await;
+    let result = incompressible(14_000, 2);
+    let _inventory = Responder::start(
+        &js,
+        "inventory",
+        Arc::new(move |c: &Command| {
+            if c.action == "reserve" {
+                vec![protocol::Outcome::Ok {
+                    result: serde_json::json!({ "note": result }),
+                }]
+            } else {
+                ok()
+            }
+        }),
+    )
+    .await;
     let mut input = order("tok_ok");
-    input["customer_id"] = "c".repeat(15_000).into();
+    input["customer_id"] = incompressible(14_000, 1).into();
     let start = protocol::Start {
         protocol: protocol::VERSION,
         key: "huge".to_owned(),
-        input,
+        input: input.clone(),
         requested_at: None,
     };
-    let body = protocol::Body::encode(&start);
-    assert!(body.len() < 16_000, "the start itself fits: {}", body.len());
-    publish_stored(&js, &protocol::subject::start("order-creation"), body).await;
-    wait_until("the start is dead-lettered", WAIT, || async {
+    assert!(
+        protocol::Body::encode(&start).len() < 16_000,
+        "the start itself fits"
+    );
+    let Started { saga_id, .. } = handle.start("fast-order", "huge", input).await.unwrap();
+    wait_until("the reply is dead-lettered", WAIT, || async {
         dead_letters(&js).await.iter().any(|(subject, reason)| {
-            subject == "saga.dead.orchestrator.starts" && reason.contains("max_payload")
+            subject == "saga.dead.orchestrator.replies" && reason.contains("max_payload")
         })
     })
     .await;
-    let saga_id = protocol::saga_id("order-creation", "huge");
-    assert!(handle.saga(&saga_id).await.unwrap().is_none());
+    wait_until(
+        "the saga compensates after its reserve's timeout",
+        WAIT,
+        || async {
+            handle
+                .saga(&saga_id)
+                .await
+                .unwrap()
+                .is_some_and(|s| s.phase() == Phase::Compensated)
+        },
+    )
+    .await;
+    let saga = handle.saga(&saga_id).await.unwrap().unwrap();
+    let journal = handle.journal(&saga_id).await.unwrap();
+    assert!(
+        journal.iter().any(|e| e.cause == Cause::StepTimeout),
+        "the reserve timed out: {journal:?}"
+    );
+    assert!(saga.steps[0].result.is_none(), "the reply was not applied");
     running.shutdown().await;
+}
+
+/// `len` printable ASCII characters (no quote, no backslash) that zstd barely
+/// compresses: a xorshift stream from `seed`, ~6.5 bits of entropy per byte.
+fn incompressible(len: usize, seed: u64) -> String {
+    let alphabet: Vec<u8> = (b' '..=b'~')
+        .filter(|b| *b != b'"' && *b != b'\\')
+        .collect();
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            alphabet[(state % alphabet.len() as u64) as usize] as char
+        })
+        .collect()
 }
 
 /// Waits until the start consumer has settled every start it was given.

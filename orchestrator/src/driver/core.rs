@@ -7,7 +7,7 @@
 //! settles and answers (JetStream messages, reply channels) is opaque here: its
 //! types come from [`Handles`], so tests drive the core with plain values.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -401,6 +401,10 @@ pub(crate) const REARM_MIN: Duration = Duration::from_millis(250);
 /// new record): the sweep costs at most one wake per saga this often.
 pub(crate) const SWEEP_AGAIN: Duration = Duration::from_secs(60);
 
+/// The most command ids [`Core`] keeps of replies too large to apply; past it,
+/// the set starts again empty (each forgotten one costs one more dead letter).
+const MAX_OVERSIZED: usize = 4096;
+
 /// The largest clock skew a re-arm makes up for.
 const MAX_SKEW: chrono::Duration = chrono::Duration::minutes(5);
 
@@ -552,6 +556,11 @@ pub(crate) struct Core<H: Handles> {
     trace: Option<Tracer>,
     /// Sagas the timer sweep woke: the recorded timer it saw, and when.
     swept: HashMap<String, (Option<DateTime<Utc>>, DateTime<Utc>)>,
+    /// Commands whose reply was dead-lettered because the record of its
+    /// transition is over the server's `max_payload`: a timeout that finds such a
+    /// reply stored times the command out instead of applying it again (at most
+    /// [`MAX_OVERSIZED`]; forgotten at a restart, then learned again once).
+    oversized: HashSet<String>,
     /// The consumers' `ack_wait`: messages held longer than a third of it are
     /// marked in progress.
     ack_wait: Duration,
@@ -581,6 +590,7 @@ impl<H: Handles> Core<H> {
             stopping: false,
             trace: None,
             swept: HashMap::new(),
+            oversized: HashSet::new(),
             ack_wait: Duration::from_secs(30),
         }
     }
@@ -813,7 +823,12 @@ impl<H: Handles> Core<H> {
                     self.load(&saga_id, work, true);
                     None
                 }
-                Err(error) => Some(self.fail(work, error)),
+                Err(error) => {
+                    if error.kind() == IoErrorKind::TooLarge {
+                        self.remember_oversized(&record);
+                    }
+                    Some(self.fail(work, error))
+                }
             },
             (Stage::Ignoring(record), Done::Written { result, .. }) => match result {
                 Ok(seq) => {
@@ -1442,6 +1457,17 @@ impl<H: Handles> Core<H> {
         };
         let input = reply
             .filter(|r| r.command_id == command_id && r.saga_id == stored.record.saga.id)
+            .filter(|r| {
+                let oversized = self.oversized.contains(&r.command_id);
+                if oversized {
+                    tracing::warn!(
+                        saga_id = work.saga_id(),
+                        command_id,
+                        "a timeout found its reply stored, too large to apply (dead-lettered): timing out"
+                    );
+                }
+                !oversized
+            })
             .map(|r| Input::Reply {
                 command_id: r.command_id,
                 outcome: r.outcome,
@@ -1463,6 +1489,23 @@ impl<H: Handles> Core<H> {
                 self.apply_input(now, work, input, stored, false, Timeout::Decide)
             }
             None => self.apply_input(now, work, Input::Wake, stored, false, Timeout::Decide),
+        }
+    }
+
+    /// Remembers the command whose reply `record` applied, when that record is
+    /// over `max_payload`: its reply is dead-lettered, and a timeout must not
+    /// apply it again from the replies stream (it would fail the same way at
+    /// every fire, and the step would never time out).
+    fn remember_oversized(&mut self, record: &Record) {
+        let entry = &record.entry;
+        let Some(command_id) = &entry.command_id else {
+            return;
+        };
+        if matches!(entry.cause, Cause::ReplyOk | Cause::ReplyFailed) {
+            if self.oversized.len() >= MAX_OVERSIZED {
+                self.oversized.clear();
+            }
+            self.oversized.insert(command_id.clone());
         }
     }
 
