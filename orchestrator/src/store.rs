@@ -55,11 +55,11 @@ pub enum Error {
         seq: u64,
         /// Why.
         #[source]
-        source: serde_json::Error,
+        source: crate::record::CodecError,
     },
     /// A record could not be encoded.
     #[error("cannot encode a journal record")]
-    Encode(#[source] serde_json::Error),
+    Encode(#[source] crate::record::CodecError),
     /// The journal stream could not be bound.
     #[error("cannot open the journal stream")]
     Open(#[source] GetStreamError),
