@@ -90,10 +90,13 @@ if ((${#packages[@]} == 0)) && [[ "${JETSAGA_SKIP_FUZZ:-}" != 1 ]]; then
     bash "${script_dir}/fuzz.sh" "${JETSAGA_FUZZ_SECONDS:-20}" || status=$?
 fi
 
-# Deployment files (deploy/check-deploy.sh) and the Grafana dashboards' queries against a real
+# The heap-profile tool's tests (deploy/test_nats_heap.py), the deployment files
+# (deploy/check-deploy.sh) and the Grafana dashboards' queries against a real
 # Prometheus scraping a running system (deploy/check-dashboards.sh). Skipped when a package
 # selection (-p) is given. JETSAGA_SKIP_DEPLOY_CHECKS=1 skips them.
 if ((${#packages[@]} == 0)) && [[ "${JETSAGA_SKIP_DEPLOY_CHECKS:-}" != 1 ]]; then
+    echo "== python3 deploy/test_nats_heap.py"
+    python3 "${script_dir}/test_nats_heap.py" || status=$?
     echo "== deploy/check-deploy.sh"
     bash "${script_dir}/check-deploy.sh" || status=$?
     echo "== deploy/check-dashboards.sh"
