@@ -24,7 +24,8 @@
 # finished saga's journal record, replies, and the inventory, payment and notification records;
 # so a growth run longer than D shows the steady state of a store that keeps D of sagas),
 # --finished-retention D (a finished saga's journal record alone kept for D, whatever --ttl says:
-# so a growth run with a short --ttl and a long D measures what one kept saga costs). Other
+# so a growth run with a short --ttl and a long D measures what one kept saga costs),
+# --listing-max-finished N (the orchestrator's saga listing holds at most N finished sagas). Other
 # arguments go to `jetsaga bench`. Exits non-zero with
 # a message when the system does not start, a process dies, or a run has unfinished, failed or
 # mismatched sagas.
@@ -55,6 +56,7 @@ idle=0
 compare_rev=""
 ttl=""
 finished_retention=""
+listing_max_finished=""
 json=false
 system_args=(--no-demo --fresh)
 bench_args=()
@@ -81,6 +83,11 @@ while (($#)); do
       (($# >= 2)) || die "$1 needs a value"
       [[ "$2" =~ ^[0-9]+(s|m|h|d)$ ]] || die "--finished-retention needs a duration like 90s, 5m or 1h, not '$2'"
       finished_retention="$2"
+      shift ;;
+    --listing-max-finished)
+      (($# >= 2)) || die "$1 needs a value"
+      [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "--listing-max-finished needs a whole number of sagas, not '$2'"
+      listing_max_finished="$2"
       shift ;;
     --participants)
       (($# >= 2)) || die "$1 needs a value"
@@ -110,7 +117,7 @@ if [[ $compare_rev != "" && $growth_total != 0 ]]; then die "--growth and --comp
 if [[ $mode != growth ]] && ((${#growth_only[@]})); then die "${growth_only[0]} only goes with --growth"; fi
 
 work="$(mktemp -d)"
-if [[ -n "$ttl$finished_retention" ]]; then
+if [[ -n "$ttl$finished_retention$listing_max_finished" ]]; then
   # Config files for run-local.sh (JETSAGA_LOCAL_CONFIG_DIR): every per-saga TTL set to $ttl,
   # then the finished saga's journal record to $finished_retention.
   mkdir -p "$work/config"
@@ -124,7 +131,12 @@ if [[ -n "$ttl$finished_retention" ]]; then
   else
     printf '[streams]\n' >"$work/config/orchestrator.toml"
   fi
-  printf 'finished-retention = "%s"\n' "${finished_retention:-$ttl}" >>"$work/config/orchestrator.toml"
+  if [[ -n "$finished_retention$ttl" ]]; then
+    printf 'finished-retention = "%s"\n' "${finished_retention:-$ttl}" >>"$work/config/orchestrator.toml"
+  fi
+  if [[ -n "$listing_max_finished" ]]; then
+    printf '[engine]\nlisting-max-finished = %s\n' "$listing_max_finished" >>"$work/config/orchestrator.toml"
+  fi
   export JETSAGA_LOCAL_CONFIG_DIR="$work/config"
 fi
 system=""

@@ -56,6 +56,13 @@ pub(crate) async fn run(
         if index.caught_up() {
             publish(&metrics, &mut types, &index.counts(Utc::now()));
         }
+        metrics
+            .listing_sagas
+            .set(i64::try_from(index.len()).unwrap_or(i64::MAX));
+        let unlisted = index.unlisted();
+        metrics
+            .listing_unlisted
+            .inc_by(unlisted.saturating_sub(metrics.listing_unlisted.get()));
     }
 }
 

@@ -174,6 +174,11 @@ pub struct Engine {
     pub admission_window: Duration,
     /// Sagas that may be under way whatever the finishing rate (so an idle system starts).
     pub admission_floor: u64,
+    /// The most finished (completed or compensated) sagas the saga listing holds,
+    /// the newest; older ones stay in the journal for `streams.finished-retention`
+    /// and `GET /v1/sagas/{id}` still reads them, but they are not listed. Bounds the
+    /// listing's memory (~400 bytes a saga) whatever the retention.
+    pub listing_max_finished: usize,
     /// A name for this instance in logs and the NATS connection.
     pub instance: String,
     /// Added to this instance's clock wherever the driver reads it, to test
@@ -195,6 +200,7 @@ impl Default for Engine {
             timer_sweep: Duration::from_secs(10),
             admission_window: Duration::from_secs(5),
             admission_floor: 1000,
+            listing_max_finished: crate::index::MAX_FINISHED,
             instance: "jetsaga".to_owned(),
             clock_offset: chrono::TimeDelta::zero(),
         }
@@ -241,6 +247,12 @@ impl jetsaga_runtime::config::Validate for Config {
             return invalid(
                 "engine.admission-floor",
                 "must be at least 1 (engine.admission-window = \"0s\" turns admission control off)",
+            );
+        }
+        if self.engine.listing_max_finished == 0 || self.engine.listing_max_finished > 100_000_000 {
+            return invalid(
+                "engine.listing-max-finished",
+                "must be between 1 and 100000000",
             );
         }
         if self.engine.timer_sweep < Duration::from_secs(1) {
@@ -337,6 +349,18 @@ mod tests {
         let err =
             Config::load(None, vars(&[("JETSAGA_ENGINE__MAX_IN_FLIGHT", "lots")])).unwrap_err();
         assert!(err.to_string().contains("max-in-flight"), "{err}");
+        let err =
+            Config::load(None, vars(&[("JETSAGA_ENGINE__LISTING_MAX_FINISHED", "0")])).unwrap_err();
+        assert!(
+            err.to_string().contains("engine.listing-max-finished"),
+            "{err}"
+        );
+        let bounded = Config::load(
+            None,
+            vars(&[("JETSAGA_ENGINE__LISTING_MAX_FINISHED", "5000")]),
+        )
+        .unwrap();
+        assert_eq!(bounded.engine.listing_max_finished, 5000);
         let err = Config::load(None, vars(&[("JETSAGA_ENGINE__COLOUR", "red")])).unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
         let err = Config::load(None, vars(&[("JETSAGA_ENGINE__ACK_WAIT", "soon")])).unwrap_err();

@@ -292,17 +292,40 @@ pub struct Index {
     caught_up: Arc<AtomicBool>,
     /// Sagas seen leaving running/compensating (finished, or parked failed), ever.
     finished: Arc<AtomicU64>,
+    /// The most finished (completed or compensated) sagas it lists: past it the
+    /// oldest are dropped from the listing (their records stay in the journal, and
+    /// `GET /v1/sagas/{id}` still reads them), so memory is bounded by this, not by
+    /// the journal's retention.
+    max_finished: usize,
+    /// Finished sagas dropped for `max_finished`, ever.
+    unlisted: Arc<AtomicU64>,
 }
+
+/// The default of `engine.listing-max-finished`: ~400 MB of listing.
+pub const MAX_FINISHED: usize = 1_000_000;
 
 impl Index {
     /// An empty index; step timeouts for `stuck` come from `registry`.
     pub fn new(registry: Arc<Registry>) -> Self {
+        Self::bounded(registry, MAX_FINISHED)
+    }
+
+    /// An empty index that lists at most `max_finished` finished sagas, the newest.
+    pub fn bounded(registry: Arc<Registry>, max_finished: usize) -> Self {
         Self {
             inner: Arc::default(),
             registry,
             caught_up: Arc::new(AtomicBool::new(false)),
             finished: Arc::default(),
+            max_finished,
+            unlisted: Arc::default(),
         }
+    }
+
+    /// How many finished sagas were dropped from the listing because it held
+    /// `max_finished` newer ones.
+    pub fn unlisted(&self) -> u64 {
+        self.unlisted.load(Ordering::Relaxed)
     }
 
     /// Whether the initial replay of the journal is done.
@@ -428,6 +451,17 @@ impl Index {
         inner.by_id.insert(id, (group, position));
         if expires != NONE {
             inner.expiring.insert((expires, id));
+            // Every finished record has the same time to live, so the first to
+            // expire is the oldest finished saga.
+            while inner.expiring.len() > self.max_finished {
+                let Some((_, oldest)) = inner.expiring.pop_first() else {
+                    break;
+                };
+                if let Some((group, position)) = inner.by_id.get(&oldest).copied() {
+                    inner.remove(oldest, group, position);
+                }
+                self.unlisted.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 

@@ -243,7 +243,7 @@ impl Service {
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
 
-        let index = index::Index::new(registry.clone());
+        let index = index::Index::bounded(registry.clone(), config.engine.listing_max_finished);
         tracker.spawn(index::run(js.clone(), index.clone(), token.clone()));
         let admission = admission::spawn(
             admission::Gate::new(

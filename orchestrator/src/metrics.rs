@@ -28,6 +28,10 @@ pub const SAGAS_FAILED_WAITING: &str = "jetsaga_sagas_failed_waiting";
 /// Running or compensating sagas unchanged for twice their step's timeout, by
 /// type (see [`crate::census`]).
 pub const SAGAS_STUCK: &str = "jetsaga_sagas_stuck";
+/// Sagas the saga listing holds (see [`crate::index`]).
+pub const LISTING_SAGAS: &str = "jetsaga_listing_sagas";
+/// Finished sagas dropped from the listing for `engine.listing-max-finished`.
+pub const LISTING_UNLISTED: &str = "jetsaga_listing_unlisted_total";
 /// When the last census of the journal finished (Unix seconds).
 pub const CENSUS_TIMESTAMP: &str = "jetsaga_census_last_success_timestamp_seconds";
 /// Sagas held in this instance's memory between inputs, by state.
@@ -108,6 +112,10 @@ pub struct Metrics {
     pub stuck: IntGaugeVec,
     /// See [`CENSUS_TIMESTAMP`].
     pub census_timestamp: IntGauge,
+    /// See [`LISTING_SAGAS`].
+    pub listing_sagas: IntGauge,
+    /// See [`LISTING_UNLISTED`].
+    pub listing_unlisted: IntCounter,
     /// See [`SAGAS_IN_MEMORY`].
     pub in_memory: IntGaugeVec,
     /// See [`TRANSITIONS`].
@@ -229,6 +237,14 @@ impl Metrics {
             census_timestamp: single_gauge(
                 CENSUS_TIMESTAMP,
                 "When the last census of the journal finished, in Unix seconds.",
+            )?,
+            listing_sagas: single_gauge(
+                LISTING_SAGAS,
+                "Sagas the saga listing holds: live, failed, and the newest finished.",
+            )?,
+            listing_unlisted: single_counter(
+                LISTING_UNLISTED,
+                "Finished sagas dropped from the listing to keep at most engine.listing-max-finished.",
             )?,
             in_memory: gauge(
                 SAGAS_IN_MEMORY,

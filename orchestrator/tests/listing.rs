@@ -73,14 +73,10 @@ async fn ready(running: &Running) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_listing_follows_the_journal_on_every_instance_and_survives_a_restart() {
-    let server = NatsServer::start();
-    let defs = definitions_dir(&[("parking.toml", PARKING_ORDER), order_schema_file()]);
-    let a = orchestrator(&server.url(), Some(defs.path())).await;
-    let handle = a.handle().clone();
-    let js = js(&server).await;
-    let _inventory = Responder::start(
+/// Inventory (whose release always fails, so a declined order parks) and payment.
+async fn participants(server: &NatsServer) -> [Responder; 2] {
+    let js = js(server).await;
+    let inventory = Responder::start(
         &js,
         "inventory",
         Arc::new(|c: &protocol::Command| {
@@ -92,7 +88,16 @@ async fn the_listing_follows_the_journal_on_every_instance_and_survives_a_restar
         }),
     )
     .await;
-    let _payment = Responder::start(&js, "payment", by_card()).await;
+    [inventory, Responder::start(&js, "payment", by_card()).await]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listing_follows_the_journal_on_every_instance_and_survives_a_restart() {
+    let server = NatsServer::start();
+    let defs = definitions_dir(&[("parking.toml", PARKING_ORDER), order_schema_file()]);
+    let a = orchestrator(&server.url(), Some(defs.path())).await;
+    let handle = a.handle().clone();
+    let _participants = participants(&server).await;
 
     let mut completed = Vec::new();
     for n in 0..5 {
@@ -179,4 +184,60 @@ async fn the_listing_follows_the_journal_on_every_instance_and_survives_a_restar
     .await;
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listing_keeps_the_newest_finished_sagas_up_to_its_bound() {
+    let server = NatsServer::start();
+    let defs = definitions_dir(&[("parking.toml", PARKING_ORDER), order_schema_file()]);
+    let a = orchestrator_with(&server.url(), Some(defs.path()), |c| {
+        c.engine.listing_max_finished = 2;
+    })
+    .await;
+    let handle = a.handle().clone();
+    let _participants = participants(&server).await;
+
+    let parked = handle
+        .start("parking-order", "bound-parked", order("tok_decline"))
+        .await
+        .unwrap()
+        .saga_id;
+    wait_phase(&handle, &parked, Phase::Failed).await;
+    let mut completed = Vec::new();
+    for n in 0..4 {
+        let id = start(&handle, &format!("bound-{n}"), order("tok_ok")).await;
+        wait_phase(&handle, &id, Phase::Completed).await;
+        completed.push(id);
+    }
+    let newest: Vec<String> = completed.iter().rev().take(2).cloned().collect();
+    wait_until(
+        "the listing holds the two newest finished sagas",
+        WAIT,
+        || async { ids(&a, "state=completed").await == newest },
+    )
+    .await;
+    // The parked saga is older than every finished one and is still listed.
+    assert_eq!(ids(&a, "state=failed").await, std::slice::from_ref(&parked));
+    assert_eq!(ids(&a, "limit=500").await.len(), 3);
+    // An unlisted saga is still there by id: its record is in the journal.
+    let (status, body) = get(&a, &format!("/v1/sagas/{}", completed[0])).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "completed");
+    // The census publishes what the listing holds and what it dropped.
+    let router = http::router(a.handle().clone(), http::Settings::default());
+    wait_until("the census reports the bound", WAIT, || {
+        let router = router.clone();
+        async move {
+            let response = router
+                .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            text.lines()
+                .any(|l| l == "jetsaga_listing_unlisted_total 2")
+                && text.lines().any(|l| l == "jetsaga_listing_sagas 3")
+        }
+    })
+    .await;
 }

@@ -579,7 +579,9 @@ fn parse_cursor(cursor: &str) -> Option<crate::index::Position> {
     Some((at.parse().ok()?, seq.parse().ok()?))
 }
 
-/// Sagas, newest first, filtered, in pages.
+/// Sagas, newest first, filtered, in pages. Every live and parked failed saga is
+/// listed, and the newest `engine.listing-max-finished` finished ones; an older
+/// finished saga is still read by id until its record expires.
 #[utoipa::path(
     get, path = "/v1/sagas", tag = "sagas",
     params(ListQuery),

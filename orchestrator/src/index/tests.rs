@@ -331,3 +331,49 @@ fn a_consumer_idle_behind_the_journal_is_stalled() {
     assert!(!stalled(11, 11, long * 10), "idle, but nothing to deliver");
     assert!(!stalled(0, 0, long), "an empty journal");
 }
+
+#[test]
+fn the_listing_holds_at_most_its_bound_of_finished_sagas_and_every_live_one() {
+    let index = Index::bounded(Arc::new(Registry::builtin()), 2);
+    let finished = |seq: u64, saga: u32, phase: Phase, at: i64| Update {
+        expires: Some(t(at + 86_400)),
+        ..update(seq, saga, "order-creation", phase, None, at)
+    };
+    index.apply(&update(
+        1,
+        1,
+        "order-creation",
+        Phase::Running,
+        Some("reserve-stock"),
+        1,
+    ));
+    index.apply(&update(2, 2, "order-creation", Phase::Failed, Some("x"), 2));
+    index.apply(&finished(3, 3, Phase::Completed, 3));
+    index.apply(&finished(4, 4, Phase::Compensated, 4));
+    assert_eq!(index.unlisted(), 0);
+    // A third finished saga pushes out the oldest finished one, and only it.
+    index.apply(&finished(5, 5, Phase::Completed, 5));
+    assert_eq!(
+        ids(&index, &Filter::default(), 6),
+        [id(5), id(4), id(2), id(1)]
+    );
+    assert_eq!(index.unlisted(), 1);
+    // The running saga finishing counts as the newest finished: the oldest goes.
+    index.apply(&finished(6, 1, Phase::Completed, 6));
+    assert_eq!(ids(&index, &Filter::default(), 7), [id(1), id(5), id(2)]);
+    assert_eq!(index.unlisted(), 2);
+    // A parked failed saga is never dropped, however many finish after it.
+    for n in 10..20 {
+        index.apply(&finished(u64::from(n), n, Phase::Completed, i64::from(n)));
+    }
+    let failed = Filter {
+        phase: Some(Phase::Failed),
+        ..Filter::default()
+    };
+    assert_eq!(ids(&index, &failed, 30), [id(2)]);
+    assert_eq!(index.len(), 3);
+    assert_eq!(index.unlisted(), 12);
+    // What is left still expires by itself.
+    assert_eq!(index.sweep(t(19 + 86_400)), 2);
+    assert_eq!(ids(&index, &Filter::default(), 30), [id(2)]);
+}
